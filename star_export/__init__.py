@@ -1,0 +1,3 @@
+"""star-export: LLaVA with two-stage STAR visual-token pruning inside compiled engines."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,176 @@
+"""Frozen configuration objects: the model's architecture numbers and the STAR schedule.
+
+`ModelSpec` is what a plan needs about a model (no weights); `StarSchedule` is one pruning
+schedule (STAR.md "Budgets and defaults"), validated at construction.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+
+class ScheduleError(ValueError):
+    """A schedule outside its allowed range; the message names the range."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelSpec:
+    """Architecture numbers of a LLaVA-1.5 model (vision tower, projector, Llama decoder)."""
+
+    vision_layers: int
+    vision_hidden: int
+    vision_heads: int
+    vision_intermediate: int
+    image_size: int
+    patch_size: int
+    vision_feature_layer: int
+    vision_feature_select_strategy: str
+    text_layers: int
+    hidden_size: int
+    intermediate_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    vocab_size: int = 0
+    head_dim: int = 0
+    num_patches: int = dataclasses.field(init=False)
+    num_vision_tokens: int = dataclasses.field(init=False)
+
+    def __post_init__(self) -> None:
+        if self.vision_feature_select_strategy not in ("default", "full"):
+            raise ScheduleError(
+                f"vision_feature_select_strategy {self.vision_feature_select_strategy!r}: allowed 'default' or 'full'"
+            )
+        if not self.head_dim:
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
+        patches = (self.image_size // self.patch_size) ** 2
+        # "default" drops CLS (LLaVA-1.5); "full" keeps it as a visual token.
+        tokens = patches if self.vision_feature_select_strategy == "default" else patches + 1
+        object.__setattr__(self, "num_patches", patches)
+        object.__setattr__(self, "num_vision_tokens", tokens)
+
+    @property
+    def kv_width(self) -> int:
+        """Width of one layer's key (or value) per token: kv heads x head dim."""
+        return self.num_key_value_heads * self.head_dim
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "ModelSpec":
+        names = {f.name for f in dataclasses.fields(cls) if f.init}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    @classmethod
+    def from_hf(cls, config) -> "ModelSpec":
+        """From a `LlavaConfig` (its `vision_config` and `text_config`)."""
+        v, t = config.vision_config, config.text_config
+        layer = config.vision_feature_layer
+        if not isinstance(layer, int):
+            raise ScheduleError(f"vision_feature_layer {layer!r}: STAR needs one feature layer (an int)")
+        return cls(
+            vision_layers=v.num_hidden_layers,
+            vision_hidden=v.hidden_size,
+            vision_heads=v.num_attention_heads,
+            vision_intermediate=v.intermediate_size,
+            image_size=v.image_size,
+            patch_size=v.patch_size,
+            vision_feature_layer=layer,
+            vision_feature_select_strategy=config.vision_feature_select_strategy,
+            text_layers=t.num_hidden_layers,
+            hidden_size=t.hidden_size,
+            intermediate_size=t.intermediate_size,
+            num_attention_heads=t.num_attention_heads,
+            num_key_value_heads=getattr(t, "num_key_value_heads", None) or t.num_attention_heads,
+            vocab_size=t.vocab_size,
+            head_dim=getattr(t, "head_dim", None) or t.hidden_size // t.num_attention_heads,
+        )
+
+    @property
+    def vision_layers_run(self) -> int:
+        """How many CLIP layers produce `hidden_states[vision_feature_layer]` (HF counts the embeddings as entry 0)."""
+        n = self.vision_feature_layer % (self.vision_layers + 1)
+        if n < 1:
+            raise ScheduleError(
+                f"vision_feature_layer {self.vision_feature_layer} selects the embeddings; allowed: a layer output "
+                f"(1..{self.vision_layers} or -{self.vision_layers}..-1)"
+            )
+        return n
+
+
+def default_pivot(text_layers: int) -> int:
+    """The middle of the stack: 15 for 32 layers (STAR.md), 19 for 40, 1 for 4."""
+    return max(0, text_layers // 2 - 1)
+
+
+def default_stage1_keep(num_tokens: int) -> int:
+    """About 85 % of the visual tokens: 490 of 576 (STAR.md)."""
+    return round(0.85 * num_tokens)
+
+
+@dataclass(frozen=True, kw_only=True)
+class StarSchedule:
+    """One STAR schedule: `keep <= stage1_keep <= num_vision_tokens`, `0 <= pivot_layer < num_layers - 1`.
+
+    Decoder layers `0..pivot_layer` see `stage1_keep` visual tokens; layers `pivot_layer+1..` see `keep`.
+    """
+
+    keep: int
+    stage1_keep: int
+    pivot_layer: int
+    vision_feature_layer: int
+    num_vision_tokens: int
+    num_layers: int
+
+    def __post_init__(self) -> None:
+        n, L = self.num_vision_tokens, self.num_layers
+        if not 1 <= self.keep <= n:
+            raise ScheduleError(f"keep={self.keep} is out of range: allowed 1 <= keep <= {n} (visual tokens of this model)")
+        if not self.keep <= self.stage1_keep <= n:
+            raise ScheduleError(
+                f"stage1_keep={self.stage1_keep} is out of range: allowed keep ({self.keep}) <= stage1_keep <= {n}"
+            )
+        if L < 2:
+            raise ScheduleError(f"the decoder has {L} layer(s); a two-segment decoder needs at least 2")
+        if not 0 <= self.pivot_layer < L - 1:
+            raise ScheduleError(
+                f"pivot_layer={self.pivot_layer} is out of range: allowed 0 <= pivot_layer <= {L - 2} "
+                f"(the decoder has {L} layers and segment 1 needs at least one)"
+            )
+
+    @property
+    def is_identity(self) -> bool:
+        """Nothing is pruned: the schedule must reproduce the unpruned model."""
+        return self.keep == self.stage1_keep == self.num_vision_tokens
+
+    @classmethod
+    def from_spec(
+        cls,
+        spec: ModelSpec,
+        *,
+        keep: int,
+        stage1_keep: int | None = None,
+        pivot_layer: int | None = None,
+        defaults: Mapping[str, int] | None = None,
+    ) -> "StarSchedule":
+        """Recipe defaults (or the generic ones) overridden by the user's values, then validated.
+
+        A default stage-1 budget below `keep` is raised to `keep` (stage 1 must be the milder one);
+        an explicit `stage1_keep` is never changed.
+        """
+        defaults = dict(defaults or {})
+        if stage1_keep is None:
+            stage1_keep = defaults.get("stage1_keep", default_stage1_keep(spec.num_vision_tokens))
+            stage1_keep = min(max(stage1_keep, keep), spec.num_vision_tokens)
+        if pivot_layer is None:
+            pivot_layer = defaults.get("pivot_layer", default_pivot(spec.text_layers))
+        return cls(
+            keep=keep,
+            stage1_keep=stage1_keep,
+            pivot_layer=pivot_layer,
+            vision_feature_layer=spec.vision_feature_layer,
+            num_vision_tokens=spec.num_vision_tokens,
+            num_layers=spec.text_layers,
+        )
+
+    def asdict(self) -> dict[str, int]:
+        return dataclasses.asdict(self)

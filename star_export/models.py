@@ -1,0 +1,327 @@
+"""Model loading: recipe aliases (`engines/*.json`), local Hugging Face directories, the offline HF cache,
+and the embedded random `tiny-llava` (real transformers classes, fixed seed, offline tokenizer/processor).
+
+Every loaded model runs eager attention: STAR reads attention probabilities, and HF's default `sdpa`
+silently returns none (FIELD_NOTES). Weights load from safetensors only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import ModelSpec
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] != 'system' %}{{ message['role'].upper() + ': ' }}{% endif %}"
+    "{% for item in message['content'] if item['type'] == 'image' %}{{ '<image>\n' }}{% endfor %}"
+    "{% for item in message['content'] if item['type'] == 'text' %}{{ item['text'] + ' ' }}{% endfor %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+# Text the tiny tokenizer's BPE merges are learnt from (offline, deterministic).
+_TOKENIZER_CORPUS = """
+USER: ASSISTANT: What is in the image? Describe the picture in detail. How many objects are there?
+What color is the car? Is there a person in this photo? Where was this picture taken?
+The image shows a red car parked on a street next to a tall building with many windows.
+A dog is running across a green field while two children play with a ball near the trees.
+There are three cats sitting on a wooden table in a bright kitchen with white walls.
+The sky is blue and the sun is shining over the mountains and the calm lake below.
+A man wearing a black jacket is holding an umbrella in the rain at night in the city.
+What is the person doing? What time of day is it? Is the weather sunny or cloudy?
+Answer the question using a single word or phrase. Yes, no, one, two, three, four, five.
+""".strip()
+
+
+class ModelLoadError(Exception):
+    """Base class: the model could not be loaded; the message says how to fix it."""
+
+
+class UnknownModelError(ModelLoadError):
+    pass
+
+
+class MissingWeightsError(ModelLoadError):
+    pass
+
+
+@dataclass(frozen=True)
+class Recipe:
+    alias: str
+    spec: ModelSpec
+    defaults: dict[str, int]
+    hf_id: str | None = None
+    builder: str | None = None
+    seed: int = 0
+
+
+@dataclass
+class LoadedModel:
+    model: Any  # LlavaForConditionalGeneration, eval mode, eager attention
+    processor: Any  # LlavaProcessor, left padding
+    spec: ModelSpec
+    defaults: dict[str, int]
+    source: dict[str, Any] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- recipes
+
+
+def _recipe_files() -> dict[str, Any]:
+    try:  # installed wheel: engines/ ships as the package `star_export.engines`
+        root = resources.files("star_export.engines")
+    except ModuleNotFoundError:  # source checkout / editable install: the top-level engines/ folder
+        root = Path(__file__).resolve().parent.parent / "engines"
+    return {p.name[: -len(".json")]: p for p in root.iterdir() if p.name.endswith(".json")}
+
+
+def known_aliases() -> list[str]:
+    return sorted(_recipe_files())
+
+
+def recipe_from_alias(alias: str) -> Recipe:
+    files = _recipe_files()
+    if alias not in files:
+        raise UnknownModelError(
+            f"unknown model {alias!r}: known aliases are {', '.join(sorted(files))}; "
+            "or pass a local Hugging Face directory, or a model id already in the local HF cache"
+        )
+    d = json.loads(files[alias].read_text())
+    return Recipe(
+        alias=alias,
+        spec=ModelSpec.from_dict(d["architecture"] | {"vocab_size": d["architecture"].get("vocab_size", 0)}),
+        defaults=dict(d.get("defaults", {})),
+        hf_id=d.get("hf_id"),
+        builder=d.get("builder"),
+        seed=int(d.get("seed", 0)),
+    )
+
+
+def spec_from_name(name: str) -> tuple[ModelSpec, dict[str, int]]:
+    """Architecture and schedule defaults without loading weights (for `--dry-run`)."""
+    path = Path(name)
+    if path.is_dir() and (path / "config.json").is_file():
+        from transformers import AutoConfig
+
+        return ModelSpec.from_hf(AutoConfig.from_pretrained(path, local_files_only=True)), {}
+    recipe = recipe_from_alias(name) if name in _recipe_files() else None
+    if recipe is None:
+        raise UnknownModelError(
+            f"unknown model {name!r}: known aliases are {', '.join(known_aliases())}, "
+            "or pass a local Hugging Face directory with a config.json"
+        )
+    return recipe.spec, recipe.defaults
+
+
+# ---------------------------------------------------------------- tiny random models
+
+
+def build_tokenizer():
+    """A real byte-level BPE tokenizer with Llama's special tokens and `<image>`, learnt offline."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=600, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    tok.train_from_iterator(_TOKENIZER_CORPUS.splitlines(), trainer=trainer)
+    bos = tok.token_to_id("<s>")
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        extra_special_tokens={"image_token": "<image>"},
+        padding_side="left",
+        model_max_length=4096,
+    )
+
+
+def build_processor(spec: ModelSpec, tokenizer=None):
+    from transformers import CLIPImageProcessorPil, LlavaProcessor
+
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": spec.image_size},
+        crop_size={"height": spec.image_size, "width": spec.image_size},
+    )
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer or build_tokenizer(),
+        patch_size=spec.patch_size,
+        vision_feature_select_strategy=spec.vision_feature_select_strategy,
+        num_additional_image_tokens=1,
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+def build_random_llava(spec: ModelSpec, *, seed: int = 0, text_init_std: float = 0.2, qk_scale: float = 4.0):
+    """A `LlavaForConditionalGeneration` with random weights and its processor.
+
+    Two deliberate changes to plain random init (FIELD_NOTES): CLIP q/k projections are scaled by
+    `qk_scale` so stage-1 attention rankings are not near-ties, and the Llama decoder is drawn with a
+    wide init (`text_init_std`) so greedy output depends on the question.
+    """
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    processor = build_processor(spec)
+    tok = processor.tokenizer
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(
+            hidden_size=spec.vision_hidden,
+            intermediate_size=spec.vision_intermediate,
+            num_hidden_layers=spec.vision_layers,
+            num_attention_heads=spec.vision_heads,
+            image_size=spec.image_size,
+            patch_size=spec.patch_size,
+            projection_dim=spec.vision_hidden,
+        ),
+        text_config=LlamaConfig(
+            hidden_size=spec.hidden_size,
+            intermediate_size=spec.intermediate_size,
+            num_hidden_layers=spec.text_layers,
+            num_attention_heads=spec.num_attention_heads,
+            num_key_value_heads=spec.num_key_value_heads,
+            vocab_size=len(tok),
+            max_position_embeddings=4096,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        ),
+        image_token_index=tok.convert_tokens_to_ids("<image>"),
+        image_seq_length=spec.num_vision_tokens,
+        vision_feature_layer=spec.vision_feature_layer,
+        vision_feature_select_strategy=spec.vision_feature_select_strategy,
+        pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config)
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for layer in model.model.vision_tower.vision_model.encoder.layers if hasattr(model.model.vision_tower, "vision_model") else model.model.vision_tower.encoder.layers:
+            layer.self_attn.q_proj.weight.mul_(qk_scale)
+            layer.self_attn.k_proj.weight.mul_(qk_scale)
+        for module in model.model.language_model.modules():
+            if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
+                module.weight.copy_(torch.randn(module.weight.shape, generator=gen) * text_init_std)
+        model.lm_head.weight.copy_(torch.randn(model.lm_head.weight.shape, generator=gen) * text_init_std)
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.bos_token_id = tok.bos_token_id
+    return _prepare(model), processor
+
+
+# ---------------------------------------------------------------- loading
+
+
+def _prepare(model):
+    model.set_attn_implementation("eager")
+    return model.eval().requires_grad_(False)
+
+
+def _normalize_processor(processor, spec: ModelSpec):
+    """LlavaProcessor expands `<image>` into the right count only with these set (FIELD_NOTES)."""
+    if getattr(processor, "patch_size", None) is None:
+        processor.patch_size = spec.patch_size
+    if getattr(processor, "vision_feature_select_strategy", None) is None:
+        processor.vision_feature_select_strategy = spec.vision_feature_select_strategy
+    processor.num_additional_image_tokens = 1  # CLIP's CLS token
+    processor.tokenizer.padding_side = "left"
+    if processor.tokenizer.pad_token is None:
+        processor.tokenizer.pad_token = processor.tokenizer.unk_token or processor.tokenizer.eos_token
+    if not getattr(processor, "chat_template", None):
+        processor.chat_template = CHAT_TEMPLATE
+    return processor
+
+
+def fingerprint_directory(path: Path) -> str:
+    """sha256 over config.json and, per safetensors file, its name, size and header (tensor names,
+    shapes, dtypes, offsets): cheap for a 14 GB checkpoint, changes with any re-export."""
+    h = hashlib.sha256()
+    h.update((path / "config.json").read_bytes())
+    for f in sorted(path.glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            h.update(f.name.encode() + str(f.stat().st_size).encode() + fh.read(min(n, 1 << 24)))
+    return "sha256:" + h.hexdigest()
+
+
+def _missing_weights(what: str, hf_id: str | None) -> MissingWeightsError:
+    repo = hf_id or "<org>/<model>"
+    return MissingWeightsError(
+        f"{what}. Weights are not downloaded here. On a connected machine run "
+        f"`huggingface-cli download {repo} --local-dir ./{repo.split('/')[-1]}` (safetensors), copy that directory "
+        "over, and pass it with --model PATH"
+    )
+
+
+def load_from_directory(path: str | Path, *, source: dict | None = None, hf_id: str | None = None) -> LoadedModel:
+    from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise _missing_weights(f"{path} has no config.json (not a Hugging Face model directory)", hf_id)
+    if not any(path.glob("*.safetensors")):
+        raise _missing_weights(f"{path} has no *.safetensors weights", hf_id)
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    if config.model_type != "llava":
+        raise UnknownModelError(f"{path}: model_type {config.model_type!r}; star-export supports LLaVA-1.5 ('llava')")
+    spec = ModelSpec.from_hf(config)
+    model = LlavaForConditionalGeneration.from_pretrained(
+        path, local_files_only=True, use_safetensors=True, attn_implementation="eager", dtype=torch.float32
+    )
+    processor = _normalize_processor(AutoProcessor.from_pretrained(path, local_files_only=True), spec)
+    src = source or {"kind": "path", "name": str(path.resolve())}
+    src.setdefault("fingerprint", fingerprint_directory(path))
+    return LoadedModel(_prepare(model), processor, spec, {}, src)
+
+
+def _from_hf_cache(repo_id: str) -> Path | None:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except (LocalEntryNotFoundError, FileNotFoundError, OSError, ValueError):
+        return None
+
+
+def load_model(name: str) -> LoadedModel:
+    """`name`: a recipe alias (`tiny-llava`, `llava-1.5-7b`, ...), a local HF directory, or an HF id in the local cache."""
+    path = Path(name)
+    if path.is_dir():
+        return load_from_directory(path)
+    if name in _recipe_files():
+        recipe = recipe_from_alias(name)
+        if recipe.builder == "random":
+            model, processor = build_random_llava(recipe.spec, seed=recipe.seed)
+            spec = ModelSpec.from_hf(model.config)
+            return LoadedModel(model, processor, spec, recipe.defaults, {"kind": "alias", "name": name, "seed": recipe.seed})
+        snap = _from_hf_cache(recipe.hf_id)
+        if snap is None:
+            raise _missing_weights(f"{name} ({recipe.hf_id}) is not in the local Hugging Face cache", recipe.hf_id)
+        loaded = load_from_directory(snap, source={"kind": "alias", "name": name, "hf_id": recipe.hf_id, "revision": snap.name}, hf_id=recipe.hf_id)
+        loaded.defaults = recipe.defaults
+        return loaded
+    if "/" in name and not name.startswith((".", "/")) and name.count("/") == 1:
+        snap = _from_hf_cache(name)
+        if snap is None:
+            raise _missing_weights(f"{name!r} is neither a local directory nor in the local Hugging Face cache", name)
+        return load_from_directory(snap, source={"kind": "hf-cache", "name": name, "revision": snap.name}, hf_id=name)
+    raise UnknownModelError(
+        f"unknown model {name!r}: known aliases are {', '.join(known_aliases())}; "
+        "or pass a local Hugging Face directory, or a model id already in the local HF cache"
+    )

@@ -1,0 +1,219 @@
+"""The generation loop over the four graphs (vision, segment 0, pivot, segment 1) with two KV caches.
+
+One loop serves both backends: the eager reference runs it over `TorchGraph`s, the engine over
+`OrtGraph`s. Positions and caches follow STAR.md: the decoder sees `[prefix | k1 visual | suffix]`
+(n tokens, positions 0..n-1 per row); after the pivot, segment 1 sees n' = n - k1 + keep tokens that
+keep their positions; each generated token takes the next position of the unpruned sequence and is
+appended to both caches.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from ..config import StarSchedule
+
+
+class InputError(ValueError):
+    """Bad request (image, prompt, batch); the message says what to change."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Sampling:
+    """Greedy when `temperature == 0`; else temperature + top-p with a seeded numpy generator."""
+
+    max_new_tokens: int = 32
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    stop_at_eos: bool = True
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise InputError(f"max_new_tokens={self.max_new_tokens}: allowed >= 1")
+        if self.temperature < 0:
+            raise InputError(f"temperature={self.temperature}: allowed >= 0 (0 is greedy)")
+        if not 0 < self.top_p <= 1:
+            raise InputError(f"top_p={self.top_p}: allowed 0 < top_p <= 1")
+
+
+@dataclass
+class Generation:
+    token_ids: list[list[int]]  # per row: new tokens, up to and including EOS
+    logits: list[np.ndarray]  # per step: (B, vocab) float32
+    stage1_indices: np.ndarray  # (B, k1) patch indices, ascending
+    stage2_indices: np.ndarray  # (B, keep) offsets into the k1 visual tokens, ascending
+    kv_bytes_after_prefill: int
+    seq_lens: dict[str, int]  # n (segment 0) and n' (segment 1) at prefill
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DecoderLayout:
+    """What the loop needs to know about the decoder to build feeds and empty caches."""
+
+    num_layers: int
+    num_key_value_heads: int
+    head_dim: int
+    image_token_id: int
+    num_vision_tokens: int
+    eos_token_id: int | None
+    pad_token_id: int
+    dtype: str  # numpy dtype name of activations and caches
+
+
+def sample_next(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator) -> np.ndarray:
+    """(B, vocab) -> (B,) token ids."""
+    if sampling.temperature == 0:
+        return logits.argmax(-1)
+    z = logits.astype(np.float64) / sampling.temperature
+    p = np.exp(z - z.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    out = np.empty(len(p), dtype=np.int64)
+    for b, row in enumerate(p):
+        order = np.argsort(-row, kind="stable")
+        cum = np.cumsum(row[order])
+        cut = int(np.searchsorted(cum, sampling.top_p)) + 1  # smallest prefix with mass >= top_p
+        top = order[:cut]
+        out[b] = rng.choice(top, p=row[top] / row[top].sum())
+    return out
+
+
+class StarPipeline:
+    """vision -> merge -> segment 0 -> pivot -> segment 1, then decode steps through both segments."""
+
+    def __init__(self, graphs: dict[str, Any], embed_tokens: np.ndarray, schedule: StarSchedule, layout: DecoderLayout):
+        self.graphs, self.embed_tokens, self.schedule, self.layout = graphs, embed_tokens, schedule, layout
+        self.np_dtype = np.dtype(layout.dtype)
+
+    # ------------------------------------------------------------ helpers
+    def _empty_past(self, batch: int, layers: range) -> dict[str, np.ndarray]:
+        shape = (batch, self.layout.num_key_value_heads, 0, self.layout.head_dim)
+        empty = np.zeros(shape, dtype=self.np_dtype)
+        return {f"past_key_values.{i}.{kind}": empty for i in layers for kind in ("key", "value")}
+
+    @staticmethod
+    def _carry(outputs: dict[str, Any]) -> dict[str, Any]:
+        """present.{i}.key -> past_key_values.{i}.key for the next call."""
+        return {"past_key_values." + k[len("present."):]: v for k, v in outputs.items() if k.startswith("present.")}
+
+    def _kv_bytes(self, graph, past: dict[str, Any]) -> int:
+        return sum(int(graph.to_numpy(v).nbytes) for v in past.values())
+
+    def merge(self, input_ids: np.ndarray, attention_mask: np.ndarray, image_features: np.ndarray):
+        """Replace each row's span of `num_vision_tokens` image tokens by its k1 stage-1 features.
+
+        Returns inputs_embeds (B, n, d), attention_mask (B, n), image_start (B,).
+        """
+        L, k1 = self.layout, self.schedule.stage1_keep
+        is_image = input_ids == L.image_token_id
+        counts = is_image.sum(-1)
+        if not (counts == L.num_vision_tokens).all():
+            raise InputError(
+                f"each prompt needs exactly one image ({L.num_vision_tokens} image tokens after the processor), "
+                f"got {counts.tolist()}: put one '<image>' in each prompt"
+            )
+        starts = is_image.argmax(-1)
+        rows_ids, rows_mask = [], []
+        for b, s in enumerate(starts):
+            e = s + L.num_vision_tokens
+            rows_ids.append(np.concatenate([input_ids[b, :s], np.full(k1, L.image_token_id), input_ids[b, e:]]))
+            rows_mask.append(np.concatenate([attention_mask[b, :s], np.ones(k1, attention_mask.dtype), attention_mask[b, e:]]))
+        ids, mask = np.stack(rows_ids), np.stack(rows_mask).astype(np.int64)
+        embeds = self.embed_tokens[ids].astype(self.np_dtype)  # (B, n, d)
+        for b, s in enumerate(starts):
+            embeds[b, s : s + k1] = image_features[b]
+        return embeds, mask, starts.astype(np.int64)
+
+    # ------------------------------------------------------------ the loop
+    def stream(self, pixel_values: np.ndarray, input_ids: np.ndarray, attention_mask: np.ndarray, sampling: Sampling) -> Iterator[tuple[np.ndarray, Generation]]:
+        """Yields (tokens of this step (B,), the Generation so far) after prefill and after every step."""
+        g, L, S = self.graphs, self.layout, self.schedule
+        batch = input_ids.shape[0]
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+
+        vision = g["vision"].run({"pixel_values": pixel_values.astype(self.np_dtype)})
+        image_features = g["vision"].to_numpy(vision["image_features"])
+        stage1_indices = g["vision"].to_numpy(vision["stage1_indices"])
+        timings["vision_s"] = time.perf_counter() - t0
+
+        t1 = time.perf_counter()
+        embeds, mask0, image_start = self.merge(input_ids, attention_mask, image_features)
+        n = embeds.shape[1]
+        positions = np.where(mask0 > 0, np.cumsum(mask0, -1) - 1, 1).astype(np.int64)  # HF generate's rule
+        index = np.arange(n)[None, :]
+        suffix_rows = ((index >= (image_start + S.stage1_keep)[:, None]) & (mask0 > 0)).astype(np.int64)
+
+        seg0 = g["segment0"].run(
+            {"inputs_embeds": embeds, "attention_mask": mask0, "position_ids": positions, "suffix_rows": suffix_rows}
+            | self._empty_past(batch, range(0, S.pivot_layer + 1))
+        )
+        pivot = g["pivot"].run(
+            {
+                "hidden_states": seg0["hidden_states"],
+                "stage2_scores": seg0["stage2_scores"],
+                "attention_mask": mask0,
+                "position_ids": positions,
+                "image_start": image_start,
+            }
+        )
+        mask1 = g["pivot"].to_numpy(pivot["attention_mask"]).astype(np.int64)
+        seg1 = g["segment1"].run(
+            {"hidden_states": pivot["hidden_states"], "attention_mask": mask1, "position_ids": pivot["position_ids"]}
+            | self._empty_past(batch, range(S.pivot_layer + 1, L.num_layers))
+        )
+        past0, past1 = self._carry(seg0), self._carry(seg1)
+        logits = g["segment1"].to_numpy(seg1["logits"])[:, -1].astype(np.float32)
+        timings["prefill_s"] = time.perf_counter() - t1
+
+        result = Generation(
+            token_ids=[[] for _ in range(batch)],
+            logits=[],
+            stage1_indices=stage1_indices,
+            stage2_indices=g["pivot"].to_numpy(pivot["stage2_indices"]),
+            kv_bytes_after_prefill=self._kv_bytes(g["segment0"], past0) + self._kv_bytes(g["segment1"], past1),
+            seq_lens={"segment0": n, "segment1": mask1.shape[1]},
+            timings=timings,
+        )
+        rng = np.random.default_rng(sampling.seed)
+        finished = np.zeros(batch, dtype=bool)
+        next_pos = positions.max(-1, keepdims=True) + 1  # (B, 1): the unpruned length per row
+        decode_s = 0.0
+        for step in range(sampling.max_new_tokens):
+            result.logits.append(logits)
+            tokens = sample_next(logits, sampling, rng)
+            tokens = np.where(finished, L.pad_token_id, tokens)
+            for b in np.flatnonzero(~finished):
+                result.token_ids[b].append(int(tokens[b]))
+            if sampling.stop_at_eos and L.eos_token_id is not None:
+                finished |= tokens == L.eos_token_id
+            yield tokens, result
+            if finished.all() or step == sampling.max_new_tokens - 1:
+                break
+            t = time.perf_counter()
+            embeds = self.embed_tokens[tokens[:, None]].astype(self.np_dtype)  # (B, 1, d)
+            ones = np.ones((batch, 1), np.int64)
+            mask0, mask1 = np.concatenate([mask0, ones], 1), np.concatenate([mask1, ones], 1)
+            seg0 = g["segment0"].run(
+                {"inputs_embeds": embeds, "attention_mask": mask0, "position_ids": next_pos, "suffix_rows": np.zeros((batch, 1), np.int64)}
+                | past0
+            )
+            seg1 = g["segment1"].run({"hidden_states": seg0["hidden_states"], "attention_mask": mask1, "position_ids": next_pos} | past1)
+            past0, past1 = self._carry(seg0), self._carry(seg1)
+            logits = g["segment1"].to_numpy(seg1["logits"])[:, -1].astype(np.float32)
+            next_pos = next_pos + 1
+            decode_s += time.perf_counter() - t
+        timings["decode_s"] = decode_s
+        timings["decode_steps"] = max(0, sum(1 for _ in result.logits) - 1)
+
+    def generate(self, pixel_values, input_ids, attention_mask, sampling: Sampling, on_token: Callable | None = None) -> Generation:
+        result = None
+        for tokens, result in self.stream(pixel_values, input_ids, attention_mask, sampling):
+            if on_token is not None:
+                on_token(tokens)
+        return result

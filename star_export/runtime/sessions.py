@@ -1,0 +1,103 @@
+"""Graph sessions with one API, `run(feed) -> dict`: eager PyTorch modules and ONNX Runtime sessions.
+
+Values flow between graphs in each backend's own type (torch tensors, or `OrtValue`s bound with
+ORT IO binding so key/value caches stay where the provider put them); `to_numpy` reads one on the host.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")  # onnxruntime otherwise writes state under ~/.cache (FIELD_NOTES)
+
+
+class TorchGraph:
+    """An exported graph's `nn.Module`, run eagerly: the reference path."""
+
+    def __init__(self, module: torch.nn.Module, input_names: Sequence[str], output_names: Sequence[str]):
+        self.module, self.input_names, self.output_names = module, list(input_names), list(output_names)
+        self.provider = "torch-eager"
+
+    @torch.no_grad()
+    def run(self, feed: dict[str, Any]) -> dict[str, Any]:
+        args = [feed[n] if torch.is_tensor(feed[n]) else torch.from_numpy(np.ascontiguousarray(feed[n])) for n in self.input_names]
+        outputs = self.module(*args)
+        return dict(zip(self.output_names, outputs))
+
+    @staticmethod
+    def to_numpy(value) -> np.ndarray:
+        return value.detach().cpu().numpy() if torch.is_tensor(value) else np.asarray(value)
+
+
+PROVIDER_ALIASES = {
+    "cpu": ["CPUExecutionProvider"],
+    "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+    "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+}
+
+
+class ProviderError(RuntimeError):
+    pass
+
+
+def resolve_providers(name: str) -> list[str]:
+    """Providers for `cpu` / `cuda` / `tensorrt` / `auto` that this onnxruntime build has."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if name == "auto":
+        wanted = PROVIDER_ALIASES["cuda"] if "CUDAExecutionProvider" in available and torch.cuda.is_available() else ["CPUExecutionProvider"]
+    elif name in PROVIDER_ALIASES:
+        wanted = PROVIDER_ALIASES[name]
+    else:
+        raise ProviderError(f"unknown provider {name!r}: allowed auto, {', '.join(PROVIDER_ALIASES)}")
+    missing = [p for p in wanted if p not in available]
+    if missing and name != "cpu":
+        raise ProviderError(
+            f"provider {name!r} needs {missing[0]}, which this onnxruntime build lacks (it has {available}); "
+            "install onnxruntime-gpu in place of onnxruntime (`pip uninstall -y onnxruntime && pip install onnxruntime-gpu`)"
+        )
+    return wanted
+
+
+class OrtGraph:
+    """An ONNX Runtime session run through IO binding: outputs stay `OrtValue`s on the provider's device
+    and are bound as the next call's inputs, so the KV caches are never copied through numpy."""
+
+    def __init__(self, path: str | Path, providers: Sequence[str] = ("CPUExecutionProvider",), threads: int | None = None):
+        import onnxruntime as ort
+
+        self._ort = ort
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        if threads:
+            opts.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(path), sess_options=opts, providers=list(providers))
+        self.provider = self.session.get_providers()[0]
+        if self.provider != providers[0]:
+            warnings.warn(f"{Path(path).name}: asked for {providers[0]}, running on {self.provider}", RuntimeWarning, stacklevel=2)
+        self.device = "cuda" if self.provider in ("CUDAExecutionProvider", "TensorrtExecutionProvider") else "cpu"
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def run(self, feed: dict[str, Any]) -> dict[str, Any]:
+        binding = self.session.io_binding()
+        for name in self.input_names:
+            value = feed[name]
+            if isinstance(value, self._ort.OrtValue):
+                binding.bind_ortvalue_input(name, value)
+            else:
+                binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        for name in self.output_names:
+            binding.bind_output(name, self.device)
+        self.session.run_with_iobinding(binding)
+        return dict(zip(self.output_names, binding.get_outputs()))
+
+    def to_numpy(self, value) -> np.ndarray:
+        return value.numpy() if isinstance(value, self._ort.OrtValue) else np.asarray(value)
