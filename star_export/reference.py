@@ -22,7 +22,7 @@ from .runtime.sessions import TorchGraph
 VISION_IO = (["pixel_values"], ["image_features", "stage1_indices"])
 PIVOT_IO = (
     ["hidden_states", "stage2_scores", "attention_mask", "position_ids", "image_start"],
-    ["hidden_states", "attention_mask", "position_ids", "stage2_indices"],
+    ["pruned_hidden_states", "pruned_attention_mask", "pruned_position_ids", "stage2_indices"],
 )
 
 

@@ -162,9 +162,9 @@ class StarPipeline:
                 "image_start": image_start,
             }
         )
-        mask1 = g["pivot"].to_numpy(pivot["attention_mask"]).astype(np.int64)
+        mask1 = g["pivot"].to_numpy(pivot["pruned_attention_mask"]).astype(np.int64)
         seg1 = g["segment1"].run(
-            {"hidden_states": pivot["hidden_states"], "attention_mask": mask1, "position_ids": pivot["position_ids"]}
+            {"hidden_states": pivot["pruned_hidden_states"], "attention_mask": mask1, "position_ids": pivot["pruned_position_ids"]}
             | self._empty_past(batch, range(S.pivot_layer + 1, L.num_layers))
         )
         past0, past1 = self._carry(seg0), self._carry(seg1)

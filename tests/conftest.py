@@ -1,0 +1,46 @@
+"""Session-scoped fixtures: tiny-llava, and a random model unlike it saved to disk and loaded by path."""
+
+import os
+
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest
+import torch
+
+from star_export.models import load_model
+from star_export.runtime.inputs import synthetic_image
+from star_export.testing import OTHER_SPEC, save_random_llava
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+QUESTIONS = [
+    "What is in the image?",
+    "How many cats are sitting on the wooden table in this bright kitchen?",
+    "Describe the picture.",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    return load_model("tiny-llava")
+
+
+@pytest.fixture(scope="session")
+def other_dir(tmp_path_factory):
+    return save_random_llava(OTHER_SPEC, tmp_path_factory.mktemp("other-llava"), seed=7)
+
+
+@pytest.fixture(scope="session")
+def other(other_dir):
+    return load_model(str(other_dir))
+
+
+@pytest.fixture(scope="session", params=["tiny", "other"])
+def any_model(request):
+    return request.getfixturevalue(request.param)
+
+
+@pytest.fixture(scope="session")
+def images():
+    return [synthetic_image(i) for i in range(4)]

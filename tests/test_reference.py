@@ -1,0 +1,287 @@
+"""The eager reference (`star_export.reference`) against independent paths.
+
+Every expected value here is computed from the unmodified Hugging Face model and its public outputs
+(`generate`, `output_attentions`, `output_hidden_states`, the decoder layers called one by one), never
+from star_export's graph modules or selection functions. The scoring, top-k, merge, gather and causal
+mask are written out again in this file on purpose.
+
+Tolerances: token ids, stage-1 and stage-2 indices must be equal exactly; per-step logits (fp32) must
+agree within LOGITS_ATOL = 1e-5 absolute.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from star_export import reference
+from star_export.config import StarSchedule
+from star_export.runtime.generate import Sampling
+from star_export.runtime.inputs import prepare_inputs
+
+from conftest import QUESTIONS
+
+LOGITS_ATOL = 1e-5  # fp32, absolute, per-step logits
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _schedule(loaded, keep, stage1_keep=None, pivot_layer=None):
+    return StarSchedule.from_spec(loaded.spec, keep=keep, stage1_keep=stage1_keep, pivot_layer=pivot_layer, defaults=loaded.defaults)
+
+
+def _run_reference(loaded, schedule, images, questions, max_new_tokens):
+    return reference.generate(loaded, schedule, images, questions, Sampling(max_new_tokens=max_new_tokens))
+
+
+def _torch_inputs(loaded, images, questions):
+    inp = prepare_inputs(loaded.processor, images, questions)
+    return {k: torch.from_numpy(v) for k, v in inp.items()}
+
+
+def _hf_positions(mask: torch.Tensor) -> torch.Tensor:
+    """HF generate's rule: cumsum(mask) - 1, padding positions set to 1."""
+    pos = mask.long().cumsum(-1) - 1
+    return pos.masked_fill(mask == 0, 1)
+
+
+def _topk_ascending(scores: torch.Tensor, k: int) -> np.ndarray:
+    """Indices of the k largest scores per row, sorted ascending (written out independently)."""
+    order = torch.argsort(scores, dim=-1, descending=True, stable=True)[:, :k]
+    return np.sort(order.numpy(), axis=-1)
+
+
+def _vision_outputs(loaded, pixel_values):
+    with torch.no_grad():
+        return loaded.model.model.vision_tower(pixel_values, output_attentions=True, output_hidden_states=True)
+
+
+def _feature_layer_indices(loaded):
+    """(index into hidden_states, index into attentions) of the layer LLaVA takes features from."""
+    f = loaded.model.config.vision_feature_layer
+    n_layers = loaded.model.config.vision_config.num_hidden_layers
+    h = f % (n_layers + 1)  # hidden_states has n_layers + 1 entries (entry 0 = embeddings)
+    return h, h - 1  # hidden_states[h] is the output of layer h - 1, whose attention is attentions[h - 1]
+
+
+def _hf_stage1_scores(loaded, pixel_values) -> torch.Tensor:
+    """s1[j] = mean_h mean_i A[h, i, j] over the patch columns, from HF `output_attentions`."""
+    assert loaded.model.config.vision_feature_select_strategy == "default"
+    _, a_idx = _feature_layer_indices(loaded)
+    attn = _vision_outputs(loaded, pixel_values).attentions[a_idx]  # (B, heads, T, T)
+    assert attn.shape[-1] == loaded.spec.num_patches + 1
+    return attn.mean(dim=1).mean(dim=1)[:, 1:]  # drop the CLS column
+
+
+def _hf_stage1_sequence(loaded, inputs, stage1_indices: np.ndarray):
+    """The decoder input after stage 1, built from HF pieces: `[prefix | k1 visual | suffix]`.
+
+    Returns embeds (B, n, d), mask (B, n), positions (B, n), image_start (list), k1.
+    """
+    model = loaded.model
+    h_idx, _ = _feature_layer_indices(loaded)
+    feats = _vision_outputs(loaded, inputs["pixel_values"]).hidden_states[h_idx][:, 1:]  # (B, 576, c)
+    idx = torch.from_numpy(np.asarray(stage1_indices)).long()
+    k1 = idx.shape[1]
+    kept = torch.stack([feats[b, idx[b]] for b in range(len(idx))])  # (B, k1, c)
+    with torch.no_grad():
+        projected = model.model.multi_modal_projector(kept)  # (B, k1, d)
+    image_id = model.config.image_token_index
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    new_ids, new_mask, starts = [], [], []
+    for b in range(ids.shape[0]):
+        where = torch.nonzero(ids[b] == image_id).flatten()
+        assert len(where) == loaded.spec.num_vision_tokens
+        s, e = int(where[0]), int(where[-1]) + 1
+        assert e - s == loaded.spec.num_vision_tokens  # one contiguous span
+        new_ids.append(torch.cat([ids[b, :s], torch.full((k1,), image_id), ids[b, e:]]))
+        new_mask.append(torch.cat([mask[b, :s], torch.ones(k1, dtype=mask.dtype), mask[b, e:]]))
+        starts.append(s)
+    new_ids, new_mask = torch.stack(new_ids), torch.stack(new_mask)
+    with torch.no_grad():
+        embeds = model.get_input_embeddings()(new_ids).clone()
+    for b, s in enumerate(starts):
+        embeds[b, s : s + k1] = projected[b]
+    return embeds, new_mask, _hf_positions(new_mask), starts, k1
+
+
+def _hf_language_model(loaded, embeds, mask, positions, **kwargs):
+    with torch.no_grad():
+        return loaded.model.model.language_model(
+            inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False, **kwargs
+        )
+
+
+def _causal_bias(q: int, dtype=torch.float32) -> torch.Tensor:
+    bias = torch.full((q, q), torch.finfo(dtype).min, dtype=dtype).triu(1)
+    return bias[None, None]  # (1, 1, q, q)
+
+
+def _assert_logits_close(actual, expected, what):
+    actual, expected = np.asarray(actual, np.float32), np.asarray(expected, np.float32)
+    assert actual.shape == expected.shape, what
+    err = float(np.abs(actual - expected).max())
+    assert err <= LOGITS_ATOL, f"{what}: max |logits diff| {err:.3g} > {LOGITS_ATOL}"
+
+
+def _truncate_at_eos(tokens, eos):
+    out = []
+    for t in tokens:
+        out.append(int(t))
+        if t == eos:
+            break
+    return out
+
+
+# ---------------------------------------------------------------- 1. identity schedule == HF generate
+
+
+@pytest.mark.parametrize("rows", [[0], [0, 1]], ids=["batch1", "batch2"])
+def test_identity_schedule_matches_hf_generate(any_model, images, rows):
+    """keep = k1 = 576: tokens equal HF greedy `generate`; per-step logits within 1e-5 abs."""
+    loaded, steps = any_model, 16
+    schedule = _schedule(loaded, keep=576, stage1_keep=576)
+    assert schedule.is_identity
+    imgs, qs = [images[i] for i in rows], [QUESTIONS[i] for i in rows]
+    gen = _run_reference(loaded, schedule, imgs, qs, steps)
+
+    inputs = _torch_inputs(loaded, imgs, qs)
+    if len(rows) > 1:  # the batch case really has different prompt lengths (left padding)
+        assert len(set(inputs["attention_mask"].sum(-1).tolist())) == len(rows)
+    with torch.no_grad():
+        out = loaded.model.generate(
+            **inputs, max_new_tokens=steps, do_sample=False, output_logits=True, return_dict_in_generate=True
+        )
+    prompt_len = inputs["input_ids"].shape[1]
+    eos = loaded.model.generation_config.eos_token_id
+    hf_logits = torch.stack(out.logits, 1).float().numpy()  # (B, steps_hf, vocab)
+    for b in range(len(rows)):
+        hf_tokens = _truncate_at_eos(out.sequences[b, prompt_len:].tolist(), eos)
+        ours = gen.token_ids[b]
+        common = min(len(ours), len(hf_tokens))
+        assert common >= 1
+        assert ours[:common] == hf_tokens[:common], f"row {b}"
+        # Lengths agree: both stop at the same EOS, or both run the full budget.
+        assert len(ours) == len(hf_tokens), f"row {b}: reference {len(ours)} tokens, HF {len(hf_tokens)}"
+        for s in range(common):
+            _assert_logits_close(gen.logits[s][b], hf_logits[b, s], f"row {b} step {s}")
+    assert len(gen.logits) == max(len(t) for t in gen.token_ids)
+
+
+# ---------------------------------------------------------------- 2. stage 1 == HF CLIP attentions
+
+
+@pytest.mark.parametrize("k1", [490, 200])
+def test_stage1_indices_match_hf_attentions(any_model, images, k1):
+    """Stage-1 indices equal top-k1 (ascending) of column means of HF CLIP attentions (exact)."""
+    loaded = any_model
+    rows = [0, 1]
+    imgs, qs = [images[i] for i in rows], [QUESTIONS[i] for i in rows]
+    gen = _run_reference(loaded, _schedule(loaded, keep=58, stage1_keep=k1), imgs, qs, 1)
+    scores = _hf_stage1_scores(loaded, _torch_inputs(loaded, imgs, qs)["pixel_values"])
+    assert scores.shape == (len(rows), loaded.spec.num_patches)
+    expected = _topk_ascending(scores, k1)
+    assert gen.stage1_indices.shape == (len(rows), k1)
+    np.testing.assert_array_equal(gen.stage1_indices, expected)
+
+
+# ---------------------------------------------------------------- 3. stage 2 == HF decoder attentions
+
+
+@pytest.mark.parametrize("pivot", ["default", 0, "last"])
+def test_stage2_indices_match_hf_attentions(any_model, images, pivot):
+    """Stage-2 indices equal top-keep (ascending) of the suffix-text rows' head-mean attention at
+    layer P of a full, uncached HF language-model forward over the stage-1 sequence (exact)."""
+    loaded, keep, k1 = any_model, 58, 490
+    L = loaded.spec.text_layers
+    P = {"default": None, "last": L - 2}.get(pivot, pivot)
+    schedule = _schedule(loaded, keep=keep, stage1_keep=k1, pivot_layer=P)
+    P = schedule.pivot_layer
+    rows = [0, 1]  # two prompt lengths: left padding in the batch
+    imgs, qs = [images[i] for i in rows], [QUESTIONS[i] for i in rows]
+    gen = _run_reference(loaded, schedule, imgs, qs, 1)
+
+    embeds, mask, positions, starts, k1 = _hf_stage1_sequence(loaded, _torch_inputs(loaded, imgs, qs), gen.stage1_indices)
+    assert gen.seq_lens["segment0"] == embeds.shape[1]
+    out = _hf_language_model(loaded, embeds, mask, positions, output_attentions=True)
+    attn = out.attentions[P]  # (B, heads, n, n)
+    assert len(out.attentions) == L and attn.shape[-1] == embeds.shape[1]
+    expected = []
+    for b, s in enumerate(starts):
+        suffix = torch.arange(s + k1, embeds.shape[1])
+        suffix = suffix[mask[b, suffix] > 0]
+        assert len(suffix) > 0
+        s2 = attn[b][:, suffix][:, :, s : s + k1].mean(dim=0).mean(dim=0)  # (k1,): mean_h mean_t A[h, t, v]
+        expected.append(_topk_ascending(s2[None], keep)[0])
+    assert gen.stage2_indices.shape == (len(rows), keep)
+    np.testing.assert_array_equal(gen.stage2_indices, np.stack(expected))
+
+
+# ---------------------------------------------------------------- 4. cached generation == from-scratch pruned forward
+
+
+def test_cached_generation_matches_recompute_from_scratch(any_model, images):
+    """Each step's logits (1e-5 abs) and greedy token (exact) equal a from-scratch pruned forward:
+    HF layers 0..P over stage-1 sequence + generated tokens (no cache), gather at
+    [prefix | kept visual | suffix | generated] with original positions, layers P+1..L-1, norm, lm_head."""
+    loaded, keep, k1, steps = any_model, 58, 490, 8
+    model = loaded.model
+    lm = model.model.language_model
+    L = loaded.spec.text_layers
+    schedule = _schedule(loaded, keep=keep, stage1_keep=k1)
+    P = schedule.pivot_layer
+    imgs, qs = [images[2]], [QUESTIONS[2]]
+    gen = _run_reference(loaded, schedule, imgs, qs, steps)
+    tokens = gen.token_ids[0]
+    assert len(tokens) >= 2
+
+    embeds0, mask0, pos0, (start,), k1 = _hf_stage1_sequence(loaded, _torch_inputs(loaded, imgs, qs), gen.stage1_indices)
+    n = embeds0.shape[1]
+    assert bool((mask0 == 1).all())  # batch 1: no padding, positions 0..n-1
+    kept = torch.from_numpy(np.asarray(gen.stage2_indices[0])).long()
+    for s, expected_token in enumerate(tokens):
+        with torch.no_grad():
+            new = model.get_input_embeddings()(torch.tensor([tokens[:s]], dtype=torch.long))  # (1, s, d)
+        embeds = torch.cat([embeds0, new], 1)
+        total = n + s
+        mask = torch.ones(1, total, dtype=torch.long)
+        positions = torch.arange(total)[None]
+        hidden = _hf_language_model(loaded, embeds, mask, positions, output_hidden_states=True).hidden_states
+        assert len(hidden) == L + 1
+        h = hidden[P + 1]  # output of layer P, before the final norm (P + 1 < L)
+        index = torch.cat([torch.arange(start), start + kept, torch.arange(start + k1, total)])
+        h, pos = h[:, index], positions[:, index]
+        assert h.shape[1] == n - k1 + keep + s
+        with torch.no_grad():
+            cos_sin = lm.rotary_emb(h, pos)
+            bias = _causal_bias(h.shape[1])
+            for i in range(P + 1, L):
+                h = lm.layers[i](h, attention_mask=bias, position_embeddings=cos_sin)
+            logits = model.lm_head(lm.norm(h[:, -1]))[0].numpy()
+        _assert_logits_close(gen.logits[s][0], logits, f"step {s}")
+        assert int(logits.argmax()) == expected_token, f"step {s}"
+
+
+# ---------------------------------------------------------------- 5. batch == batch-1 runs
+
+
+def test_batch_rows_match_single_runs(any_model, images):
+    """A batch of 3 prompts of different lengths: per row, the same stage-1/stage-2 indices and
+    tokens (exact) and logits (1e-5 abs) as three batch-1 runs."""
+    loaded, steps = any_model, 8
+    schedule = _schedule(loaded, keep=58)
+    rows = [0, 1, 2]
+    imgs, qs = [images[i] for i in rows], [QUESTIONS[i] for i in rows]
+    lengths = prepare_inputs(loaded.processor, imgs, qs)["attention_mask"].sum(-1)
+    assert len(set(lengths.tolist())) == len(rows)
+    batch = _run_reference(loaded, schedule, imgs, qs, steps)
+    for b in rows:
+        single = _run_reference(loaded, schedule, [imgs[b]], [qs[b]], steps)
+        np.testing.assert_array_equal(batch.stage1_indices[b], single.stage1_indices[0])
+        np.testing.assert_array_equal(batch.stage2_indices[b], single.stage2_indices[0])
+        assert batch.token_ids[b] == single.token_ids[0], f"row {b}"
+        assert len(single.logits) == len(single.token_ids[0])
+        for s in range(len(single.token_ids[0])):
+            _assert_logits_close(batch.logits[s][b], single.logits[s][0], f"row {b} step {s}")
