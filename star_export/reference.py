@@ -76,9 +76,11 @@ def decoder_layout(loaded: LoadedModel, dtype: str = "float32") -> DecoderLayout
     )
 
 
-def reference_pipeline(loaded: LoadedModel, schedule: StarSchedule) -> StarPipeline:
-    graphs = {name: TorchGraph(module, i, o) for name, (module, i, o) in graph_modules(loaded, schedule).items()}
-    embed = loaded.model.get_input_embeddings().weight.detach().numpy()
+def reference_pipeline(loaded: LoadedModel, schedule: StarSchedule, device: str = "cpu") -> StarPipeline:
+    """The eager reference in float32 on `device` ("cpu" or "cuda")."""
+    loaded.model.to(device)
+    graphs = {name: TorchGraph(module, i, o, device) for name, (module, i, o) in graph_modules(loaded, schedule).items()}
+    embed = loaded.model.get_input_embeddings().weight.detach().cpu().numpy()
     return StarPipeline(graphs, embed, schedule, decoder_layout(loaded))
 
 

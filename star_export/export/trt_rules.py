@@ -65,10 +65,10 @@ class TensorRTCompatError(ValueError):
 
 @dataclass
 class _Scope:
-    """Names visible as build-time constants in a graph, and the values we could read for them."""
+    """Names visible as build-time constants in a graph, their values (read lazily), and known ranks."""
 
     consts: set[str]
-    values: dict[str, np.ndarray]
+    values: dict[str, onnx.TensorProto | np.ndarray]
     ranks: dict[str, int]
 
 
@@ -83,7 +83,10 @@ class _Checker:
     def add(self, where: str, node: onnx.NodeProto, rule: str, message: str) -> None:
         self.out.append(Violation(where, node.op_type, rule, message))
 
-    def tensor_value(self, t: onnx.TensorProto) -> np.ndarray | None:
+    def value_of(self, scope: _Scope, name: str) -> np.ndarray | None:
+        t = scope.values.get(name)
+        if t is None or isinstance(t, np.ndarray):
+            return t
         if uses_external_data(t):
             if self.base_dir is None:
                 return None
@@ -97,8 +100,8 @@ class _Checker:
     def scope_for(self, graph: onnx.GraphProto | onnx.FunctionProto, outer: _Scope) -> _Scope:
         is_graph = isinstance(graph, onnx.GraphProto)
         shadowed = {i.name for i in graph.input} if is_graph else set(graph.input)
-        scope = _Scope(outer.consts - shadowed, {k: v for k, v in outer.values.items() if k not in shadowed},
-                       dict(outer.ranks))
+        values = {k: v for k, v in outer.values.items() if k not in shadowed}
+        scope = _Scope(outer.consts - shadowed, values, dict(outer.ranks))
         if is_graph:
             for vi in [*graph.input, *graph.value_info, *graph.output]:
                 if vi.type.tensor_type.HasField("shape"):
@@ -106,9 +109,7 @@ class _Checker:
             for init in graph.initializer:
                 scope.consts.add(init.name)
                 scope.ranks[init.name] = len(init.dims)
-                value = self.tensor_value(init)
-                if value is not None:
-                    scope.values[init.name] = value
+                scope.values[init.name] = init  # converted only if a rule needs the value (TopK's K)
         for node in graph.node:
             if node.op_type == "Constant" and node.domain in DEFAULT_DOMAINS and node.output:
                 scope.consts.add(node.output[0])
@@ -165,9 +166,10 @@ class _Checker:
         if k_name and k_name not in scope.consts:
             self.add(where, node, "topk-dynamic-k", f"K {k_name!r} is computed at run time (graph input or "
                      "computed tensor); TensorRT needs a build-time constant K (an initializer; TensorRT older "
-                     "than 10 accepts only an initializer, not a Constant node): pass a Python int k and keep "
-                     "the sorted dimension static, or constant-fold the graph.")
-        k = scope.values.get(k_name)
+                     "than 10 accepts only an initializer, not a Constant node): pass a Python int k (torch.sort "
+                     "exports K from Shape() when any dim is dynamic; use torch.topk(x, k, largest=False) "
+                     "instead), or fold shapes (onnx-graphsurgeon fold_constants / polygraphy).")
+        k = self.value_of(scope, k_name)
         if k is not None and k.size == 1 and int(k.reshape(-1)[0]) >= TOPK_MAX_K:
             self.add(where, node, "topk-k-too-large", f"K={int(k.reshape(-1)[0])} but TensorRT's TopK needs "
                      f"K < {TOPK_MAX_K}; reduce K, or split the selection (e.g. TopK per chunk then merge).")

@@ -23,10 +23,14 @@ def stage1_scores(attn_probs: torch.Tensor, num_prefix: int) -> torch.Tensor:
 def keep_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the `k` largest scores, re-sorted ascending so the kept tokens stay in order.
 
-    TopK with a static K and sorted=1 (TensorRT's parser needs both), then an ascending sort.
+    TopK with a static K and sorted=1 (TensorRT's parser needs both), then the ascending sort as a second
+    static-K TopK (largest=0): `torch.sort` exports as a TopK whose K is read from a Shape at run time,
+    which TensorRT rejects. The indices are sorted as float32 (exact below 2**24) because TensorRT's TopK
+    takes floating-point input.
     """
     top = torch.topk(scores, k, dim=-1, largest=True, sorted=True).indices  # (B, k)
-    return torch.sort(top, dim=-1).values  # (B, k), ascending
+    ascending = torch.topk(top.to(torch.float32), k, dim=-1, largest=False, sorted=True).values  # (B, k)
+    return ascending.to(torch.int64)
 
 
 def stage2_scores(attn_probs: torch.Tensor, suffix_rows: torch.Tensor) -> torch.Tensor:

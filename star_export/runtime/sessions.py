@@ -20,13 +20,17 @@ os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")  # onnxruntime otherwise wri
 class TorchGraph:
     """An exported graph's `nn.Module`, run eagerly: the reference path."""
 
-    def __init__(self, module: torch.nn.Module, input_names: Sequence[str], output_names: Sequence[str]):
+    def __init__(self, module: torch.nn.Module, input_names: Sequence[str], output_names: Sequence[str], device: str = "cpu"):
         self.module, self.input_names, self.output_names = module, list(input_names), list(output_names)
-        self.provider = "torch-eager"
+        self.device = torch.device(device)
+        self.provider = f"torch-eager-{self.device.type}"
 
     @torch.no_grad()
     def run(self, feed: dict[str, Any]) -> dict[str, Any]:
-        args = [feed[n] if torch.is_tensor(feed[n]) else torch.from_numpy(np.ascontiguousarray(feed[n])) for n in self.input_names]
+        args = [
+            (feed[n] if torch.is_tensor(feed[n]) else torch.from_numpy(np.ascontiguousarray(feed[n]))).to(self.device)
+            for n in self.input_names
+        ]
         outputs = self.module(*args)
         return dict(zip(self.output_names, outputs))
 

@@ -1,0 +1,110 @@
+"""`star.json`: what an engine directory holds, built from what, with which schedule; and its checks."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+FORMAT_VERSION = 1
+MANIFEST = "star.json"
+
+
+class EngineError(Exception):
+    """An engine directory that cannot be used; the message says what is wrong and how to fix it."""
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def tool_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for dist in ("star-export", "torch", "transformers", "onnx", "onnxruntime", "onnxruntime-gpu", "onnxscript", "polygraphy"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def _onnx_dtype(elem_type: int) -> str:
+    import onnx
+
+    return onnx.helper.tensor_dtype_to_np_dtype(elem_type).name
+
+
+def graph_io(path: Path) -> dict[str, list[dict[str, Any]]]:
+    """Names, shapes (dimension names for dynamic axes) and dtypes of a graph's inputs and outputs."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+
+    def describe(values):
+        out = []
+        for v in values:
+            t = v.type.tensor_type
+            shape = [d.dim_param or d.dim_value for d in t.shape.dim]
+            out.append({"name": v.name, "shape": shape, "dtype": _onnx_dtype(t.elem_type)})
+        return out
+
+    return {"inputs": describe(graph.input), "outputs": describe(graph.output)}
+
+
+def file_table(directory: Path) -> dict[str, dict[str, Any]]:
+    files = {}
+    for p in sorted(directory.rglob("*")):
+        if p.is_file() and p.name != MANIFEST:
+            files[p.relative_to(directory).as_posix()] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+    return files
+
+
+def write_manifest(directory: Path, body: dict[str, Any]) -> dict[str, Any]:
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **body,
+        "versions": tool_versions(),
+        "files": file_table(directory),
+    }
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def read_manifest(directory: str | Path, *, verify: bool = True) -> dict[str, Any]:
+    """Load and check `star.json`: format version, every file present, every sha256 equal."""
+    directory = Path(directory)
+    path = directory / MANIFEST
+    if not directory.is_dir():
+        raise EngineError(f"engine directory {str(directory)!r} does not exist: build one with `star-export --out {directory}`")
+    if not path.is_file():
+        raise EngineError(f"{str(directory)!r} is not an engine directory (no {MANIFEST}): build one with `star-export --out {directory}`")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise EngineError(f"{path} is not valid JSON ({e}): rebuild the engine with star-export --force") from e
+    version = manifest.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise EngineError(
+            f"{path} has format_version {version!r}; this star-export reads up to {FORMAT_VERSION}: "
+            "upgrade star-export (`pip install -U star-export`) or rebuild the engine with this version"
+        )
+    if verify:
+        missing = [name for name in manifest.get("files", {}) if not (directory / name).is_file()]
+        if missing:
+            raise EngineError(f"engine directory {str(directory)!r} is missing {', '.join(missing)}: copy the whole directory, or rebuild it")
+        for name, entry in manifest["files"].items():
+            if sha256_file(directory / name) != entry["sha256"]:
+                raise EngineError(
+                    f"{name} in {str(directory)!r} does not match the sha256 in {MANIFEST} (corrupted or modified): "
+                    "re-copy the engine directory, or rebuild it with star-export --force"
+                )
+    return manifest

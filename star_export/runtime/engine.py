@@ -1,0 +1,69 @@
+"""An engine directory, loaded: ONNX Runtime sessions, the embedding table, the saved processor."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from ..config import ModelSpec, StarSchedule
+from ..manifest import EngineError, read_manifest
+from ..models import _normalize_processor
+from .generate import DecoderLayout, Generation, InputError, Sampling, StarPipeline
+from .inputs import prepare_inputs
+from .sessions import OrtGraph, resolve_providers
+
+GRAPHS = ("vision", "segment0", "pivot", "segment1")
+
+
+class Engine:
+    def __init__(self, directory: str | Path, *, provider: str = "auto", verify: bool = True):
+        from transformers import AutoProcessor
+
+        self.directory = Path(directory)
+        self.manifest = read_manifest(self.directory, verify=verify)
+        m = self.manifest
+        self.spec = ModelSpec.from_dict(m["model"])
+        self.schedule = StarSchedule(**m["schedule"])
+        self.limits = m["limits"]
+        self.providers = resolve_providers(provider)
+        self.graphs = {name: OrtGraph(self.directory / m["graphs"][name]["file"], self.providers) for name in GRAPHS}
+        self.provider = self.graphs["segment0"].provider
+        self.embed_tokens = np.load(self.directory / m["embed_tokens"], mmap_mode="r")
+        self.processor = _normalize_processor(AutoProcessor.from_pretrained(self.directory / "processor", local_files_only=True), self.spec)
+        self.layout = DecoderLayout(**m["layout"])
+        self.pipeline = StarPipeline(self.graphs, self.embed_tokens, self.schedule, self.layout)
+
+    @classmethod
+    def from_dir(cls, directory: str | Path, **kwargs) -> "Engine":
+        return cls(directory, **kwargs)
+
+    def prepare(self, images: Sequence[Any], prompts: Sequence[str]) -> dict[str, np.ndarray]:
+        lim = self.limits
+        if len(prompts) > lim["max_batch_size"]:
+            raise InputError(
+                f"{len(prompts)} prompts exceed this engine's max batch size {lim['max_batch_size']}: "
+                "send fewer per call, or rebuild with a larger --max-batch-size"
+            )
+        inputs = prepare_inputs(self.processor, images, prompts)
+        lengths = inputs["attention_mask"].sum(-1)
+        if lengths.max() > lim["max_input_len"]:
+            raise InputError(
+                f"prompt of {int(lengths.max())} tokens (with {self.spec.num_vision_tokens} image tokens) exceeds this "
+                f"engine's max input length {lim['max_input_len']}: shorten it, or rebuild with a larger --max-input-len"
+            )
+        return inputs
+
+    def generate(self, images, prompts, sampling: Sampling = Sampling(), on_token: Callable | None = None) -> Generation:
+        if sampling.max_new_tokens > self.limits["max_new_tokens"]:
+            raise InputError(
+                f"max_new_tokens={sampling.max_new_tokens} exceeds this engine's limit {self.limits['max_new_tokens']}: "
+                "ask for fewer, or rebuild with a larger --max-new-tokens"
+            )
+        inputs = self.prepare(images, prompts)
+        return self.pipeline.generate(inputs["pixel_values"], inputs["input_ids"], inputs["attention_mask"], sampling, on_token)
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self.processor.tokenizer.decode(token_ids, skip_special_tokens=True)
+
