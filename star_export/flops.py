@@ -74,3 +74,12 @@ def format_plan(p: Plan, model: str) -> str:
     for dtype, kv in p.kv_cache_bytes_per_sequence.items():
         lines.append(f"  {dtype:9s} baseline {kv['baseline'] / 2**20:10.2f} MiB   STAR {kv['star'] / 2**20:10.2f} MiB   ratio {kv['ratio']:.3f}")
     return "\n".join(lines)
+
+
+def dry_run(*, model: str, keep: int, stage1_keep: int | None = None, pivot_layer: int | None = None, text_tokens: int = 52) -> Plan:
+    """The plan for `model` (alias or local directory) from its architecture numbers alone: no weights."""
+    from .models import spec_from_name
+
+    spec, defaults = spec_from_name(model)
+    schedule = StarSchedule.from_spec(spec, keep=keep, stage1_keep=stage1_keep, pivot_layer=pivot_layer, defaults=defaults)
+    return plan(spec, schedule, text_tokens)

@@ -55,15 +55,57 @@ class Engine:
             )
         return inputs
 
-    def generate(self, images, prompts, sampling: Sampling = Sampling(), on_token: Callable | None = None) -> Generation:
+    def stream(self, images, prompts, sampling: Sampling = Sampling()):
+        """Yields (tokens of this step (B,), Generation so far) after every step."""
         if sampling.max_new_tokens > self.limits["max_new_tokens"]:
             raise InputError(
                 f"max_new_tokens={sampling.max_new_tokens} exceeds this engine's limit {self.limits['max_new_tokens']}: "
                 "ask for fewer, or rebuild with a larger --max-new-tokens"
             )
         inputs = self.prepare(images, prompts)
-        return self.pipeline.generate(inputs["pixel_values"], inputs["input_ids"], inputs["attention_mask"], sampling, on_token)
+        yield from self.pipeline.stream(inputs["pixel_values"], inputs["input_ids"], inputs["attention_mask"], sampling)
+
+    def generate(self, images, prompts, sampling: Sampling = Sampling()) -> Generation:
+        result = None
+        for _, result in self.stream(images, prompts, sampling):
+            pass
+        return result
 
     def decode(self, token_ids: list[int]) -> str:
         return self.processor.tokenizer.decode(token_ids, skip_special_tokens=True)
 
+
+
+
+def run_engine(
+    engine_dir,
+    *,
+    images,
+    prompts,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    provider: str = "auto",
+    stream: Callable[[str], None] | None = None,
+) -> list[dict]:
+    """Generate for each (image, prompt) pair as one batch; `stream` receives the new text of request 0 per step."""
+    sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    engine = Engine.from_dir(engine_dir, provider=provider)
+    printed, result = "", None
+    for _, result in engine.stream(images, prompts, sampling):
+        if stream is not None:
+            text = engine.decode(result.token_ids[0])
+            stream(text[len(printed) :])
+            printed = text
+    timings = result.timings | {"provider": engine.provider}
+    return [
+        {
+            "text": engine.decode(ids),
+            "token_ids": ids,
+            "stage1_indices": result.stage1_indices[b].tolist(),
+            "stage2_indices": result.stage2_indices[b].tolist(),
+            "timings": timings,
+        }
+        for b, ids in enumerate(result.token_ids)
+    ]
