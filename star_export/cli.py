@@ -130,7 +130,7 @@ def run_parser() -> argparse.ArgumentParser:
     g.add_argument("--image", action="append", default=[], required=True, help="image file, once per request")
     g.add_argument("--prompt", action="append", default=[], required=True, help="question, once per request (wrapped as 'USER: <image>\\n{prompt} ASSISTANT:')")
     g = p.add_argument_group("generation")
-    g.add_argument("--max-new-tokens", type=_positive, default=64, help="most tokens to generate")
+    g.add_argument("--max-new-tokens", type=_positive, default=None, help="most tokens to generate (default: 64, or the engine's limit if lower)")
     g.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --temperature > 0)")
     g.add_argument("--seed", type=int, default=0, help="sampling seed")

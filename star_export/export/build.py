@@ -31,8 +31,8 @@ class OutDirError(ValueError):
 class Progress:
     """One line per stage with its duration, on stderr (stdout stays for --json)."""
 
-    def __init__(self, total: int, stream=sys.stderr, enabled: bool = True):
-        self.total, self.step, self.stream, self.enabled = total, 0, stream, enabled
+    def __init__(self, total: int, stream=None, enabled: bool = True):
+        self.total, self.step, self.stream, self.enabled = total, 0, stream or sys.stderr, enabled
         self.timings: dict[str, float] = {}
 
     def note(self, text: str) -> None:
@@ -104,7 +104,10 @@ def export_engine(
         schedule = StarSchedule.from_spec(loaded.spec, keep=keep, stage1_keep=stage1_keep, pivot_layer=pivot_layer, defaults=loaded.defaults)
         progress.note(f"schedule: keep={schedule.keep} stage1_keep={schedule.stage1_keep} pivot_layer={schedule.pivot_layer} of {schedule.num_layers} layers")
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.resolve().parent))
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.resolve().parent))
+    except OSError as e:  # e.g. a read-only or virtual file system, where os.access says yes to root
+        raise OutDirError(f"--out {str(out)!r} is not writable ({e.strerror}): choose a directory you can write to") from e
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the engine gets the usual directory mode

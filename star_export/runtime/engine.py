@@ -82,16 +82,19 @@ def run_engine(
     *,
     images,
     prompts,
-    max_new_tokens: int = 64,
+    max_new_tokens: int | None = None,
     temperature: float = 0.0,
     top_p: float = 1.0,
     seed: int = 0,
     provider: str = "auto",
     stream: Callable[[str], None] | None = None,
 ) -> list[dict]:
-    """Generate for each (image, prompt) pair as one batch; `stream` receives the new text of request 0 per step."""
-    sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    """Generate for each (image, prompt) pair as one batch; `stream` receives the new text of request 0 per step.
+    `max_new_tokens=None`: 64, or the engine's limit if lower."""
     engine = Engine.from_dir(engine_dir, provider=provider)
+    if max_new_tokens is None:
+        max_new_tokens = min(64, engine.limits["max_new_tokens"])
+    sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
     printed, result = "", None
     for _, result in engine.stream(images, prompts, sampling):
         if stream is not None:
