@@ -112,12 +112,9 @@ def spec_from_name(name: str) -> tuple[ModelSpec, dict[str, int]]:
         from transformers import AutoConfig
 
         return ModelSpec.from_hf(AutoConfig.from_pretrained(path, local_files_only=True)), {}
-    recipe = recipe_from_alias(name) if name in _recipe_files() else None
-    if recipe is None:
-        raise UnknownModelError(
-            f"unknown model {name!r}: known aliases are {', '.join(known_aliases())}, "
-            "or pass a local Hugging Face directory with a config.json"
-        )
+    if name not in _recipe_files():
+        raise _unknown(name)
+    recipe = recipe_from_alias(name)
     return recipe.spec, recipe.defaults
 
 
@@ -211,7 +208,7 @@ def build_random_llava(spec: ModelSpec, *, seed: int = 0, text_init_std: float =
     model = LlavaForConditionalGeneration(config)
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
-        for layer in model.model.vision_tower.vision_model.encoder.layers if hasattr(model.model.vision_tower, "vision_model") else model.model.vision_tower.encoder.layers:
+        for layer in model.model.vision_tower.encoder.layers:
             layer.self_attn.q_proj.weight.mul_(qk_scale)
             layer.self_attn.k_proj.weight.mul_(qk_scale)
         for module in model.model.language_model.modules():
@@ -232,7 +229,7 @@ def _prepare(model):
     return model.eval().requires_grad_(False)
 
 
-def _normalize_processor(processor, spec: ModelSpec):
+def normalize_processor(processor, spec: ModelSpec):
     """LlavaProcessor expands `<image>` into the right count only with these set (FIELD_NOTES)."""
     if getattr(processor, "patch_size", None) is None:
         processor.patch_size = spec.patch_size
@@ -283,7 +280,7 @@ def load_from_directory(path: str | Path, *, source: dict | None = None, hf_id: 
     model = LlavaForConditionalGeneration.from_pretrained(
         path, local_files_only=True, use_safetensors=True, attn_implementation="eager", dtype=torch.float32
     )
-    processor = _normalize_processor(AutoProcessor.from_pretrained(path, local_files_only=True), spec)
+    processor = normalize_processor(AutoProcessor.from_pretrained(path, local_files_only=True), spec)
     src = source or {"kind": "path", "name": str(path.resolve())}
     src.setdefault("fingerprint", fingerprint_directory(path))
     return LoadedModel(_prepare(model), processor, spec, {}, src)
@@ -316,12 +313,22 @@ def load_model(name: str) -> LoadedModel:
         loaded = load_from_directory(snap, source={"kind": "alias", "name": name, "hf_id": recipe.hf_id, "revision": snap.name}, hf_id=recipe.hf_id)
         loaded.defaults = recipe.defaults
         return loaded
-    if "/" in name and not name.startswith((".", "/")) and name.count("/") == 1:
+    if name.count("/") == 1 and not _looks_like_path(name):
         snap = _from_hf_cache(name)
         if snap is None:
             raise _missing_weights(f"{name!r} is neither a local directory nor in the local Hugging Face cache", name)
         return load_from_directory(snap, source={"kind": "hf-cache", "name": name, "revision": snap.name}, hf_id=name)
-    raise UnknownModelError(
+    raise _unknown(name)
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
+
+
+def _unknown(name: str) -> ModelLoadError:
+    if _looks_like_path(name):
+        return UnknownModelError(f"model directory {name!r} does not exist: pass an existing local Hugging Face directory")
+    return UnknownModelError(
         f"unknown model {name!r}: known aliases are {', '.join(known_aliases())}; "
         "or pass a local Hugging Face directory, or a model id already in the local HF cache"
     )

@@ -22,15 +22,37 @@ from .runtime.engine import Engine
 from .runtime.generate import Generation, Sampling
 from .runtime.inputs import synthetic_image
 
-# (atol, rtol) per output, per engine dtype; the reference always runs in float32.
-# float32: ONNX Runtime vs torch differ by summation order only (seen <= 2e-5 on the test models).
-# float16: one fp16 rounding of activations and weights per layer (eps 9.8e-4), growing with depth.
-TOLERANCES: dict[str, dict[str, tuple[float, float]]] = {
-    "float32": {"default": (1e-4, 1e-4), "stage2_scores": (1e-5, 1e-4), "logits": (1e-4, 1e-4)},
-    "float16": {"default": (5e-2, 5e-2), "stage2_scores": (1e-3, 5e-2), "logits": (2.5e-1, 5e-2)},
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """An element passes when |engine - ref| <= atol + scale * max|ref| or its relative error <= rtol
+    (polygraphy's elementwise rule); `norm`, when set, also bounds ||engine - ref|| / ||ref|| for the output."""
+
+    atol: float
+    rtol: float
+    scale: float = 0.0
+    norm: float | None = None
+
+    def describe(self) -> str:
+        text = f"atol {self.atol:g}" + (f"+{self.scale:g}*max|ref|" if self.scale else "") + f" or rtol {self.rtol:g}"
+        return text + (f"; norm {self.norm:g}" if self.norm else "")
+
+
+# Per output, per engine dtype; the reference always runs in float32.
+# float32: ONNX Runtime vs torch differ by summation order only (measured <= 3.5e-5 on the test models).
+# float16: errors scale with each tensor's magnitude. Measured on the three random test models (wide init,
+# so every layer amplifies error; RoPE at ~600 positions): ||d||/||ref|| up to 2.7e-2 and max|d| up to
+# 2.9e-2 * max|ref| (worst: keys, hidden states at decode). Trained checkpoints were not measurable here.
+TOLERANCES: dict[str, dict[str, Tolerance]] = {
+    "float32": {"default": Tolerance(1e-4, 1e-4), "stage2_scores": Tolerance(1e-5, 1e-4), "logits": Tolerance(1e-4, 1e-4)},
+    "float16": {"default": Tolerance(1e-3, 0.0, scale=1e-1, norm=5e-2)},
 }
 # Kept-index agreement: float32 must be exact. In float16 near-tied scores may swap at the budget boundary.
 MIN_INDEX_OVERLAP = {"float32": 1.0, "float16": 0.9}
+# End to end the engine also chose its own kept tokens: fp32 measured 1.9e-6 * max|ref|; fp16 4.3e-2 (tiny-llava,
+# with 1 of 174 stage-2 indices swapped at a near-tie).
+FIRST_STEP_LOGITS = {"float32": Tolerance(1e-4, 0.0), "float16": Tolerance(0.0, 0.0, scale=1e-1)}  # |d| <= atol + scale*max|ref|
 TOP_K_AT_DIVERGENCE = 5
 INDEX_OUTPUTS = {"stage1_indices", "stage2_indices", "pruned_attention_mask", "pruned_position_ids"}
 SELECTED_OUTPUTS = {"image_features", "pruned_hidden_states"}  # depend on which tokens were kept
@@ -91,9 +113,9 @@ class _Recorder:
         return out
 
 
-def _tolerance(dtype: str, output: str) -> tuple[float, float]:
+def _tolerance(dtype: str, output: str) -> Tolerance:
     table = TOLERANCES[dtype]
-    return table.get(output, table["default"])
+    return table.get("present" if output.startswith("present.") else output, table["default"])
 
 
 def _overlap(a: np.ndarray, b: np.ndarray) -> float:
@@ -101,25 +123,32 @@ def _overlap(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.mean([len(np.intersect1d(x, y)) / max(1, len(x)) for x, y in zip(a, b)]))
 
 
-def _compare_values(ref: dict[str, np.ndarray], got: dict[str, np.ndarray], dtype: str):
-    """polygraphy comparison of float outputs: name -> (OutputCompareResult, atol, rtol)."""
+def _compare_values(ref: dict[str, np.ndarray], got: dict[str, np.ndarray], dtype: str) -> dict[str, tuple[bool, dict, Tolerance]]:
+    """polygraphy comparison of float outputs: name -> (passed, stats, tolerance)."""
     from polygraphy.comparator import Comparator, RunResults
     from polygraphy.comparator.compare import SimpleCompareFunc
     from polygraphy.comparator.struct import IterationResult
     from polygraphy.logger import G_LOGGER
 
     G_LOGGER.module_severity = G_LOGGER.CRITICAL
-    names = list(ref)
-    tols = {n: _tolerance(dtype, "present" if n.startswith("present.") else n) for n in names}
+    ref = {n: np.asarray(v, dtype=np.float32) for n, v in ref.items()}
+    got = {n: np.asarray(v, dtype=np.float32) for n, v in got.items()}
+    tols = {n: _tolerance(dtype, n) for n in ref}
+    atol = {n: t.atol + t.scale * float(np.abs(ref[n]).max(initial=0.0)) for n, t in tols.items()}
     results = RunResults()
-    results.append(("reference", [IterationResult({n: ref[n].astype(np.float32) for n in names}, runner_name="reference")]))
-    results.append(("engine", [IterationResult({n: got[n].astype(np.float32) for n in names}, runner_name="engine")]))
+    results.append(("reference", [IterationResult(ref, runner_name="reference")]))
+    results.append(("engine", [IterationResult(got, runner_name="engine")]))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        compare = SimpleCompareFunc(atol={n: t[0] for n, t in tols.items()}, rtol={n: t[1] for n, t in tols.items()}, check_shapes=True)
-        accuracy = Comparator.compare_accuracy(results, compare_func=compare)
-    per_output = accuracy[0][("reference", "engine")][0]
-    return {n: (per_output[n], *tols[n]) for n in names}
+        compare = SimpleCompareFunc(atol=atol, rtol={n: t.rtol for n, t in tols.items()}, check_shapes=True)
+        per_output = Comparator.compare_accuracy(results, compare_func=compare)[0][("reference", "engine")][0]
+    out = {}
+    for n, r in per_output.items():
+        norm = float(np.linalg.norm(got[n] - ref[n]) / max(np.linalg.norm(ref[n]), 1e-30)) if got[n].shape == ref[n].shape else float("inf")
+        stats = {"max_abs": float(r.max_absdiff), "max_rel": float(r.max_reldiff), "mean_abs": float(r.mean_absdiff), "norm": norm}
+        passed = bool(r) and (tols[n].norm is None or norm <= tols[n].norm)
+        out[n] = (passed, stats, tols[n])
+    return out
 
 
 def compare_graph(report: ValidationReport, graph: str, call: str, ref: dict, got: dict) -> None:
@@ -148,17 +177,13 @@ def compare_graph(report: ValidationReport, graph: str, call: str, ref: dict, go
     for n in values:
         groups.setdefault("present.*" if n.startswith("present.") else n, []).append(n)
     for label, names in groups.items():
-        rs = [results[n] for n in names]
-        max_abs = max(float(r[0].max_absdiff) for r in rs)
-        max_rel = max(float(r[0].max_reldiff) for r in rs)
-        mean_abs = float(np.mean([float(r[0].mean_absdiff) for r in rs]))
-        atol, rtol = rs[0][1], rs[0][2]
+        stats = [results[n][1] for n in names]
         suffix = f" ({len(names)})" if len(names) > 1 else ""
         report.add(
             f"{graph}[{call}] {label}{suffix}",
-            f"max abs {max_abs:.2e} rel {max_rel:.2e} mean abs {mean_abs:.1e}",
-            f"atol {atol:g} or rtol {rtol:g}",
-            all(bool(r[0]) for r in rs),
+            f"max abs {max(s['max_abs'] for s in stats):.2e} rel {max(s['max_rel'] for s in stats):.2e} norm {max(s['norm'] for s in stats):.1e}",
+            results[names[0]][2].describe(),
+            all(results[n][0] for n in names),
         )
 
 
@@ -169,10 +194,11 @@ def compare_generations(report: ValidationReport, label: str, ref: Generation, g
         identical = a.shape == b.shape and bool((a == b).all())
         ov = _overlap(a, b) if a.shape == b.shape else 0.0
         report.add(f"{label} {name}", f"overlap {ov:.4f}, identical={identical}", f"overlap >= {MIN_INDEX_OVERLAP[dtype]}", ov >= MIN_INDEX_OVERLAP[dtype])
-    atol, rtol = _tolerance(dtype, "logits")
+    tol = FIRST_STEP_LOGITS[dtype]
     diff = float(np.abs(ref.logits[0] - got.logits[0]).max())
     scale = float(np.abs(ref.logits[0]).max())
-    report.add(f"{label} first-step logits", f"max abs {diff:.2e} (max |ref| {scale:.2g})", f"atol {atol:g} + rtol {rtol:g}*max|ref|", diff <= atol + rtol * scale)
+    bound = tol.atol + tol.scale * scale
+    report.add(f"{label} first-step logits", f"max abs {diff:.2e} (max |ref| {scale:.2g})", f"<= {bound:.3g}", diff <= bound)
     for row, (a, b) in enumerate(zip(ref.token_ids, got.token_ids)):
         n = min(len(a), len(b))
         first = next((i for i in range(n) if a[i] != b[i]), None)

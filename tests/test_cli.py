@@ -285,3 +285,36 @@ def test_console_scripts_are_installed():
     assert "star-export" in out
     help_text = subprocess.run([str(__import__("pathlib").Path(sys.executable).parent / "star-export"), "--help"], capture_output=True, text=True)
     assert help_text.returncode == 0 and "--stage1-keep" in help_text.stdout and "(default: 58)" in help_text.stdout
+
+
+def test_force_replaces_and_failed_self_check_writes_nothing(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "engine"
+    assert export_main(["--model", "tiny-llava", "--keep", "29", "--out", str(out), "--no-validate"]) == 0
+    first = json.loads((out / MANIFEST).read_text())
+    assert first["schedule"]["keep"] == 29
+    # a self-check that fails: the export fails (exit 1) and the existing engine is untouched
+    import star_export.validate as validate
+
+    class Failed:
+        ok = False
+
+        def table(self):
+            return "segment1[prefill] logits  max abs 9.9e-01  FAIL"
+
+    monkeypatch.setattr(validate, "validate_engine", lambda *a, **k: Failed())
+    assert export_main(["--model", "tiny-llava", "--keep", "58", "--out", str(out), "--force"]) == 1
+    assert "does not match the eager reference" in capsys.readouterr().err
+    assert json.loads((out / MANIFEST).read_text()) == first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["engine"], "no temporary directory left behind"
+    monkeypatch.undo()
+    assert export_main(["--model", "tiny-llava", "--keep", "58", "--out", str(out), "--force", "--no-validate"]) == 0
+    assert json.loads((out / MANIFEST).read_text())["schedule"]["keep"] == 58
+
+
+def test_float16_engine_passes_its_self_check(other_dir, tmp_path, capsys):
+    out = tmp_path / "fp16"
+    assert export_main(["--model", str(other_dir), "--keep", "29", "--dtype", "float16", "--out", str(out)]) == 0
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert manifest["dtype"] == "float16" and manifest["layout"]["dtype"] == "float16"
+    assert np.load(out / "embed_tokens.npy").dtype == np.float16
+    assert "PASSED" in capsys.readouterr().err

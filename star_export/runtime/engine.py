@@ -9,7 +9,7 @@ import numpy as np
 
 from ..config import ModelSpec, StarSchedule
 from ..manifest import EngineError, read_manifest
-from ..models import _normalize_processor
+from ..models import normalize_processor
 from .generate import DecoderLayout, Generation, InputError, Sampling, StarPipeline
 from .inputs import prepare_inputs
 from .sessions import OrtGraph, resolve_providers
@@ -31,7 +31,7 @@ class Engine:
         self.graphs = {name: OrtGraph(self.directory / m["graphs"][name]["file"], self.providers) for name in GRAPHS}
         self.provider = self.graphs["segment0"].provider
         self.embed_tokens = np.load(self.directory / m["embed_tokens"], mmap_mode="r")
-        self.processor = _normalize_processor(AutoProcessor.from_pretrained(self.directory / "processor", local_files_only=True), self.spec)
+        self.processor = normalize_processor(AutoProcessor.from_pretrained(self.directory / "processor", local_files_only=True), self.spec)
         self.layout = DecoderLayout(**m["layout"])
         self.pipeline = StarPipeline(self.graphs, self.embed_tokens, self.schedule, self.layout)
 
