@@ -104,7 +104,7 @@ class _Recorder:
 
     def __init__(self, graph, keep_calls: int = 2):
         self.graph, self.keep_calls, self.calls = graph, keep_calls, []
-        self.to_numpy = graph.to_numpy
+        self.to_numpy, self.nbytes = graph.to_numpy, graph.nbytes
 
     def run(self, feed):
         out = self.graph.run(feed)

@@ -22,6 +22,7 @@ from ..manifest import graph_io, write_manifest
 from ..models import load_model
 from ..reference import decoder_layout
 from .backends import backend_from_name
+from .onnx_export import OPSET
 
 
 class OutDirError(ValueError):
@@ -124,7 +125,7 @@ def export_engine(
                 "source": loaded.source,
                 "backend": backend,
                 "dtype": dtype,
-                "opset": 18,
+                "opset": OPSET,
                 "model": {k: v for k, v in asdict(loaded.spec).items() if k not in ("num_patches", "num_vision_tokens")},
                 "schedule": schedule.asdict(),
                 "limits": {"max_batch_size": max_batch_size, "max_input_len": max_input_len, "max_new_tokens": max_new_tokens},

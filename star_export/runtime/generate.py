@@ -102,7 +102,7 @@ class StarPipeline:
         return {"past_key_values." + k[len("present."):]: v for k, v in outputs.items() if k.startswith("present.")}
 
     def _kv_bytes(self, graph, past: dict[str, Any]) -> int:
-        return sum(int(graph.to_numpy(v).nbytes) for v in past.values())
+        return sum(graph.nbytes(v) for v in past.values())
 
     def merge(self, input_ids: np.ndarray, attention_mask: np.ndarray, image_features: np.ndarray):
         """Replace each row's span of `num_vision_tokens` image tokens by its k1 stage-1 features.

@@ -38,6 +38,10 @@ class TorchGraph:
     def to_numpy(value) -> np.ndarray:
         return value.detach().cpu().numpy() if torch.is_tensor(value) else np.asarray(value)
 
+    @staticmethod
+    def nbytes(value) -> int:
+        return value.numel() * value.element_size() if torch.is_tensor(value) else np.asarray(value).nbytes
+
 
 PROVIDER_ALIASES = {
     "cpu": ["CPUExecutionProvider"],
@@ -105,3 +109,12 @@ class OrtGraph:
 
     def to_numpy(self, value) -> np.ndarray:
         return value.numpy() if isinstance(value, self._ort.OrtValue) else np.asarray(value)
+
+    def nbytes(self, value) -> int:
+        """Size without a copy to the host (the value may live on the GPU)."""
+        if isinstance(value, self._ort.OrtValue):
+            dtype = self._ort_dtypes[value.data_type()]
+            return int(np.prod(value.shape(), dtype=np.int64)) * np.dtype(dtype).itemsize
+        return np.asarray(value).nbytes
+
+    _ort_dtypes = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64, "tensor(double)": np.float64}
