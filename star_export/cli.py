@@ -38,6 +38,13 @@ def _main(fn, argv) -> int:
         return 130
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends '(default: X)' except where the help already says what an unset value means."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -54,7 +61,7 @@ def export_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="star-export",
         description="Export LLaVA with two-stage STAR visual-token pruning into an engine directory.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     g = p.add_argument_group("model")
     g.add_argument("--model", default="tiny-llava", help="recipe alias (tiny-llava, llava-1.5-7b, llava-1.5-13b), a local Hugging Face directory, or a model id in the local HF cache")
@@ -65,9 +72,9 @@ def export_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("build")
     g.add_argument("--backend", default="onnx", choices=sorted(BACKENDS), help="what to build (tensorrt: not in this release)")
     g.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="weights, activations and KV cache dtype")
-    g.add_argument("--max-batch-size", type=int, default=8, help="most requests per call")
-    g.add_argument("--max-input-len", type=int, default=2048, help="most prompt tokens per request, image tokens included")
-    g.add_argument("--max-new-tokens", type=int, default=256, help="most generated tokens per request")
+    g.add_argument("--max-batch-size", type=_positive, default=8, help="most requests per call")
+    g.add_argument("--max-input-len", type=_positive, default=2048, help="most prompt tokens per request, image tokens included")
+    g.add_argument("--max-new-tokens", type=_positive, default=256, help="most generated tokens per request")
     g = p.add_argument_group("output")
     g.add_argument("--out", default=None, help="engine directory to write (required unless --dry-run)")
     g.add_argument("--force", action="store_true", help="replace a non-empty --out")
@@ -124,11 +131,11 @@ def export_main(argv=None) -> int:
 
 
 def run_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="star-run", description="Generate text with an engine directory.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(prog="star-run", description="Generate text with an engine directory.", formatter_class=_HelpFormatter)
     p.add_argument("engine", help="engine directory written by star-export")
     g = p.add_argument_group("requests (several --image/--prompt pairs run as one batch)")
-    g.add_argument("--image", action="append", default=[], required=True, help="image file, once per request")
-    g.add_argument("--prompt", action="append", default=[], required=True, help="question, once per request (wrapped as 'USER: <image>\\n{prompt} ASSISTANT:')")
+    g.add_argument("--image", action="append", default=None, required=True, help="image file, once per request")
+    g.add_argument("--prompt", action="append", default=None, required=True, help="question, once per request (wrapped as 'USER: <image>\\n{prompt} ASSISTANT:')")
     g = p.add_argument_group("generation")
     g.add_argument("--max-new-tokens", type=_positive, default=None, help="most tokens to generate (default: 64, or the engine's limit if lower)")
     g.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
@@ -181,14 +188,14 @@ def validate_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="star-validate",
         description="Check an engine against the eager PyTorch reference: per graph and end to end. Exit 0 pass, 1 fail.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     p.add_argument("engine", help="engine directory written by star-export")
     p.add_argument("--model", default=None, help="source model for the reference (default: the one in star.json)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the eager reference runs")
     p.add_argument("--provider", default="cpu", choices=["auto", "cpu", "cuda", "tensorrt"], help="ONNX Runtime execution provider for the engine")
-    p.add_argument("--image", action="append", default=[], help="extra case image (with --prompt)")
-    p.add_argument("--prompt", action="append", default=[], help="extra case question (with --image)")
+    p.add_argument("--image", action="append", default=None, help="extra case image (with --prompt)")
+    p.add_argument("--prompt", action="append", default=None, help="extra case question (with --image)")
     p.add_argument("--max-new-tokens", type=_positive, default=16, help="greedy tokens compared per case")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     return p
@@ -200,6 +207,7 @@ def _validate(argv) -> int:
     from .validate import validate_engine
 
     args = validate_parser().parse_args(argv)
+    args.image, args.prompt = args.image or [], args.prompt or []
     if len(args.image) != len(args.prompt):
         raise InputError(f"{len(args.image)} --image but {len(args.prompt)} --prompt: give them in pairs")
     report = validate_engine(

@@ -96,7 +96,7 @@ def export_engine(
     be.check_dtype(dtype)
     for name, value in (("max_batch_size", max_batch_size), ("max_input_len", max_input_len), ("max_new_tokens", max_new_tokens)):
         if value < 1:
-            raise OutDirError(f"--{name.replace('_', '-')} {value}: allowed >= 1")
+            raise ValueError(f"{name}={value}: allowed >= 1")
     check_out_dir(out, force)
     progress = Progress(5 if validate else 4, enabled=show_progress)
 
