@@ -16,6 +16,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .config import StarSchedule
+from .manifest import EngineError
 from .models import LoadedModel, load_model
 from .reference import reference_pipeline
 from .runtime.engine import Engine
@@ -246,8 +247,11 @@ def validate_engine(
     if loaded is None:
         loaded = load_model(model or manifest["source"]["name"])
     schedule = StarSchedule(**manifest["schedule"])
-    if loaded.spec.num_vision_tokens != schedule.num_vision_tokens or loaded.spec.text_layers != schedule.num_layers:
-        raise ValueError(f"the model {loaded.source.get('name')!r} does not match the engine's architecture: pass the engine's source model with --model")
+    if loaded.spec != engine.spec:
+        raise EngineError(
+            f"the model {loaded.source.get('name')!r} does not have the engine's architecture "
+            f"({loaded.spec} vs {engine.spec}): pass the engine's source model with --model"
+        )
     reference = reference_pipeline(loaded, schedule, device=device)
     recorders = {name: _Recorder(g) for name, g in reference.graphs.items()}
     reference.graphs = recorders

@@ -318,3 +318,8 @@ def test_float16_engine_passes_its_self_check(other_dir, tmp_path, capsys):
     assert manifest["dtype"] == "float16" and manifest["layout"]["dtype"] == "float16"
     assert np.load(out / "embed_tokens.npy").dtype == np.float16
     assert "PASSED" in capsys.readouterr().err
+
+
+def test_star_validate_refuses_a_model_of_another_architecture(engine_dir, capsys):
+    assert validate_main([str(engine_dir), "--model", "tiny-llava"]) == 2
+    assert "does not have the engine's architecture" in capsys.readouterr().err
