@@ -28,6 +28,9 @@ def _usage_errors() -> tuple[type[BaseException], ...]:
 
 def _main(fn, argv) -> int:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # "Loading weights" bars; our own stages report progress
     try:
         return fn(argv)
     except _usage_errors() as e:
