@@ -27,7 +27,7 @@ from star_export.config import ModelSpec, StarSchedule  # noqa: E402
 from star_export.export.onnx_export import export_onnx  # noqa: E402
 from star_export.flops import plan  # noqa: E402
 from star_export.models import LoadedModel, build_random_llava  # noqa: E402
-from star_export.reference import decoder_layout  # noqa: E402
+from star_export.reference import decoder_layout, reference_pipeline  # noqa: E402
 from star_export.runtime.generate import Sampling, StarPipeline  # noqa: E402
 from star_export.runtime.inputs import prepare_inputs, synthetic_image  # noqa: E402
 from star_export.runtime.sessions import OrtGraph  # noqa: E402
@@ -46,6 +46,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--profile", action="store_true", help="write ONNX Runtime profiles of one prefill per engine and summarise them")
     ap.add_argument("--work-dir", default=None)
+    ap.add_argument("--no-eager", action="store_true", help="skip timing the eager PyTorch reference")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -72,12 +73,20 @@ def main() -> int:
     text_tokens = int(inputs["attention_mask"].sum()) - loaded.spec.num_vision_tokens
     embed = model.get_input_embeddings().weight.detach().numpy()
     rows = {}
+    sampling = Sampling(max_new_tokens=args.new_tokens, stop_at_eos=False)
+
+    def timed(pipe):
+        runs = [pipe.generate(inputs["pixel_values"], inputs["input_ids"], inputs["attention_mask"], sampling) for _ in range(args.repeats + 1)]
+        return runs[1:]  # the first run is warm-up
+
+    eager = {}
     for label, s in schedules.items():
+        if not args.no_eager:
+            runs = timed(reference_pipeline(loaded, s))
+            eager[label] = {k: statistics.median(r.timings[k] for r in runs) * 1e3 for k in ("prefill_s", "vision_s")}
+            eager[label]["decode_ms"] = statistics.median(r.timings["decode_s"] / r.timings["decode_steps"] for r in runs) * 1e3
         pipe = StarPipeline({k: OrtGraph(p, threads=args.threads) for k, p in graphs[label].items()}, embed, s, decoder_layout(loaded))
-        runs = []
-        for _ in range(args.repeats + 1):  # first run is warm-up
-            runs.append(pipe.generate(inputs["pixel_values"], inputs["input_ids"], inputs["attention_mask"], Sampling(max_new_tokens=args.new_tokens, stop_at_eos=False)))
-        runs = runs[1:]
+        runs = timed(pipe)
         p = plan(loaded.spec, s, text_tokens)
         rows[label] = {
             "vision_ms": statistics.median(r.timings["vision_s"] for r in runs) * 1e3,
@@ -103,6 +112,12 @@ def main() -> int:
               f"{r['kv_bytes']:>12,d} {str(r['kv_bytes'] == r['planned_kv']):>7} {r['flops'] / 1e9:>14.1f}")
     print(f"prefill speedup: measured {measured:.2f}x, FLOPs-ideal {ideal:.2f}x, measured/ideal {measured / ideal:.2f} (target >= 0.9)")
     print(f"decode speedup: {base['decode_ms'] / star['decode_ms']:.2f}x;  KV bytes ratio {star['kv_bytes'] / base['kv_bytes']:.3f}")
+    for label, e in eager.items():
+        r = rows[label]
+        print(f"eager PyTorch {label}: prefill {e['prefill_s']:.1f} ms, decode {e['decode_ms']:.1f} ms/tok -> "
+              f"engine/eager time: prefill {r['prefill_ms'] / e['prefill_s']:.2f}, decode {r['decode_ms'] / e['decode_ms']:.2f}")
+    if eager:
+        print(f"eager prefill speedup from pruning: {eager['keep 576']['prefill_s'] / eager[f'keep {args.keep}']['prefill_s']:.2f}x")
     return 0
 
 
