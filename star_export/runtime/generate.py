@@ -118,6 +118,8 @@ class StarPipeline:
                 f"got {counts.tolist()}: put one '<image>' in each prompt"
             )
         starts = is_image.argmax(-1)
+        if not all(is_image[b, s : s + L.num_vision_tokens].all() for b, s in enumerate(starts)):
+            raise InputError("the image tokens of a prompt are not contiguous: put one '<image>' in each prompt")
         rows_ids, rows_mask = [], []
         for b, s in enumerate(starts):
             e = s + L.num_vision_tokens
@@ -209,7 +211,7 @@ class StarPipeline:
             next_pos = next_pos + 1
             decode_s += time.perf_counter() - t
         timings["decode_s"] = decode_s
-        timings["decode_steps"] = max(0, sum(1 for _ in result.logits) - 1)
+        timings["decode_steps"] = len(result.logits) - 1
 
     def generate(self, pixel_values, input_ids, attention_mask, sampling: Sampling, on_token: Callable | None = None) -> Generation:
         result = None
