@@ -20,7 +20,6 @@ from pathlib import Path
 
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from star_export.config import ModelSpec, StarSchedule  # noqa: E402

@@ -8,7 +8,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from ..config import ModelSpec, StarSchedule
-from ..manifest import EngineError, read_manifest
+from ..manifest import read_manifest
 from ..models import normalize_processor
 from .generate import DecoderLayout, Generation, InputError, Sampling, StarPipeline
 from .inputs import prepare_inputs

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -213,9 +213,8 @@ class StarPipeline:
         timings["decode_s"] = decode_s
         timings["decode_steps"] = len(result.logits) - 1
 
-    def generate(self, pixel_values, input_ids, attention_mask, sampling: Sampling, on_token: Callable | None = None) -> Generation:
+    def generate(self, pixel_values, input_ids, attention_mask, sampling: Sampling) -> Generation:
         result = None
-        for tokens, result in self.stream(pixel_values, input_ids, attention_mask, sampling):
-            if on_token is not None:
-                on_token(tokens)
+        for _, result in self.stream(pixel_values, input_ids, attention_mask, sampling):
+            pass
         return result
