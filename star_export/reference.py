@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-
 from .config import StarSchedule
 from .graphs.decoder import Pivot, Segment0, Segment1
 from .graphs.vision import VisionStage1

@@ -276,16 +276,18 @@ def validate_engine(
     *,
     model: str | None = None,
     loaded: LoadedModel | None = None,
+    engine: Engine | None = None,
     device: str = "cpu",
     images: Sequence[Any] = (),
     prompts: Sequence[str] = (),
     max_new_tokens: int = 16,
     provider: str = "cpu",
 ) -> ValidationReport:
-    """Compare the engine in `engine_dir` with the eager reference of its source model (or `model`)."""
+    """Compare the engine in `engine_dir` with the eager reference of its source model (or `model`).
+    `loaded` / `engine`: already loaded (by star-export), so neither is loaded twice."""
     import torch
 
-    engine = Engine.from_dir(engine_dir, provider=provider)
+    engine = engine or Engine.from_dir(engine_dir, provider=provider)
     manifest = engine.manifest
     report = ValidationReport(engine=str(engine_dir), reference_device=device, dtype=manifest["dtype"])
     if device == "cuda" and not torch.cuda.is_available():

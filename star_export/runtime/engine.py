@@ -75,8 +75,6 @@ class Engine:
         return self.processor.tokenizer.decode(token_ids, skip_special_tokens=True)
 
 
-
-
 def run_engine(
     engine_dir,
     *,
