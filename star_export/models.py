@@ -7,6 +7,7 @@ silently returns none (FIELD_NOTES). Weights load from safetensors only.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -63,6 +64,9 @@ class Recipe:
     seed: int = 0
 
 
+TORCH_DTYPES = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
 @dataclass
 class LoadedModel:
     model: Any  # LlavaForConditionalGeneration, eval mode, eager attention
@@ -70,6 +74,20 @@ class LoadedModel:
     spec: ModelSpec
     defaults: dict[str, int]
     source: dict[str, Any] = field(default_factory=dict)
+    _casts: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def dtype(self) -> str:
+        return str(self.model.dtype).removeprefix("torch.")
+
+    def cast(self, dtype: str) -> "LoadedModel":
+        """This model in `dtype` (a copy, made once and kept; the original is unchanged)."""
+        if dtype == self.dtype:
+            return self
+        if dtype not in self._casts:
+            model = copy.deepcopy(self.model).to(TORCH_DTYPES[dtype])
+            self._casts[dtype] = LoadedModel(model, self.processor, self.spec, self.defaults, self.source)
+        return self._casts[dtype]
 
 
 # ---------------------------------------------------------------- recipes
@@ -165,12 +183,13 @@ def build_processor(spec: ModelSpec, tokenizer=None):
     )
 
 
-def build_random_llava(spec: ModelSpec, *, seed: int = 0, text_init_std: float = 0.2, qk_scale: float = 4.0):
+def build_random_llava(spec: ModelSpec, *, seed: int = 0, text_init_std: float = 0.2, qk_scale: float = 4.0, text_qk_scale: float = 1.0):
     """A `LlavaForConditionalGeneration` with random weights and its processor.
 
     Two deliberate changes to plain random init (FIELD_NOTES): CLIP q/k projections are scaled by
     `qk_scale` so stage-1 attention rankings are not near-ties, and the Llama decoder is drawn with a
-    wide init (`text_init_std`) so greedy output depends on the question.
+    wide init (`text_init_std`) so greedy output depends on the question. `text_qk_scale` sharpens the
+    decoder's attention the same way (tests sweep it).
     """
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
@@ -215,6 +234,9 @@ def build_random_llava(spec: ModelSpec, *, seed: int = 0, text_init_std: float =
             if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
                 module.weight.copy_(torch.randn(module.weight.shape, generator=gen) * text_init_std)
         model.lm_head.weight.copy_(torch.randn(model.lm_head.weight.shape, generator=gen) * text_init_std)
+        for layer in model.model.language_model.layers:
+            layer.self_attn.q_proj.weight.mul_(text_qk_scale)
+            layer.self_attn.k_proj.weight.mul_(text_qk_scale)
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.pad_token_id = tok.pad_token_id
     model.generation_config.bos_token_id = tok.bos_token_id
@@ -253,6 +275,15 @@ def fingerprint_directory(path: Path) -> str:
         with open(f, "rb") as fh:
             n = int.from_bytes(fh.read(8), "little")
             h.update(f.name.encode() + str(f.stat().st_size).encode() + fh.read(min(n, 1 << 24)))
+    return "sha256:" + h.hexdigest()
+
+
+def fingerprint_weights(model) -> str:
+    """sha256 over every tensor's name, dtype, shape and bytes: for in-memory (random) models, which are small."""
+    h = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode() + t.view(-1).view(torch.uint8).numpy().tobytes())
     return "sha256:" + h.hexdigest()
 
 
@@ -306,7 +337,8 @@ def load_model(name: str) -> LoadedModel:
         if recipe.builder == "random":
             model, processor = build_random_llava(recipe.spec, seed=recipe.seed)
             spec = ModelSpec.from_hf(model.config)
-            return LoadedModel(model, processor, spec, recipe.defaults, {"kind": "alias", "name": name, "seed": recipe.seed})
+            source = {"kind": "alias", "name": name, "seed": recipe.seed, "fingerprint": fingerprint_weights(model)}
+            return LoadedModel(model, processor, spec, recipe.defaults, source)
         snap = _from_hf_cache(recipe.hf_id)
         if snap is None:
             raise _missing_weights(f"{name} ({recipe.hf_id}) is not in the local Hugging Face cache", recipe.hf_id)

@@ -9,6 +9,10 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+import torch
+from transformers import AttentionInterface
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
 from .config import StarSchedule
 from .graphs.decoder import Pivot, Segment0, Segment1
 from .graphs.vision import VisionStage1
@@ -74,12 +78,64 @@ def decoder_layout(loaded: LoadedModel, dtype: str = "float32") -> DecoderLayout
     )
 
 
-def reference_pipeline(loaded: LoadedModel, schedule: StarSchedule, device: str = "cpu") -> StarPipeline:
-    """The eager reference in float32 on `device` ("cpu" or "cuda")."""
-    loaded.model.to(device)
-    graphs = {name: TorchGraph(module, i, o, device) for name, (module, i, o) in graph_modules(loaded, schedule).items()}
-    embed = loaded.model.get_input_embeddings().weight.detach().cpu().numpy()
-    return StarPipeline(graphs, embed, schedule, decoder_layout(loaded))
+# ---------------------------------------------------------------- float64 that is float64
+# HF computes some steps in float32 whatever the model's dtype: LlamaRMSNorm casts its input to float32,
+# and the eager attentions of Llama and CLIP take the softmax in float32. A float64 model would then carry
+# float32 rounding in every layer and be no truth to measure float32 errors against. The float64 reference
+# takes those steps in the model's own dtype (never narrower than float32, so float16 / float32 runs are
+# HF's own numerics). RoPE's cos/sin tables stay float32 as HF defines them for every dtype: the engine
+# computes the very same tables, so that is part of the model, not an error of either side.
+WIDE_ATTENTION = "star_eager_wide"
+
+
+def _wide(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+def wide_eager_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """HF's eager attention (Llama's and CLIP's alike) with the softmax in the query's dtype when wider than float32."""
+    groups = getattr(module, "num_key_value_groups", 1)
+    key = key.repeat_interleave(groups, dim=1)  # (B, heads, kv, head_dim), HF `repeat_kv`
+    value = value.repeat_interleave(groups, dim=1)
+    weights = torch.matmul(query, key.transpose(-1, -2)) * scaling  # (B, heads, q, kv)
+    if attention_mask is not None:
+        weights = weights + attention_mask
+    weights = torch.softmax(weights, dim=-1, dtype=_wide(query.dtype)).to(query.dtype)
+    output = torch.matmul(weights, value).transpose(1, 2).contiguous()  # (B, q, heads, head_dim)
+    return output, weights
+
+
+class WideRMSNorm(LlamaRMSNorm):
+    """LlamaRMSNorm with its statistics in the input's dtype when wider than float32."""
+
+    def forward(self, hidden_states):
+        dtype = hidden_states.dtype
+        x = hidden_states.to(_wide(dtype))
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * x.to(dtype)
+
+
+AttentionInterface.register(WIDE_ATTENTION, wide_eager_attention)
+
+
+def widen_numerics(model) -> None:
+    """Make a float64 model compute in float64 throughout (see above). Idempotent."""
+    model.set_attn_implementation(WIDE_ATTENTION)
+    for module in model.modules():
+        if type(module) is LlamaRMSNorm:
+            module.__class__ = WideRMSNorm
+
+
+def reference_pipeline(loaded: LoadedModel, schedule: StarSchedule, device: str = "cpu", dtype: str = "float32") -> StarPipeline:
+    """The eager reference in `dtype` on `device` ("cpu" or "cuda"). float64 is the truth the validator
+    measures errors against; the engine's own dtype gives the error an eager run of that dtype makes."""
+    variant = loaded.cast(dtype)
+    if dtype == "float64":
+        widen_numerics(variant.model)
+    variant.model.to(device)
+    graphs = {name: TorchGraph(module, i, o, device) for name, (module, i, o) in graph_modules(variant, schedule).items()}
+    embed = variant.model.get_input_embeddings().weight.detach().cpu().numpy()
+    return StarPipeline(graphs, embed, schedule, decoder_layout(variant, dtype))
 
 
 def generate(

@@ -1,15 +1,19 @@
-"""Test helpers: ONNX exports cached per session, and parity assertions with reports."""
+"""Test helpers: parity of one exported graph by the validator's own rule (error budget against float64)."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from star_export.validate import ValidationReport, compare_graph
+from star_export.reference import reference_pipeline
+from star_export.validate import ValidationReport, check_graph_call
 
 
-def assert_graph_parity(graph: str, ref: dict, got: dict, dtype: str = "float32") -> ValidationReport:
-    """Every output of `graph` within the validator's tolerance table; raises listing every failing output."""
-    report = ValidationReport(engine=graph, reference_device="cpu", dtype=dtype)
-    compare_graph(report, graph, "call", {k: np.asarray(v) for k, v in ref.items()}, {k: np.asarray(v) for k, v in got.items()})
+def assert_graph_parity(loaded, schedule, name: str, engine_graph, feed: dict, dtype: str = "float32") -> ValidationReport:
+    """Graph `name` of the engine on `feed` against the eager float64 truth and eager `dtype` (validate.py's rule);
+    raises listing every failing output."""
+    truth = reference_pipeline(loaded, schedule, dtype="float64").graphs[name]
+    eager = reference_pipeline(loaded, schedule, dtype=dtype).graphs[name]
+    report = ValidationReport(engine=name, reference_device="cpu", dtype=dtype)
+    check_graph_call(report, name, name, engine_graph, truth, eager, {k: np.asarray(v) for k, v in feed.items()})
     assert report.ok, "\n" + report.table()
     return report

@@ -322,4 +322,14 @@ def test_float16_engine_passes_its_self_check(other_dir, tmp_path, capsys):
 
 def test_star_validate_refuses_a_model_of_another_architecture(engine_dir, capsys):
     assert validate_main([str(engine_dir), "--model", "tiny-llava"]) == 2
-    assert "does not have the engine's architecture" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "does not have the engine's architecture" in err and "text_layers 4 vs engine 6" in err
+    assert "ModelSpec(" not in err and "image_size" not in err, "only the differing fields are named"
+
+
+def test_star_validate_refuses_other_weights_of_the_same_architecture(engine_dir, tmp_path, capsys):
+    from star_export.testing import OTHER_SPEC, save_random_llava
+
+    twin = save_random_llava(OTHER_SPEC, tmp_path / "twin", seed=8)  # same architecture, other weights
+    assert validate_main([str(engine_dir), "--model", str(twin)]) == 2
+    assert "this is not the model the engine was built from" in capsys.readouterr().err

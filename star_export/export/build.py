@@ -74,6 +74,32 @@ def _replace_dir(tmp: Path, out: Path) -> None:
         tmp.rename(out)
 
 
+def write_engine(loaded, schedule: StarSchedule, directory: Path, *, dtype: str, backend: str, limits: dict, progress: Progress | None = None) -> dict:
+    """Write the engine's graphs, processor, embeddings and manifest into `directory` (no checks). Returns the manifest."""
+    progress = progress or Progress(2, enabled=False)
+    with progress.stage(f"trace + export {backend} ({dtype})"):
+        graphs = backend_from_name(backend).build(loaded, schedule, directory, dtype=dtype, progress=progress.note)
+        for g in graphs.values():
+            progress.note(f"{g.name}: {g.seconds:.1f} s, {g.bytes / 2**20:.1f} MiB")
+    with progress.stage("write tokenizer, processor, embeddings, manifest"):
+        loaded.processor.save_pretrained(directory / "processor")
+        embed = loaded.model.get_input_embeddings().weight.detach().float().numpy().astype(dtype)
+        np.save(directory / "embed_tokens.npy", embed)
+        body = {
+            "source": loaded.source,
+            "backend": backend,
+            "dtype": dtype,
+            "opset": OPSET,
+            "model": {k: v for k, v in asdict(loaded.spec).items() if k not in ("num_patches", "num_vision_tokens")},
+            "schedule": schedule.asdict(),
+            "limits": dict(limits),
+            "layout": asdict(decoder_layout(loaded, dtype)),
+            "embed_tokens": "embed_tokens.npy",
+            "graphs": {name: {"file": g.path.name, **graph_io(g.path)} for name, g in graphs.items()},
+        }
+        return write_manifest(directory, body)
+
+
 def export_engine(
     *,
     model: str,
@@ -113,27 +139,8 @@ def export_engine(
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the engine gets the usual directory mode
     try:
-        with progress.stage(f"trace + export {backend} ({dtype})"):
-            graphs = be.build(loaded, schedule, tmp, dtype=dtype, progress=progress.note)
-            for g in graphs.values():
-                progress.note(f"{g.name}: {g.seconds:.1f} s, {g.bytes / 2**20:.1f} MiB")
-        with progress.stage("write tokenizer, processor, embeddings, manifest"):
-            loaded.processor.save_pretrained(tmp / "processor")
-            embed = loaded.model.get_input_embeddings().weight.detach().float().numpy().astype(dtype)
-            np.save(tmp / "embed_tokens.npy", embed)
-            body = {
-                "source": loaded.source,
-                "backend": backend,
-                "dtype": dtype,
-                "opset": OPSET,
-                "model": {k: v for k, v in asdict(loaded.spec).items() if k not in ("num_patches", "num_vision_tokens")},
-                "schedule": schedule.asdict(),
-                "limits": {"max_batch_size": max_batch_size, "max_input_len": max_input_len, "max_new_tokens": max_new_tokens},
-                "layout": asdict(decoder_layout(loaded, dtype)),
-                "embed_tokens": "embed_tokens.npy",
-                "graphs": {name: {"file": g.path.name, **graph_io(g.path)} for name, g in graphs.items()},
-            }
-            manifest = write_manifest(tmp, body)
+        limits = {"max_batch_size": max_batch_size, "max_input_len": max_input_len, "max_new_tokens": max_new_tokens}
+        manifest = write_engine(loaded, schedule, tmp, dtype=dtype, backend=backend, limits=limits, progress=progress)
         with progress.stage("check engine directory"):
             from ..runtime.engine import Engine
 

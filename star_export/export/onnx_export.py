@@ -8,7 +8,6 @@ weights as external data (`<graph>.onnx.data`), needed past 2 GB.
 
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,11 +16,10 @@ import torch
 from torch.export import Dim
 
 from ..config import StarSchedule
-from ..models import LoadedModel
+from ..models import TORCH_DTYPES, LoadedModel
 from ..reference import graph_modules
 
 OPSET = 18
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 class ExportError(RuntimeError):
@@ -93,14 +91,6 @@ def _example_and_shapes(name: str, loaded: LoadedModel, schedule: StarSchedule, 
     raise KeyError(name)
 
 
-def cast_model(loaded: LoadedModel, dtype: str) -> LoadedModel:
-    """A copy of the model in `dtype` (the fp32 original stays the reference)."""
-    if dtype == "float32":
-        return loaded
-    model = copy.deepcopy(loaded.model).to(TORCH_DTYPES[dtype])
-    return LoadedModel(model, loaded.processor, loaded.spec, loaded.defaults, loaded.source)
-
-
 def export_graph(module, args, dynamic_shapes, input_names, output_names, path: Path) -> ExportedGraph:
     import onnx
 
@@ -130,7 +120,7 @@ def export_onnx(loaded: LoadedModel, schedule: StarSchedule, out_dir: str | Path
     """Export the engine's graphs as `<out_dir>/<name>.onnx` (+ `.onnx.data`). Returns name -> ExportedGraph."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    cast = cast_model(loaded, dtype)
+    cast = loaded.cast(dtype)
     modules = graph_modules(cast, schedule)
     result = {}
     for name in graphs or modules:

@@ -98,11 +98,16 @@ class Pivot(nn.Module):
         super().__init__()
         self.stage1_keep, self.keep = stage1_keep, keep
 
-    def forward(self, hidden_states, stage2_scores, attention_mask, position_ids, image_start):
-        seq_len = hidden_states.shape[1]
+    def visual_scores(self, stage2_scores, image_start):
+        """s2 of the k1 visual tokens (B, k1): the columns `image_start .. image_start + k1 - 1`."""
         visual = image_start.unsqueeze(-1) + torch.arange(self.stage1_keep, device=image_start.device)  # (B, k1)
-        visual_scores = torch.gather(stage2_scores, 1, visual)  # (B, k1)
-        stage2_indices = keep_topk(visual_scores, self.keep)  # (B, keep), offsets into the visual span
+        return torch.gather(stage2_scores, 1, visual)
+
+    def forward(self, hidden_states, stage2_scores, attention_mask, position_ids, image_start, stage2_indices=None):
+        """`stage2_indices`: reference only, never exported (the validator forces the engine's selection)."""
+        seq_len = hidden_states.shape[1]
+        if stage2_indices is None:
+            stage2_indices = keep_topk(self.visual_scores(stage2_scores, image_start), self.keep)  # (B, keep), offsets into the visual span
         index = pruned_positions(image_start, stage2_indices, seq_len, self.stage1_keep)  # (B, n')
         hidden = torch.gather(hidden_states, 1, index.unsqueeze(-1).expand(-1, -1, hidden_states.shape[-1]))  # (B, n', d)
         return (

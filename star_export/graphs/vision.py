@@ -44,10 +44,18 @@ class VisionStage1(nn.Module):
         h = h + last.mlp(last.layer_norm2(h))
         return h, probs
 
-    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def scores(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """s1 (B, patches): what the TopK ranks (the validator reads it to tell a tie from a wrong selection)."""
+        _, probs = self.select_layer(pixel_values)
+        return stage1_scores(probs, self.num_prefix)
+
+    def forward(self, pixel_values: torch.Tensor, stage1_indices: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`stage1_indices`: reference only, never exported. The validator forces the engine's selection
+        onto the eager reference so that values are compared between the same computations."""
         hidden, probs = self.select_layer(pixel_values)
-        scores = stage1_scores(probs, self.num_prefix)  # (B, patches)
-        stage1_indices = keep_topk(scores, self.stage1_keep)  # (B, k1), ascending
+        if stage1_indices is None:
+            scores = stage1_scores(probs, self.num_prefix)  # (B, patches)
+            stage1_indices = keep_topk(scores, self.stage1_keep)  # (B, k1), ascending
         patches = hidden[:, self.num_prefix :]  # (B, patches, c)
         index = stage1_indices.unsqueeze(-1).expand(-1, -1, patches.shape[-1])  # (B, k1, c)
         kept = torch.gather(patches, 1, index)  # (B, k1, c)

@@ -41,10 +41,21 @@ class Sampling:
             raise InputError(f"top_p={self.top_p}: allowed 0 < top_p <= 1")
 
 
+@dataclass(frozen=True)
+class Forcing:
+    """Another run's choices, imposed on this one (teacher forcing): the validator runs the eager
+    reference on the engine's kept indices and tokens, so every value is compared between the same
+    computations. Graphs that cannot take a forced selection (ONNX) ignore it."""
+
+    stage1_indices: np.ndarray  # (B, k1)
+    stage2_indices: np.ndarray  # (B, keep)
+    token_ids: list[list[int]]  # per row, as generated
+
+
 @dataclass
 class Generation:
     token_ids: list[list[int]]  # per row: new tokens, up to and including EOS
-    logits: list[np.ndarray]  # per step: (B, vocab) float32
+    logits: list[np.ndarray]  # per step: (B, vocab) float32 (float64 for a float64 reference)
     stage1_indices: np.ndarray  # (B, k1) patch indices, ascending
     stage2_indices: np.ndarray  # (B, keep) offsets into the k1 visual tokens, ascending
     kv_bytes_after_prefill: int
@@ -89,6 +100,7 @@ class StarPipeline:
     def __init__(self, graphs: dict[str, Any], embed_tokens: np.ndarray, schedule: StarSchedule, layout: DecoderLayout):
         self.graphs, self.embed_tokens, self.schedule, self.layout = graphs, embed_tokens, schedule, layout
         self.np_dtype = np.dtype(layout.dtype)
+        self.logits_dtype = np.promote_types(self.np_dtype, np.float32)  # float64 stays float64 (the validator's truth)
 
     # ------------------------------------------------------------ helpers
     def _empty_past(self, batch: int, layers: range) -> dict[str, np.ndarray]:
@@ -132,14 +144,17 @@ class StarPipeline:
         return embeds, mask, starts.astype(np.int64)
 
     # ------------------------------------------------------------ the loop
-    def stream(self, pixel_values: np.ndarray, input_ids: np.ndarray, attention_mask: np.ndarray, sampling: Sampling) -> Iterator[tuple[np.ndarray, Generation]]:
-        """Yields (tokens of this step (B,), the Generation so far) after prefill and after every step."""
+    def stream(
+        self, pixel_values: np.ndarray, input_ids: np.ndarray, attention_mask: np.ndarray, sampling: Sampling, force: Forcing | None = None
+    ) -> Iterator[tuple[np.ndarray, Generation]]:
+        """Yields (tokens of this step (B,), the Generation so far) after prefill and after every step.
+        `force`: take these kept indices and tokens instead of choosing (reference graphs only)."""
         g, L, S = self.graphs, self.layout, self.schedule
         batch = input_ids.shape[0]
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
 
-        vision = g["vision"].run({"pixel_values": pixel_values.astype(self.np_dtype)})
+        vision = g["vision"].run({"pixel_values": pixel_values.astype(self.np_dtype), "stage1_indices": force and force.stage1_indices})
         image_features = g["vision"].to_numpy(vision["image_features"])
         stage1_indices = g["vision"].to_numpy(vision["stage1_indices"])
         timings["vision_s"] = time.perf_counter() - t0
@@ -162,6 +177,7 @@ class StarPipeline:
                 "attention_mask": mask0,
                 "position_ids": positions,
                 "image_start": image_start,
+                "stage2_indices": force and force.stage2_indices,
             }
         )
         mask1 = g["pivot"].to_numpy(pivot["pruned_attention_mask"]).astype(np.int64)
@@ -170,7 +186,7 @@ class StarPipeline:
             | self._empty_past(batch, range(S.pivot_layer + 1, L.num_layers))
         )
         past0, past1 = self._carry(seg0), self._carry(seg1)
-        logits = g["segment1"].to_numpy(seg1["logits"])[:, -1].astype(np.float32)
+        logits = g["segment1"].to_numpy(seg1["logits"])[:, -1].astype(self.logits_dtype)
         timings["prefill_s"] = time.perf_counter() - t1
 
         result = Generation(
@@ -188,11 +204,16 @@ class StarPipeline:
         decode_s = 0.0
         for step in range(sampling.max_new_tokens):
             result.logits.append(logits)
-            tokens = sample_next(logits, sampling, rng)
+            if force is None:
+                tokens = sample_next(logits, sampling, rng)
+            else:
+                tokens = np.array([row[step] if step < len(row) else L.pad_token_id for row in force.token_ids], dtype=np.int64)
             tokens = np.where(finished, L.pad_token_id, tokens)
             for b in np.flatnonzero(~finished):
                 result.token_ids[b].append(int(tokens[b]))
-            if sampling.stop_at_eos and L.eos_token_id is not None:
+            if force is not None:
+                finished |= np.array([step + 1 >= len(row) for row in force.token_ids])
+            elif sampling.stop_at_eos and L.eos_token_id is not None:
                 finished |= tokens == L.eos_token_id
             yield tokens, result
             if finished.all() or step == sampling.max_new_tokens - 1:
@@ -207,14 +228,14 @@ class StarPipeline:
             )
             seg1 = g["segment1"].run({"hidden_states": seg0["hidden_states"], "attention_mask": mask1, "position_ids": next_pos} | past1)
             past0, past1 = self._carry(seg0), self._carry(seg1)
-            logits = g["segment1"].to_numpy(seg1["logits"])[:, -1].astype(np.float32)
+            logits = g["segment1"].to_numpy(seg1["logits"])[:, -1].astype(self.logits_dtype)
             next_pos = next_pos + 1
             decode_s += time.perf_counter() - t
         timings["decode_s"] = decode_s
         timings["decode_steps"] = len(result.logits) - 1
 
-    def generate(self, pixel_values, input_ids, attention_mask, sampling: Sampling) -> Generation:
+    def generate(self, pixel_values, input_ids, attention_mask, sampling: Sampling, force: Forcing | None = None) -> Generation:
         result = None
-        for _, result in self.stream(pixel_values, input_ids, attention_mask, sampling):
+        for _, result in self.stream(pixel_values, input_ids, attention_mask, sampling, force):
             pass
         return result

@@ -6,6 +6,7 @@ ORT IO binding so key/value caches stay where the provider put them); `to_numpy`
 
 from __future__ import annotations
 
+import inspect
 import os
 import warnings
 from pathlib import Path
@@ -24,14 +25,18 @@ class TorchGraph:
         self.module, self.input_names, self.output_names = module, list(input_names), list(output_names)
         self.device = torch.device(device)
         self.provider = f"torch-eager-{self.device.type}"
+        # Keyword inputs the exported graph does not have (a forced selection, for validation): passed when fed.
+        params = inspect.signature(module.forward).parameters
+        self.optional_names = [n for n, p in params.items() if p.default is None and n not in self.input_names]
+
+    def _tensor(self, value) -> torch.Tensor:
+        return (value if torch.is_tensor(value) else torch.from_numpy(np.ascontiguousarray(value))).to(self.device)
 
     @torch.no_grad()
     def run(self, feed: dict[str, Any]) -> dict[str, Any]:
-        args = [
-            (feed[n] if torch.is_tensor(feed[n]) else torch.from_numpy(np.ascontiguousarray(feed[n]))).to(self.device)
-            for n in self.input_names
-        ]
-        outputs = self.module(*args)
+        args = [self._tensor(feed[n]) for n in self.input_names]
+        kwargs = {n: self._tensor(feed[n]) for n in self.optional_names if feed.get(n) is not None}
+        outputs = self.module(*args, **kwargs)
         return dict(zip(self.output_names, outputs))
 
     @staticmethod
