@@ -7,8 +7,10 @@ PyTorch when its own distance is of the same size. The rule is that of PyTorch's
 (`torch._dynamo.utils.same(..., fp64_ref=...)`):
 
     err(engine) <= MULTIPLIER * err(eager) + FLOOR_ULPS * eps(dtype)
-    err(x) = ||x - truth|| / ||truth||        per tensor; per row for logits, where err(eager) of a
-                                              row is at least the RMS of eager's errors over all rows
+    err(x) = ||x - truth|| / ||truth||        per tensor; per row for logits; where several rows or
+                                              tensors of one kind are judged together (logits rows, a
+                                              segment's K/V caches), err(eager) of each is at least the
+                                              RMS of eager's errors over the group
 
 No constant here was fitted to a model: `eps` is the dtype's machine epsilon, the floor covers outputs
 that eager computes exactly (a gather, a copy) where the engine may still round once or twice, and
@@ -72,27 +74,42 @@ class Budget:
 
 def error_budget(truth: np.ndarray, eager: np.ndarray, engine: np.ndarray, dtype: str, *, rows: bool = False) -> Budget:
     """Judge `engine` against `truth` (float64) with the error `eager` (the engine's dtype) makes on it."""
-    truth, eager, engine = (np.asarray(a) for a in (truth, eager, engine))
-    if truth.shape != engine.shape:
-        return Budget(np.inf, np.nan, np.nan, np.inf, f"shape {list(engine.shape)}, expected {list(truth.shape)}")
-    e, r = relative_error(engine, truth, rows), relative_error(eager, truth, rows)
-    # One row's eager error is one sample of what the dtype costs; where eager was lucky on a row, the level
-    # the dtype shows over all rows (their RMS) stands in, so the budget does not hinge on one lucky sample.
-    r = np.maximum(r, np.sqrt(np.mean(r**2))) if len(r) > 1 and np.isfinite(r).all() else r
+    return group_budget({"": (truth, eager, engine)}, dtype, rows=rows)
+
+
+def group_budget(tensors: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], dtype: str, *, rows: bool = False) -> Budget:
+    """Judge tensors of one kind together (name -> truth, eager, engine; e.g. a segment's K/V caches): every tensor
+    (or row) with its own error, against a budget from the eager error level of the group."""
+    e, r, names, max_abs = [], [], [], 0.0
+    eager_finite = engine_finite = True
+    for name, (truth, eager, engine) in tensors.items():
+        truth, eager, engine = (np.asarray(a) for a in (truth, eager, engine))
+        if truth.shape != engine.shape:
+            return Budget(np.inf, np.nan, np.nan, np.inf, f"shape {list(engine.shape)}, expected {list(truth.shape)}")
+        eager_finite &= bool(np.isfinite(eager).all())
+        engine_finite &= bool(np.isfinite(engine).all())
+        e.append(relative_error(engine, truth, rows))
+        r.append(relative_error(eager, truth, rows))
+        names += [(name, row) for row in range(len(e[-1]))]
+        if engine_finite:
+            max_abs = max(max_abs, float(np.abs(engine.astype(np.float64) - truth.astype(np.float64)).max(initial=0.0)))
+    e, r = np.concatenate(e), np.concatenate(r)
+    # One row's (or tensor's) eager error is one sample of what the dtype costs; where eager was lucky on one, the
+    # level the dtype shows over all of them (their RMS) stands in, so the budget does not hinge on a lucky sample.
+    if len(r) > 1 and np.isfinite(r).all():
+        r = np.maximum(r, np.sqrt(np.mean(r**2)))
     limit = MULTIPLIER * r + floor(dtype)
     worst = int(np.argmax(np.where(np.isfinite(limit), e / limit, np.inf)))
-    with np.errstate(invalid="ignore", over="ignore"):
-        diff = np.abs(engine.astype(np.float64) - truth.astype(np.float64))
-    max_abs = float(np.nanmax(diff, initial=0.0)) if np.isfinite(engine).all() else np.inf
     cause = ""
-    if not np.isfinite(eager).all():
+    if not eager_finite:
         cause = f"the eager {dtype} reference itself overflows (inf/NaN): this model does not run in {dtype}; export float32"
-    elif not np.isfinite(engine).all():
+    elif not engine_finite:
         cause = f"non-finite values (inf/NaN) in the engine's output, none in eager {dtype}: an overflow in the engine"
     elif not e[worst] <= limit[worst]:
-        where = f" (row {worst})" if len(e) > 1 else ""
+        tensor, row = names[worst]
+        where = "".join([f" in {tensor}" if len(tensors) > 1 else "", f" (row {row})" if rows and len(e) > 1 else ""])
         cause = f"error {e[worst]:.2e}{where} > budget {limit[worst]:.2e} = {MULTIPLIER:g} x eager {r[worst]:.2e} + floor"
-    return Budget(float(e[worst]), float(r[worst]), float(limit[worst]), max_abs, cause)
+    return Budget(float(e[worst]), float(r[worst]), float(limit[worst]), max_abs if engine_finite else np.inf, cause)
 
 
 @dataclass(frozen=True)

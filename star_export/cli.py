@@ -1,71 +1,142 @@
-"""Console scripts: `star-export`, `star-run`, `star-validate`. Each calls one library function with
-the same keyword names. Exit codes: 0 success, 1 a parity check failed, 2 bad input (message says the fix)."""
+"""Console scripts: `star-export`, `star-run`, `star-validate`. Each parses its arguments with nothing heavy
+imported (so `--help` answers at once), then calls one library function with the same keyword names.
+
+Exit codes: 0 success; 1 the engine does not match its reference; 2 a user error (the message names the problem
+and the fix); 3 an internal error (a bug: `--debug` shows the traceback); 130 / 143 interrupted (Ctrl-C / SIGTERM).
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import signal
 import sys
-import warnings
+import threading
+
+from .errors import EXIT_INTERNAL, EXIT_MISMATCH, EXIT_USAGE, Terminated, user_error_from
 
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
 DEFAULT_TEXT_TOKENS = 52  # text tokens of a typical single-question prompt; the plan's --text-tokens default
+BACKENDS = ("onnx", "tensorrt")  # export/backends.py holds the registry; its names here keep --help free of torch
+PROVIDERS = ("auto", "cpu", "cuda", "tensorrt")
+LIBRARY_LOGGERS = ("torch", "transformers", "onnxscript", "onnx_ir", "onnxruntime", "polygraphy", "huggingface_hub", "urllib3")
 
 
-def _usage_errors() -> tuple[type[BaseException], ...]:
-    from .config import ScheduleError
-    from .export.backends import BackendError
-    from .export.build import OutDirError
-    from .manifest import EngineError
-    from .models import ModelLoadError
-    from .runtime.generate import InputError
-    from .runtime.sessions import ProviderError
-
-    return (ScheduleError, ModelLoadError, EngineError, InputError, BackendError, OutDirError, ProviderError)
+# ------------------------------------------------------------------ argument types: the message is the problem
 
 
-def _main(fn, argv) -> int:
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # "Loading weights" bars; our own stages report progress
+def _positive(text: str) -> int:
     try:
-        return fn(argv)
-    except _usage_errors() as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: allowed >= 1")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"{value}: allowed 0 <= value < 2**63")
+    return value
+
+
+def _finite(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r}: a finite number is needed")
+    return value
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Appends '(default: X)' except where the help already says what an unset value means."""
 
     def _get_help_string(self, action):
-        return action.help if action.default is None else super()._get_help_string(action)
+        return action.help if action.default in (None, False) or action.help == argparse.SUPPRESS else super()._get_help_string(action)
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value}: allowed >= 1")
-    return value
+def _version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("star-export")
+    except metadata.PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def _parser(prog: str, description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=description, formatter_class=_HelpFormatter,
+                                epilog="exit codes: 0 ok, 1 engine does not match its reference, 2 bad input (the message says the fix), 3 internal error")
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    g = p.add_argument_group("messages")
+    g.add_argument("--quiet", action="store_true", help="print only results and errors (no progress, no summary)")
+    g.add_argument("--verbose", action="store_true", help="also show the warnings of torch, transformers and ONNX tools")
+    g.add_argument("--debug", action="store_true", help="print the traceback of an error")
+    return p
+
+
+def _silence_libraries() -> None:
+    """Library warnings and log lines (the ONNX exporter alone prints ~30 per export) stay out of the user's way."""
+    import logging
+    import warnings
+
+    warnings.simplefilter("ignore")
+    for name in LIBRARY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
+def _main(prog: str, parser: argparse.ArgumentParser, run, argv) -> int:
+    args = parser.parse_args(argv)  # argparse reports its own errors: usage + message, exit 2
+    if not args.verbose:
+        _silence_libraries()
+    on_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if on_main else None
+    try:
+        return run(args)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; nothing half-written was left", file=sys.stderr)
+        return 130
+    except Terminated:
+        print(f"{prog}: terminated; nothing half-written was left", file=sys.stderr)
+        return 143
+    except Exception as e:
+        if args.debug:
+            import traceback
+
+            traceback.print_exc()
+        user = user_error_from(e)
+        if user is not None:
+            print(f"{prog}: error: {user}", file=sys.stderr)
+            return EXIT_USAGE
+        print(f"{prog}: internal error: {type(e).__name__}: {str(e)[:500]}\n"
+              f"this is a bug in star-export; re-run with --debug for the traceback and report it", file=sys.stderr)
+        return EXIT_INTERNAL
+    finally:
+        if on_main:
+            signal.signal(signal.SIGTERM, previous)
 
 
 # ------------------------------------------------------------------ star-export
 
 
 def export_parser() -> argparse.ArgumentParser:
-    from .export.backends import BACKENDS
-
-    p = argparse.ArgumentParser(
-        prog="star-export",
-        description="Export LLaVA with two-stage STAR visual-token pruning into an engine directory.",
-        formatter_class=_HelpFormatter,
-    )
+    p = _parser("star-export", "Export LLaVA with two-stage STAR visual-token pruning (STAR.md) into an engine directory.")
     g = p.add_argument_group("model")
     g.add_argument("--model", default="tiny-llava", help="recipe alias (tiny-llava, llava-1.5-7b, llava-1.5-13b), a local Hugging Face directory, or a model id in the local HF cache")
     g = p.add_argument_group("schedule (STAR.md)")
@@ -73,14 +144,14 @@ def export_parser() -> argparse.ArgumentParser:
     g.add_argument("--stage1-keep", type=int, default=None, help="stage-1 budget k1, keep <= k1 <= 576 (default: the recipe's, 490 for 576 tokens)")
     g.add_argument("--pivot-layer", type=int, default=None, help="decoder layer P that scores and prunes, 0 <= P <= L-2 (default: the recipe's, 15 for 32 layers, else the middle)")
     g = p.add_argument_group("build")
-    g.add_argument("--backend", default="onnx", choices=sorted(BACKENDS), help="what to build (tensorrt: not in this release)")
+    g.add_argument("--backend", default="onnx", choices=BACKENDS, help="what to build (tensorrt: not in this release)")
     g.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="weights, activations and KV cache dtype")
     g.add_argument("--max-batch-size", type=_positive, default=8, help="most requests per call")
     g.add_argument("--max-input-len", type=_positive, default=2048, help="most prompt tokens per request, image tokens included")
     g.add_argument("--max-new-tokens", type=_positive, default=256, help="most generated tokens per request")
     g = p.add_argument_group("output")
     g.add_argument("--out", default=None, help="engine directory to write (required unless --dry-run)")
-    g.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    g.add_argument("--force", action="store_true", help="replace --out if it holds an engine (a star.json); other directories are never deleted")
     g.add_argument("--no-validate", action="store_true", help="skip the parity self-check against the eager reference")
     g.add_argument("--dry-run", action="store_true", help="print the plan (tokens per stage, FLOPs, KV bytes) without weights; writes nothing")
     g.add_argument("--text-tokens", type=_positive, default=DEFAULT_TEXT_TOKENS, help="text tokens assumed by --dry-run")
@@ -88,20 +159,17 @@ def export_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _export(argv) -> int:
-    args = export_parser().parse_args(argv)
+def _export(args) -> int:
     if args.dry_run:
         from .flops import dry_run, format_plan
 
         plan = dry_run(model=args.model, keep=args.keep, stage1_keep=args.stage1_keep, pivot_layer=args.pivot_layer, text_tokens=args.text_tokens)
         print(json.dumps(plan.asdict(), indent=2) if args.json else format_plan(plan, args.model))
         return 0
+    from .export.build import OutDirError, ValidationFailed, export_engine
+
     if not args.out:
-        from .export.build import OutDirError
-
         raise OutDirError("--out is required (the engine directory to write), or pass --dry-run")
-    from .export.build import ValidationFailed, export_engine
-
     try:
         manifest = export_engine(
             model=args.model,
@@ -116,49 +184,70 @@ def _export(argv) -> int:
             max_new_tokens=args.max_new_tokens,
             force=args.force,
             validate=not args.no_validate,
-            show_progress=True,
+            show_progress=not args.quiet,
         )
     except ValidationFailed as e:
-        print(f"error: {e}\nnothing was written to {args.out}", file=sys.stderr)
-        return 1
+        print(f"star-export: error: {e}\nnothing was written to {args.out}", file=sys.stderr)
+        return EXIT_MISMATCH
     summary = {k: manifest[k] for k in ("schedule", "dtype", "backend", "timings_s")} | {"out": str(args.out), "files": sorted(manifest["files"])}
     print(json.dumps(summary, indent=2) if args.json else f"engine written to {args.out}")
     return 0
 
 
 def export_main(argv=None) -> int:
-    return _main(_export, argv)
+    return _main("star-export", export_parser(), _export, argv)
 
 
 # ------------------------------------------------------------------ star-run
 
 
+def _fallback_flag(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    p.add_argument("--allow-fallback", action="store_true", help="run on the CPU when the asked-for GPU provider / device is not available (default: refuse, exit 2)")
+
+
 def run_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="star-run", description="Generate text with an engine directory.", formatter_class=_HelpFormatter)
+    p = _parser("star-run", "Generate text with an engine directory.")
     p.add_argument("engine", help="engine directory written by star-export")
     g = p.add_argument_group("requests (several --image/--prompt pairs run as one batch)")
     g.add_argument("--image", action="append", default=None, required=True, help="image file, once per request")
     g.add_argument("--prompt", action="append", default=None, required=True, help="question, once per request (wrapped as 'USER: <image>\\n{prompt} ASSISTANT:')")
     g = p.add_argument_group("generation")
     g.add_argument("--max-new-tokens", type=_positive, default=None, help="most tokens to generate (default: 64, or the engine's limit if lower)")
-    g.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
-    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --temperature > 0)")
-    g.add_argument("--seed", type=int, default=0, help="sampling seed")
+    g.add_argument("--temperature", type=_finite, default=0.0, help="0 is greedy")
+    g.add_argument("--top-p", type=_finite, default=1.0, help="nucleus sampling mass, 0 < top-p <= 1 (with --temperature > 0)")
+    g.add_argument("--seed", type=_count, default=0, help="sampling seed")
     g = p.add_argument_group("output")
     g.add_argument("--stream", action="store_true", help="print tokens as they are generated (one request)")
     g.add_argument("--json", action="store_true", help='print {"text", "token_ids", "stage1_indices", "stage2_indices", "timings"} (a list for several requests)')
-    g.add_argument("--provider", default="auto", choices=["auto", "cpu", "cuda", "tensorrt"], help="ONNX Runtime execution provider")
+    g = p.add_argument_group("device")
+    g.add_argument("--provider", default="auto", choices=PROVIDERS, help="ONNX Runtime execution provider (auto: CUDA when present, else CPU)")
+    _fallback_flag(g)
     return p
 
 
-def _run(argv) -> int:
+def _summary(results: list[dict], info: dict) -> str:
+    t = results[0]["timings"]
+    steps = max(1, t.get("decode_steps", 0))
+    tokens = sum(len(r["token_ids"]) for r in results)
+    total = t["vision_s"] + t["prefill_s"] + t.get("decode_s", 0.0)
+    line = (
+        f"visual tokens {info['visual_tokens']} -> {info['stage1_keep']} -> {info['keep']} | vision {t['vision_s'] * 1e3:.0f} ms, "
+        f"prefill {t['prefill_s'] * 1e3:.0f} ms, decode {t.get('decode_s', 0.0) / steps * 1e3:.1f} ms/token | "
+        f"{tokens} tokens in {total:.2f} s ({tokens / total:.1f} tokens/s) | {t['provider']}"
+    )
+    if info.get("random_weights"):
+        line += f"\nnote: {info['model']} has random weights (a test model): its text is meaningless"
+    return line
+
+
+def _run(args) -> int:
     from .runtime.engine import run_engine
     from .runtime.generate import InputError
 
-    args = run_parser().parse_args(argv)
     if args.stream and len(args.prompt) > 1:
         raise InputError("--stream prints one request as it is generated: give one --image/--prompt pair, or drop --stream")
     stream = (lambda piece: print(piece, end="", flush=True)) if args.stream and not args.json else None
+    info: dict = {}
     results = run_engine(
         args.engine,
         images=args.image,
@@ -168,7 +257,9 @@ def _run(argv) -> int:
         top_p=args.top_p,
         seed=args.seed,
         provider=args.provider,
+        allow_fallback=args.allow_fallback,
         stream=stream,
+        info=info,
     )
     if args.json:
         print(json.dumps(results[0] if len(results) == 1 else results))
@@ -177,26 +268,25 @@ def _run(argv) -> int:
     else:
         for r in results:
             print(r["text"])
+    if not args.quiet:
+        print(_summary(results, info), file=sys.stderr)
     return 0
 
 
 def run_main(argv=None) -> int:
-    return _main(_run, argv)
+    return _main("star-run", run_parser(), _run, argv)
 
 
 # ------------------------------------------------------------------ star-validate
 
 
 def validate_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="star-validate",
-        description="Check an engine against the eager PyTorch reference: per graph and end to end. Exit 0 pass, 1 fail.",
-        formatter_class=_HelpFormatter,
-    )
+    p = _parser("star-validate", "Check an engine against the eager PyTorch reference (float64 truth, error budgets): per graph and end to end.")
     p.add_argument("engine", help="engine directory written by star-export")
     p.add_argument("--model", default=None, help="source model for the reference (default: the one in star.json)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the eager reference runs")
-    p.add_argument("--provider", default="cpu", choices=["auto", "cpu", "cuda", "tensorrt"], help="ONNX Runtime execution provider for the engine")
+    p.add_argument("--provider", default="cpu", choices=PROVIDERS, help="ONNX Runtime execution provider for the engine")
+    _fallback_flag(p)
     p.add_argument("--image", action="append", default=None, help="extra case image (with --prompt)")
     p.add_argument("--prompt", action="append", default=None, help="extra case question (with --image)")
     p.add_argument("--max-new-tokens", type=_positive, default=16, help="greedy tokens compared per case")
@@ -204,12 +294,11 @@ def validate_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _validate(argv) -> int:
+def _validate(args) -> int:
     from .runtime.generate import InputError
     from .runtime.inputs import load_image
     from .validate import validate_engine
 
-    args = validate_parser().parse_args(argv)
     args.image, args.prompt = args.image or [], args.prompt or []
     if len(args.image) != len(args.prompt):
         raise InputError(f"{len(args.image)} --image but {len(args.prompt)} --prompt: give them in pairs")
@@ -221,10 +310,11 @@ def _validate(argv) -> int:
         prompts=args.prompt,
         max_new_tokens=args.max_new_tokens,
         provider=args.provider,
+        allow_fallback=args.allow_fallback,
     )
     print(json.dumps(report.asdict(), indent=2) if args.json else report.table())
-    return 0 if report.ok else 1
+    return 0 if report.ok else EXIT_MISMATCH
 
 
 def validate_main(argv=None) -> int:
-    return _main(_validate, argv)
+    return _main("star-validate", validate_parser(), _validate, argv)

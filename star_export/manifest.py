@@ -10,11 +10,16 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from .errors import UserError
+
 FORMAT_VERSION = 1
 MANIFEST = "star.json"
+BUILD_MARKER = ".star-export-build"  # in a build directory only (export/workdir.py); never part of an engine
+# What a reader needs, with its JSON type.
+REQUIRED = {"source": dict, "dtype": str, "model": dict, "schedule": dict, "limits": dict, "layout": dict, "embed_tokens": str, "graphs": dict, "files": dict}
 
 
-class EngineError(Exception):
+class EngineError(UserError):
     """An engine directory that cannot be used; the message says what is wrong and how to fix it."""
 
 
@@ -62,7 +67,7 @@ def graph_io(path: Path) -> dict[str, list[dict[str, Any]]]:
 def file_table(directory: Path) -> dict[str, dict[str, Any]]:
     files = {}
     for p in sorted(directory.rglob("*")):
-        if p.is_file() and p.name != MANIFEST:
+        if p.is_file() and p.name not in (MANIFEST, BUILD_MARKER):
             files[p.relative_to(directory).as_posix()] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
     return files
 
@@ -83,20 +88,27 @@ def read_manifest(directory: str | Path, *, verify: bool = True) -> dict[str, An
     """Load and check `star.json`: format version, every file present, every sha256 equal."""
     directory = Path(directory)
     path = directory / MANIFEST
+    if directory.exists() and not directory.is_dir():
+        raise EngineError(f"{str(directory)!r} is a file, not an engine directory: pass the directory star-export wrote (it holds {MANIFEST})")
     if not directory.is_dir():
         raise EngineError(f"engine directory {str(directory)!r} does not exist: build one with `star-export --out {directory}`")
     if not path.is_file():
         raise EngineError(f"{str(directory)!r} is not an engine directory (no {MANIFEST}): build one with `star-export --out {directory}`")
     try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise EngineError(f"{path} is not valid JSON ({e}): rebuild the engine with star-export --force") from e
+    if not isinstance(manifest, dict):
+        raise EngineError(f"{path} holds a JSON {type(manifest).__name__}, not an object: rebuild the engine with star-export --force")
     version = manifest.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise EngineError(
             f"{path} has format_version {version!r}; this star-export reads up to {FORMAT_VERSION}: "
             "upgrade star-export (`pip install -U star-export`) or rebuild the engine with this version"
         )
+    wrong = [f"{key} ({kind.__name__})" for key, kind in REQUIRED.items() if not isinstance(manifest.get(key), kind)]
+    if wrong:
+        raise EngineError(f"{path} lacks or mistypes {', '.join(wrong)}: it was not written by star-export, or was edited; rebuild the engine with star-export --force")
     if verify:
         missing = [name for name in manifest.get("files", {}) if not (directory / name).is_file()]
         if missing:

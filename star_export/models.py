@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from .config import ModelSpec
+from .errors import UserError, user_error_from
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -42,7 +43,7 @@ Answer the question using a single word or phrase. Yes, no, one, two, three, fou
 """.strip()
 
 
-class ModelLoadError(Exception):
+class ModelLoadError(UserError):
     """Base class: the model could not be loaded; the message says how to fix it."""
 
 
@@ -126,14 +127,17 @@ def recipe_from_alias(alias: str) -> Recipe:
 def spec_from_name(name: str) -> tuple[ModelSpec, dict[str, int]]:
     """Architecture and schedule defaults without loading weights (for `--dry-run`)."""
     path = Path(name)
-    if path.is_dir() and (path / "config.json").is_file():
-        from transformers import AutoConfig
-
-        return ModelSpec.from_hf(AutoConfig.from_pretrained(path, local_files_only=True)), {}
-    if name not in _recipe_files():
-        raise _unknown(name)
-    recipe = recipe_from_alias(name)
-    return recipe.spec, recipe.defaults
+    if path.is_dir():
+        return ModelSpec.from_hf(config_from_directory(path)), {}
+    if name in _recipe_files():
+        recipe = recipe_from_alias(name)
+        return recipe.spec, recipe.defaults
+    if name.count("/") == 1 and not _looks_like_path(name):
+        snap = _from_hf_cache(name)
+        if snap is None:
+            raise _missing_weights(f"{name!r} is neither a local directory nor in the local Hugging Face cache", name)
+        return ModelSpec.from_hf(config_from_directory(snap, name)), {}
+    raise _unknown(name)
 
 
 # ---------------------------------------------------------------- tiny random models
@@ -296,22 +300,58 @@ def _missing_weights(what: str, hf_id: str | None) -> MissingWeightsError:
     )
 
 
+def config_from_directory(path: Path, hf_id: str | None = None):
+    """The directory's `LlavaConfig`, or a ModelLoadError naming what is wrong with `config.json`."""
+    from transformers import AutoConfig
+
+    file = path / "config.json"
+    if not file.is_file():
+        raise _missing_weights(f"{path} has no config.json (not a Hugging Face model directory)", hf_id)
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelLoadError(f"{file} is not valid JSON ({e}): re-copy the model directory") from e
+    if not isinstance(data, dict) or "model_type" not in data:
+        raise ModelLoadError(f"{file} has no 'model_type': not a Hugging Face model config; star-export needs a LLaVA-1.5 model ('llava')")
+    if data["model_type"] != "llava":
+        raise UnknownModelError(f"{path}: model_type {data['model_type']!r}; star-export supports LLaVA-1.5 models ('llava')")
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+        ModelSpec.from_hf(config)  # every number a plan needs is there
+    except UserError:
+        raise
+    except (ValueError, TypeError, KeyError, AttributeError, OSError) as e:
+        raise ModelLoadError(f"{file} is not a usable LLaVA config ({type(e).__name__}: {e}): re-copy the model directory") from e
+    return config
+
+
 def load_from_directory(path: str | Path, *, source: dict | None = None, hf_id: str | None = None) -> LoadedModel:
-    from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
+    from safetensors import SafetensorError
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     path = Path(path)
-    if not (path / "config.json").is_file():
-        raise _missing_weights(f"{path} has no config.json (not a Hugging Face model directory)", hf_id)
+    config = config_from_directory(path, hf_id)
     if not any(path.glob("*.safetensors")):
         raise _missing_weights(f"{path} has no *.safetensors weights", hf_id)
-    config = AutoConfig.from_pretrained(path, local_files_only=True)
-    if config.model_type != "llava":
-        raise UnknownModelError(f"{path}: model_type {config.model_type!r}; star-export supports LLaVA-1.5 ('llava')")
     spec = ModelSpec.from_hf(config)
-    model = LlavaForConditionalGeneration.from_pretrained(
-        path, local_files_only=True, use_safetensors=True, attn_implementation="eager", dtype=torch.float32
-    )
-    processor = normalize_processor(AutoProcessor.from_pretrained(path, local_files_only=True), spec)
+    try:
+        model = LlavaForConditionalGeneration.from_pretrained(
+            path, local_files_only=True, use_safetensors=True, attn_implementation="eager", dtype=torch.float32
+        )
+    except (SafetensorError, OSError, ValueError, RuntimeError, KeyError) as e:
+        if user_error_from(e):
+            raise
+        raise ModelLoadError(
+            f"the weights in {path} could not be read ({type(e).__name__}: {str(e)[:300]}): a file may be truncated or "
+            "corrupt; re-copy the model directory"
+        ) from e
+    try:
+        processor = normalize_processor(AutoProcessor.from_pretrained(path, local_files_only=True), spec)
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
+        raise ModelLoadError(
+            f"{path} has no usable tokenizer / processor ({type(e).__name__}: {str(e)[:300]}): copy tokenizer.json, "
+            "tokenizer_config.json, preprocessor_config.json and processor_config.json from the model's repository"
+        ) from e
     src = source or {"kind": "path", "name": str(path.resolve())}
     src.setdefault("fingerprint", fingerprint_directory(path))
     return LoadedModel(_prepare(model), processor, spec, {}, src)
@@ -337,7 +377,7 @@ def load_model(name: str) -> LoadedModel:
         if recipe.builder == "random":
             model, processor = build_random_llava(recipe.spec, seed=recipe.seed)
             spec = ModelSpec.from_hf(model.config)
-            source = {"kind": "alias", "name": name, "seed": recipe.seed, "fingerprint": fingerprint_weights(model)}
+            source = {"kind": "alias", "name": name, "seed": recipe.seed, "random_weights": True, "fingerprint": fingerprint_weights(model)}
             return LoadedModel(model, processor, spec, recipe.defaults, source)
         snap = _from_hf_cache(recipe.hf_id)
         if snap is None:
@@ -358,6 +398,8 @@ def _looks_like_path(name: str) -> bool:
 
 
 def _unknown(name: str) -> ModelLoadError:
+    if Path(name).exists():
+        return UnknownModelError(f"--model {name!r} is a file, not a model directory: pass a local Hugging Face directory or an alias")
     if _looks_like_path(name):
         return UnknownModelError(f"model directory {name!r} does not exist: pass an existing local Hugging Face directory")
     return UnknownModelError(

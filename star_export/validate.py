@@ -21,12 +21,13 @@ import numpy as np
 
 from . import budget
 from .config import StarSchedule
+from .errors import UserError
 from .manifest import EngineError
 from .models import LoadedModel, load_model
 from .reference import reference_pipeline
 from .runtime.engine import Engine
 from .runtime.generate import Forcing, Generation, Sampling
-from .runtime.inputs import synthetic_image
+from .runtime.inputs import prompt_length, synthetic_image
 
 BUILTIN_QUESTIONS = (
     "What is in the image?",
@@ -140,10 +141,9 @@ def compare_outputs(report: ValidationReport, label: str, truth: dict, eager: di
                 report.add(Check(f"{label} {group}", "identical" if same else "differs", "exact", same,
                                  cause="" if same else f"differs from the reference's {group} for the same selection"))
             continue
-        results = [budget.error_budget(truth[n], eager[n], engine[n], report.dtype, rows=n == "logits") for n in names]
-        worst = max(results, key=lambda b: (not b.ok, b.error / b.limit if b.limit > 0 else np.inf))
+        result = budget.group_budget({n: (truth[n], eager[n], engine[n]) for n in names}, report.dtype, rows=group == "logits")
         suffix = f" ({len(names)})" if len(names) > 1 else ""
-        report.add_budget(f"{label} {group}{suffix}", worst)
+        report.add_budget(f"{label} {group}{suffix}", result)
 
 
 def check_graph_call(report: ValidationReport, call: str, name: str, engine_graph, truth_graph, eager_graph, feed: dict[str, np.ndarray]) -> None:
@@ -249,17 +249,20 @@ def validate_engine(
     prompts: Sequence[str] = (),
     max_new_tokens: int = 16,
     provider: str = "cpu",
+    allow_fallback: bool = False,
 ) -> ValidationReport:
     """Compare the engine in `engine_dir` with the eager reference of its source model (or `model`).
     `loaded` / `engine`: already loaded (by star-export), so neither is loaded twice."""
     import torch
 
-    engine = engine or Engine.from_dir(engine_dir, provider=provider)
+    if device == "cuda" and not torch.cuda.is_available() and not allow_fallback:
+        raise UserError("--device cuda: torch sees no CUDA GPU here: run where one is, use --device cpu, or pass --allow-fallback")
+    engine = engine or Engine.from_dir(engine_dir, provider=provider, allow_fallback=allow_fallback)
     manifest = engine.manifest
     dtype = manifest["dtype"]
     report = ValidationReport(engine=str(engine_dir), reference_device=device, dtype=dtype, floor=budget.floor(dtype))
     if device == "cuda" and not torch.cuda.is_available():
-        msg = "--device cuda: torch sees no CUDA GPU here; the reference ran on the CPU"
+        msg = "--device cuda: torch sees no CUDA GPU here; the reference ran on the CPU (--allow-fallback)"
         print(f"warning: {msg}", file=sys.stderr)
         report.notes.append(msg)
         report.reference_device = device = "cpu"
@@ -274,7 +277,14 @@ def validate_engine(
     eager_pivot = eager.graphs["pivot"] = _Recorder(eager.graphs["pivot"], keep_calls=1)
     dtypes = {"truth": np.float64, "eager": engine.pipeline.np_dtype}
 
-    pairs = list(zip([synthetic_image(i) for i in range(len(BUILTIN_QUESTIONS))] + list(images), list(BUILTIN_QUESTIONS) + list(prompts)))
+    # Built-in cases that do not fit the engine's --max-input-len are left out (with a note); the user's must fit.
+    limit, V = engine.limits["max_input_len"], engine.spec.num_vision_tokens
+    builtin = [(synthetic_image(i), q) for i, q in enumerate(BUILTIN_QUESTIONS) if prompt_length(engine.processor, q, V) <= limit]
+    if len(builtin) < len(BUILTIN_QUESTIONS):
+        report.notes.append(f"{len(BUILTIN_QUESTIONS) - len(builtin)} built-in case(s) left out: longer than the engine's max input length {limit}")
+    pairs = builtin + list(zip(images, prompts))
+    if not pairs:
+        raise UserError(f"no case fits the engine's max input length {limit}: pass a shorter --image/--prompt pair")
     sampling = Sampling(max_new_tokens=min(max_new_tokens, engine.limits["max_new_tokens"]))
     size = engine.limits["max_batch_size"]
     for b, start in enumerate(range(0, len(pairs), size)):

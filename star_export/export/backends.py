@@ -5,11 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+from ..errors import UserError
 from .onnx_export import export_onnx
 from .trt_rules import assert_tensorrt_rules
 
 
-class BackendError(ValueError):
+class BackendError(UserError, ValueError):
     """A backend that cannot build what was asked; the message names the alternative."""
 
 
@@ -19,6 +20,12 @@ class Backend:
     dtypes: tuple[str, ...]
     build: Callable  # (loaded, schedule, out_dir, dtype=, progress=) -> {graph: ExportedGraph}
     why_not: dict[str, str]
+    unavailable: Callable[[], None] | None = None  # raises BackendError when the backend cannot build here
+
+    def check_available(self) -> None:
+        """Raise BackendError now, before any model loads, if this backend cannot build here."""
+        if self.unavailable is not None:
+            self.unavailable()
 
     def check_dtype(self, dtype: str) -> None:
         if dtype not in self.dtypes:
@@ -37,7 +44,7 @@ def build_onnx(loaded, schedule, out_dir, *, dtype, progress=None):
     return graphs
 
 
-def build_tensorrt(loaded, schedule, out_dir, *, dtype, progress=None):
+def tensorrt_unavailable() -> None:
     try:
         import tensorrt  # noqa: F401  (lazy: never needed for the ONNX path)
     except ImportError as e:
@@ -53,6 +60,10 @@ def build_tensorrt(loaded, schedule, out_dir, *, dtype, progress=None):
     )
 
 
+def build_tensorrt(loaded, schedule, out_dir, *, dtype, progress=None):
+    tensorrt_unavailable()
+
+
 BACKENDS: dict[str, Backend] = {
     "onnx": Backend(
         "onnx",
@@ -60,7 +71,7 @@ BACKENDS: dict[str, Backend] = {
         build_onnx,
         {"bfloat16": "ONNX Runtime's CPU and CUDA providers lack bfloat16 kernels for these graphs (MatMul, Softmax);"},
     ),
-    "tensorrt": Backend("tensorrt", ("float32", "float16", "bfloat16"), build_tensorrt, {}),
+    "tensorrt": Backend("tensorrt", ("float32", "float16", "bfloat16"), build_tensorrt, {}, tensorrt_unavailable),
 }
 
 

@@ -6,10 +6,8 @@ Ctrl-C) removes the temporary directory, so no half-written engine is ever left 
 
 from __future__ import annotations
 
-import os
 import shutil
 import sys
-import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -18,15 +16,17 @@ from pathlib import Path
 import numpy as np
 
 from ..config import StarSchedule
+from ..errors import UserError
 from ..manifest import graph_io, write_manifest
-from ..models import load_model
+from ..models import load_model, spec_from_name
 from ..reference import decoder_layout
 from .backends import backend_from_name
 from .onnx_export import OPSET
+from .workdir import OutDirError, check_out_dir, make_build_dir, remove_stale_builds, replace_dir
 
 
-class OutDirError(ValueError):
-    pass
+class LimitError(UserError, ValueError):
+    """An engine limit (--max-*) that is out of range or leaves no room for a request."""
 
 
 class Progress:
@@ -50,28 +50,6 @@ class Progress:
         self.timings[name] = time.perf_counter() - t
         if self.enabled:
             print(f"[{self.step}/{self.total}] {name} done in {self.timings[name]:.1f} s", file=self.stream, flush=True)
-
-
-def check_out_dir(out: Path, force: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise OutDirError(f"--out {str(out)!r} exists and is not a directory: choose another path")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise OutDirError(f"--out {str(out)!r} exists and is not empty: pass --force to replace it, or choose another path")
-    parent = out.resolve().parent
-    if not parent.is_dir():
-        raise OutDirError(f"the parent of --out, {str(parent)!r}, does not exist: create it first")
-    if not os.access(parent, os.W_OK | os.X_OK) or (out.is_dir() and not os.access(out, os.W_OK)):
-        raise OutDirError(f"--out {str(out)!r} is not writable: choose a directory you can write to")
-
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(out)
 
 
 def write_engine(loaded, schedule: StarSchedule, directory: Path, *, dtype: str, backend: str, limits: dict, progress: Progress | None = None) -> dict:
@@ -100,6 +78,29 @@ def write_engine(loaded, schedule: StarSchedule, directory: Path, *, dtype: str,
         return write_manifest(directory, body)
 
 
+def check_limits(spec, max_batch_size: int, max_input_len: int, max_new_tokens: int) -> None:
+    for name, value in (("max_batch_size", max_batch_size), ("max_input_len", max_input_len), ("max_new_tokens", max_new_tokens)):
+        if not isinstance(value, int) or value < 1:
+            raise LimitError(f"--{name.replace('_', '-')} {value!r}: allowed a whole number >= 1")
+    if max_input_len <= spec.num_vision_tokens:
+        raise LimitError(
+            f"--max-input-len {max_input_len} leaves no room for a prompt: the image alone takes {spec.num_vision_tokens} "
+            f"tokens; allowed > {spec.num_vision_tokens} (default 2048)"
+        )
+
+
+def check_prompt_room(loaded, max_input_len: int) -> None:
+    """The shortest built-in question, with the image and the chat template, must fit: else the engine can never run."""
+    from ..runtime.inputs import prompt_length
+
+    need = prompt_length(loaded.processor, "Describe.", loaded.spec.num_vision_tokens)
+    if max_input_len < need:
+        raise LimitError(
+            f"--max-input-len {max_input_len} is too small for any prompt: the image ({loaded.spec.num_vision_tokens} tokens) "
+            f"and the chat template with a one-word question take {need}; allowed >= {need}"
+        )
+
+
 def export_engine(
     *,
     model: str,
@@ -116,28 +117,27 @@ def export_engine(
     validate: bool = True,
     show_progress: bool = True,
 ) -> dict:
-    """Load `model`, export its STAR engine to `out`, self-check it against the eager reference. Returns the manifest."""
+    """Load `model`, export its STAR engine to `out`, self-check it against the eager reference. Returns the manifest.
+    Every argument is checked before the model loads (schedule, limits, backend, output directory)."""
     out = Path(out)
     be = backend_from_name(backend)
     be.check_dtype(dtype)
-    for name, value in (("max_batch_size", max_batch_size), ("max_input_len", max_input_len), ("max_new_tokens", max_new_tokens)):
-        if value < 1:
-            raise ValueError(f"{name}={value}: allowed >= 1")
+    be.check_available()
     check_out_dir(out, force)
+    spec, defaults = spec_from_name(model)  # config only, no weights
+    StarSchedule.from_spec(spec, keep=keep, stage1_keep=stage1_keep, pivot_layer=pivot_layer, defaults=defaults)
+    check_limits(spec, max_batch_size, max_input_len, max_new_tokens)
     progress = Progress(5 if validate else 4, enabled=show_progress)
+    for path, pid in remove_stale_builds(out):
+        progress.note(f"removed {path}: a build left by process {pid}, which no longer runs")
 
     with progress.stage(f"load {model}"):
         loaded = load_model(model)
         schedule = StarSchedule.from_spec(loaded.spec, keep=keep, stage1_keep=stage1_keep, pivot_layer=pivot_layer, defaults=loaded.defaults)
+        check_prompt_room(loaded, max_input_len)
         progress.note(f"schedule: keep={schedule.keep} stage1_keep={schedule.stage1_keep} pivot_layer={schedule.pivot_layer} of {schedule.num_layers} layers")
 
-    try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.resolve().parent))
-    except OSError as e:  # e.g. a read-only or virtual file system, where os.access says yes to root
-        raise OutDirError(f"--out {str(out)!r} is not writable ({e.strerror}): choose a directory you can write to") from e
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the engine gets the usual directory mode
+    tmp = make_build_dir(out)
     try:
         limits = {"max_batch_size": max_batch_size, "max_input_len": max_input_len, "max_new_tokens": max_new_tokens}
         manifest = write_engine(loaded, schedule, tmp, dtype=dtype, backend=backend, limits=limits, progress=progress)
@@ -154,7 +154,7 @@ def export_engine(
                 progress.note(report.table())
                 if not report.ok:
                     raise ValidationFailed(report)
-        _replace_dir(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

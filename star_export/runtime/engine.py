@@ -2,37 +2,52 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from ..config import ModelSpec, StarSchedule
-from ..manifest import read_manifest
+from ..errors import user_error_from
+from ..manifest import EngineError, read_manifest
 from ..models import normalize_processor
 from .generate import DecoderLayout, Generation, InputError, Sampling, StarPipeline
-from .inputs import prepare_inputs
+from .inputs import load_image, prepare_inputs
 from .sessions import OrtGraph, resolve_providers
 
 GRAPHS = ("vision", "segment0", "pivot", "segment1")
 
 
+def _load_graph(path: Path, providers) -> OrtGraph:
+    try:
+        return OrtGraph(path, providers)
+    except Exception as e:  # ONNX Runtime's own exception types: the file is not a graph it can run
+        if user_error_from(e):
+            raise
+        raise EngineError(f"{path} could not be loaded by ONNX Runtime ({type(e).__name__}: {str(e)[:300]}): rebuild the engine with star-export --force") from e
+
+
 class Engine:
-    def __init__(self, directory: str | Path, *, provider: str = "auto", verify: bool = True):
+    def __init__(self, directory: str | Path, *, provider: str = "auto", verify: bool = True, allow_fallback: bool = False):
         from transformers import AutoProcessor
 
         self.directory = Path(directory)
         self.manifest = read_manifest(self.directory, verify=verify)
         m = self.manifest
-        self.spec = ModelSpec.from_dict(m["model"])
-        self.schedule = StarSchedule(**m["schedule"])
-        self.limits = m["limits"]
-        self.providers = resolve_providers(provider)
-        self.graphs = {name: OrtGraph(self.directory / m["graphs"][name]["file"], self.providers) for name in GRAPHS}
+        try:
+            self.spec = ModelSpec.from_dict(m["model"])
+            self.schedule = StarSchedule(**m["schedule"])
+            self.layout = DecoderLayout(**m["layout"])
+            self.limits = {k: int(m["limits"][k]) for k in ("max_batch_size", "max_input_len", "max_new_tokens")}
+            files = {name: m["graphs"][name]["file"] for name in GRAPHS}
+        except (TypeError, KeyError, ValueError) as e:
+            raise EngineError(f"{self.directory / 'star.json'} is malformed ({type(e).__name__}: {e}): rebuild the engine with star-export --force") from e
+        self.providers = resolve_providers(provider, allow_fallback=allow_fallback)
+        self.graphs = {name: _load_graph(self.directory / files[name], self.providers) for name in GRAPHS}
         self.provider = self.graphs["segment0"].provider
         self.embed_tokens = np.load(self.directory / m["embed_tokens"], mmap_mode="r")
         self.processor = normalize_processor(AutoProcessor.from_pretrained(self.directory / "processor", local_files_only=True), self.spec)
-        self.layout = DecoderLayout(**m["layout"])
         self.pipeline = StarPipeline(self.graphs, self.embed_tokens, self.schedule, self.layout)
 
     @classmethod
@@ -85,14 +100,25 @@ def run_engine(
     top_p: float = 1.0,
     seed: int = 0,
     provider: str = "auto",
+    allow_fallback: bool = False,
     stream: Callable[[str], None] | None = None,
+    info: dict | None = None,
 ) -> list[dict]:
     """Generate for each (image, prompt) pair as one batch; `stream` receives the new text of request 0 per step.
-    `max_new_tokens=None`: 64, or the engine's limit if lower."""
-    engine = Engine.from_dir(engine_dir, provider=provider)
+    `max_new_tokens=None`: 64, or the engine's limit if lower. `info`, when given, receives what a summary line
+    needs (visual tokens per stage, the source model and whether its weights are random)."""
+    # Requests are checked before the engine loads: sampling settings, image files, pairs.
+    sampling = Sampling(max_new_tokens=max_new_tokens or 1, temperature=temperature, top_p=top_p, seed=seed)
+    images = [load_image(i) if isinstance(i, (str, Path)) else i for i in images]
+    if len(images) != len(prompts):
+        raise InputError(f"{len(images)} image(s) but {len(prompts)} prompt(s): give one --image per --prompt")
+    engine = Engine.from_dir(engine_dir, provider=provider, allow_fallback=allow_fallback)
     if max_new_tokens is None:
         max_new_tokens = min(64, engine.limits["max_new_tokens"])
-    sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    sampling = replace(sampling, max_new_tokens=max_new_tokens)
+    if info is not None:
+        S, source = engine.schedule, engine.manifest["source"]
+        info.update(visual_tokens=S.num_vision_tokens, stage1_keep=S.stage1_keep, keep=S.keep, model=source.get("name"), random_weights=bool(source.get("random_weights")))
     printed, result = "", None
     for _, result in engine.stream(images, prompts, sampling):
         if stream is not None:

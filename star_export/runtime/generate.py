@@ -9,6 +9,7 @@ appended to both caches.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -16,9 +17,10 @@ from typing import Any, Iterator
 import numpy as np
 
 from ..config import StarSchedule
+from ..errors import UserError
 
 
-class InputError(ValueError):
+class InputError(UserError, ValueError):
     """Bad request (image, prompt, batch); the message says what to change."""
 
 
@@ -33,12 +35,14 @@ class Sampling:
     stop_at_eos: bool = True
 
     def __post_init__(self):
-        if self.max_new_tokens < 1:
-            raise InputError(f"max_new_tokens={self.max_new_tokens}: allowed >= 1")
-        if self.temperature < 0:
-            raise InputError(f"temperature={self.temperature}: allowed >= 0 (0 is greedy)")
-        if not 0 < self.top_p <= 1:
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise InputError(f"max_new_tokens={self.max_new_tokens!r}: allowed a whole number >= 1")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise InputError(f"temperature={self.temperature}: allowed a finite number >= 0 (0 is greedy)")
+        if not (math.isfinite(self.top_p) and 0 < self.top_p <= 1):
             raise InputError(f"top_p={self.top_p}: allowed 0 < top_p <= 1")
+        if not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
+            raise InputError(f"seed={self.seed!r}: allowed a whole number 0 <= seed < 2**63")
 
 
 @dataclass(frozen=True)

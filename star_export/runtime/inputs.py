@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -10,26 +11,79 @@ import numpy as np
 from .generate import InputError
 
 
+MAX_IMAGE_PIXELS = 64_000_000  # 64 megapixels, e.g. 8000 x 8000: far above what the 336-px tower uses
+
+
 def load_image(path: str | Path):
+    """An RGB PIL image from a file. The pixel count is checked from the header, before any pixel is decoded
+    (a decompression bomb is refused without reading it); every mode Pillow opens is converted (to_rgb)."""
     from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
+    if path.is_dir():
+        raise InputError(f"image {str(path)!r} is a directory: pass the path of an image file (PNG, JPEG, ...) with --image")
     if not path.is_file():
         raise InputError(f"image {str(path)!r} does not exist: pass the path of a PNG/JPEG file with --image")
     try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except (UnidentifiedImageError, OSError) as e:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:  # reads the header only
+                check_pixels(im.size, f"image {str(path)!r}")
+                return to_rgb(im)
+    except InputError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise InputError(f"image {str(path)!r} declares too many pixels ({e}): limit {MAX_IMAGE_PIXELS:,}; downscale it") from e
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise InputError(f"image {str(path)!r} is not a readable image ({e.__class__.__name__}): pass a PNG/JPEG file") from e
+
+
+def check_pixels(size: tuple[int, int], name: str = "image") -> None:
+    width, height = size
+    if width < 1 or height < 1:
+        raise InputError(f"{name} is empty ({width} x {height} pixels)")
+    if width * height > MAX_IMAGE_PIXELS:
+        raise InputError(f"{name} has {width} x {height} = {width * height:,} pixels, over the limit of {MAX_IMAGE_PIXELS:,}: downscale it")
+
+
+def to_rgb(im):
+    """8-bit RGB from any Pillow mode: high bit depths are scaled, not clipped (a 16-bit PNG opens as 'I;16' or
+    'I'), transparency is composited onto white, EXIF orientation is applied, palette / CMYK / LAB / YCbCr convert."""
+    from PIL import Image, ImageOps
+
+    im = ImageOps.exif_transpose(im)
+    if im.mode.startswith("I;16") or im.mode in ("I", "F"):
+        a = np.asarray(im, dtype=np.float64)
+        if im.mode == "F":
+            top = 1.0 if a.max(initial=0.0) <= 1.0 else 255.0  # floats in [0, 1], else taken as 0..255
+        else:
+            top = 65535.0 if im.mode.startswith("I;16") or a.max(initial=0) > 255 else 255.0
+        im = Image.fromarray(np.clip(np.rint(a / top * 255.0), 0, 255).astype(np.uint8), "L")
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return im.convert("RGB")
 
 
 def format_prompt(processor, question: str) -> str:
     """`USER: <image>\\n{question} ASSISTANT:` through the processor's chat template; a prompt that
-    already holds `<image>` is taken as written."""
-    if "<image>" in question:
+    already holds one `<image>` is taken as written."""
+    if not isinstance(question, str):
+        raise InputError(f"a prompt must be text, got {type(question).__name__}")
+    tags = question.count("<image>")
+    if tags > 1:
+        raise InputError(f"a prompt holds {tags} '<image>' tags; LLaVA-1.5 takes one image per prompt: keep at most one '<image>' (or none: the chat template adds it)")
+    if tags == 1:
         return question
     conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
     return processor.apply_chat_template(conversation, add_generation_prompt=True)
+
+
+def prompt_length(processor, question: str, num_vision_tokens: int) -> int:
+    """Tokens a request takes: the chat-templated question with its `<image>` expanded to the visual tokens."""
+    ids = processor.tokenizer(format_prompt(processor, question))["input_ids"]
+    return len(ids) - 1 + num_vision_tokens
 
 
 def prepare_inputs(processor, images: Sequence[Any], questions: Sequence[str]) -> dict[str, np.ndarray]:
@@ -38,7 +92,9 @@ def prepare_inputs(processor, images: Sequence[Any], questions: Sequence[str]) -
         raise InputError(f"{len(images)} image(s) but {len(questions)} prompt(s): give one --image per --prompt")
     if not images:
         raise InputError("no request: give at least one --image/--prompt pair")
-    images = [load_image(i) if isinstance(i, (str, Path)) else i for i in images]
+    images = [load_image(i) if isinstance(i, (str, Path)) else to_rgb(i) for i in images]
+    for im in images:
+        check_pixels(im.size)
     processor.tokenizer.padding_side = "left"
     batch = processor(images=list(images), text=[format_prompt(processor, q) for q in questions], padding=True, return_tensors="np")
     return {

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import inspect
 import os
+import sys
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import torch
+
+from ..errors import UserError
 
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")  # onnxruntime otherwise writes state under ~/.cache (FIELD_NOTES)
 
@@ -55,12 +58,13 @@ PROVIDER_ALIASES = {
 }
 
 
-class ProviderError(RuntimeError):
+class ProviderError(UserError):
     pass
 
 
-def resolve_providers(name: str) -> list[str]:
-    """Providers for `cpu` / `cuda` / `tensorrt` / `auto` that this onnxruntime build has."""
+def resolve_providers(name: str, allow_fallback: bool = False) -> list[str]:
+    """Providers for `cpu` / `cuda` / `tensorrt` / `auto` that this onnxruntime build has. A GPU provider that is
+    missing is an error unless `allow_fallback` (then the CPU, with a warning on stderr)."""
     import onnxruntime as ort
 
     available = ort.get_available_providers()
@@ -71,10 +75,14 @@ def resolve_providers(name: str) -> list[str]:
     else:
         raise ProviderError(f"unknown provider {name!r}: allowed auto, {', '.join(PROVIDER_ALIASES)}")
     missing = [p for p in wanted if p not in available]
+    if missing and name != "cpu" and allow_fallback:
+        print(f"warning: provider {name!r} needs {missing[0]}, which this onnxruntime build lacks: running on the CPU (--allow-fallback)", file=sys.stderr)
+        return PROVIDER_ALIASES["cpu"]
     if missing and name != "cpu":
         raise ProviderError(
             f"provider {name!r} needs {missing[0]}, which this onnxruntime build lacks (it has {available}); "
-            "install onnxruntime-gpu in place of onnxruntime (`pip uninstall -y onnxruntime && pip install onnxruntime-gpu`)"
+            "install onnxruntime-gpu in place of onnxruntime (`pip uninstall -y onnxruntime && pip install onnxruntime-gpu`), "
+            "or pass --allow-fallback to run on the CPU"
         )
     return wanted
 
