@@ -28,21 +28,22 @@ LIBRARY_LOGGERS = ("torch", "transformers", "onnxscript", "onnx_ir", "onnxruntim
 # ------------------------------------------------------------------ argument types: the message is the problem
 
 
-def _positive(text: str) -> int:
+def _int(text: str) -> int:
     try:
-        value = int(text)
+        return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+
+
+def _positive(text: str) -> int:
+    value = _int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value}: allowed >= 1")
     return value
 
 
 def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    value = _int(text)
     if not 0 <= value < 2**63:
         raise argparse.ArgumentTypeError(f"{value}: allowed 0 <= value < 2**63")
     return value
@@ -86,9 +87,13 @@ def _parser(prog: str, description: str) -> argparse.ArgumentParser:
 
 
 def _silence_libraries() -> None:
-    """Library warnings and log lines (the ONNX exporter alone prints ~30 per export) stay out of the user's way."""
+    """Library warnings and log lines (the ONNX exporter alone prints ~30 per export) stay out of the user's way.
+    Runs after parsing (so --help stays fast); every command needs torch, which sets its loggers' levels when
+    imported, so it is imported first."""
     import logging
     import warnings
+
+    import torch  # noqa: F401
 
     warnings.simplefilter("ignore")
     for name in LIBRARY_LOGGERS:
@@ -185,6 +190,7 @@ def _export(args) -> int:
             force=args.force,
             validate=not args.no_validate,
             show_progress=not args.quiet,
+            verbose=args.verbose,
         )
     except ValidationFailed as e:
         print(f"star-export: error: {e}\nnothing was written to {args.out}", file=sys.stderr)

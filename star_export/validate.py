@@ -97,6 +97,13 @@ class ValidationReport:
         lines.append(f"{'PASSED' if self.ok else 'FAILED'}: {len(self.checks) - len(failed)}/{len(self.checks)} checks")
         return "\n".join(lines)
 
+    def summary(self) -> str:
+        """One line: the verdict, and the largest multiplier any value needed against the one allowed."""
+        ratios = [c.numbers["ratio"] for c in self.checks if "ratio" in c.numbers]
+        worst = f"; largest multiplier {max(ratios):.2f} of {self.multiplier:g} allowed" if ratios else ""
+        ok = sum(c.ok for c in self.checks)
+        return f"{'PASSED' if self.ok else 'FAILED'}: {ok}/{len(self.checks)} checks against the float64 reference{worst}"
+
     def asdict(self) -> dict:
         return asdict(self) | {"ok": self.ok}
 

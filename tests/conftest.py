@@ -44,3 +44,13 @@ def any_model(request):
 @pytest.fixture(scope="session")
 def images():
     return [synthetic_image(i) for i in range(4)]
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tmp_path_factory):
+    """A tiny-llava engine with small limits (no self-check): for tests about input, not parity."""
+    from star_export.cli import export_main
+
+    out = tmp_path_factory.mktemp("tiny-engine") / "tiny"
+    assert export_main(["--out", str(out), "--no-validate", "--quiet", "--max-batch-size", "2", "--max-input-len", "620", "--max-new-tokens", "8"]) == 0
+    return out

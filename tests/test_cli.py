@@ -185,13 +185,29 @@ def test_star_validate_passes(engine_dir, example_png, capsys):
     assert report["ok"] and len(report["checks"]) > 15
 
 
-def test_star_validate_cuda_says_when_there_is_none(engine_dir, capsys):
+def test_star_validate_cuda_without_a_gpu_is_refused_unless_fallback_is_allowed(engine_dir, capsys):
     import torch
 
     if torch.cuda.is_available():
-        pytest.skip("a CUDA GPU is present: this checks the message given without one")
-    assert validate_main([str(engine_dir), "--device", "cuda", "--max-new-tokens", "2"]) == 0
+        pytest.skip("a CUDA GPU is present: this checks what happens without one")
+    assert validate_main([str(engine_dir), "--device", "cuda", "--max-new-tokens", "2"]) == 2
     assert "torch sees no CUDA GPU" in capsys.readouterr().err
+    assert validate_main([str(engine_dir), "--device", "cuda", "--allow-fallback", "--max-new-tokens", "2"]) == 0
+    assert "the reference ran on the CPU (--allow-fallback)" in capsys.readouterr().err
+
+
+def test_cli_module_imports_nothing_heavy():
+    """--help answers at once because the CLI imports torch / transformers / onnx only after parsing."""
+    code = "import sys, star_export.cli; print([m for m in ('torch', 'transformers', 'onnx', 'onnxruntime', 'numpy') if m in sys.modules])"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.strip() == "[]", result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("main, prog", [(export_main, "star-export"), (run_main, "star-run"), (validate_main, "star-validate")])
+def test_version(main, prog, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.startswith(f"{prog} 0.")
 
 
 def _refresh_manifest(engine: str) -> None:

@@ -116,8 +116,10 @@ def export_engine(
     force: bool = False,
     validate: bool = True,
     show_progress: bool = True,
+    verbose: bool = False,
 ) -> dict:
     """Load `model`, export its STAR engine to `out`, self-check it against the eager reference. Returns the manifest.
+    `verbose`: print the self-check's whole report, not just its verdict (a failure always carries the report).
     Every argument is checked before the model loads (schedule, limits, backend, output directory)."""
     out = Path(out)
     be = backend_from_name(backend)
@@ -151,7 +153,7 @@ def export_engine(
 
             with progress.stage("validate against the eager reference"):
                 report = validate_engine(tmp, loaded=loaded, engine=engine, max_new_tokens=8)
-                progress.note(report.table())
+                progress.note(report.table() if verbose else report.summary())
                 if not report.ok:
                     raise ValidationFailed(report)
         replace_dir(tmp, out)
