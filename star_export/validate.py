@@ -238,7 +238,8 @@ def check_same_model(loaded: LoadedModel, engine: Engine) -> None:
     if differ:
         raise EngineError(f"the model {name!r} does not have the engine's architecture ({'; '.join(differ)}): pass the engine's source model with --model")
     a, b = loaded.source.get("fingerprint"), engine.manifest.get("source", {}).get("fingerprint")
-    if a and b and a != b:
+    comparable = a and b and a.split(":")[0] == b.split(":")[0]  # same scheme (models.fingerprint_*)
+    if comparable and a != b:
         raise EngineError(
             f"this is not the model the engine was built from: {name!r} has fingerprint {a[:19]}..., the engine's source "
             f"{engine.manifest['source'].get('name')!r} had {b[:19]}...; pass the engine's source model with --model"

@@ -145,7 +145,7 @@ def example_png(tmp_path_factory):
 def test_engine_directory_is_self_contained(engine_dir, other_dir):
     manifest = json.loads((engine_dir / MANIFEST).read_text())
     assert manifest["format_version"] == 1 and manifest["source"]["kind"] == "path"
-    assert manifest["source"]["fingerprint"].startswith("sha256:")
+    assert manifest["source"]["fingerprint"].startswith("sha256-sampled:")
     assert manifest["schedule"]["keep"] == 58 and manifest["schedule"]["num_layers"] == 6
     for name in ("vision", "segment0", "pivot", "segment1"):
         io = manifest["graphs"][name]
@@ -316,6 +316,9 @@ def test_force_replaces_and_failed_self_check_writes_nothing(tmp_path, monkeypat
 
         def table(self):
             return "segment1[prefill] logits  max abs 9.9e-01  FAIL"
+
+        def summary(self):
+            return "FAILED: 21/22 checks"
 
     monkeypatch.setattr(validate, "validate_engine", lambda *a, **k: Failed())
     assert export_main(["--model", "tiny-llava", "--keep", "58", "--out", str(out), "--force"]) == 1
