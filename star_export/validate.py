@@ -23,7 +23,7 @@ from . import budget
 from .config import StarSchedule
 from .errors import UserError
 from .manifest import EngineError
-from .models import LoadedModel, load_model
+from .models import LoadedModel, fingerprint_weights, load_model
 from .reference import reference_pipeline
 from .runtime.engine import Engine
 from .runtime.generate import Forcing, Generation, Sampling
@@ -238,6 +238,8 @@ def check_same_model(loaded: LoadedModel, engine: Engine) -> None:
     if differ:
         raise EngineError(f"the model {name!r} does not have the engine's architecture ({'; '.join(differ)}): pass the engine's source model with --model")
     a, b = loaded.source.get("fingerprint"), engine.manifest.get("source", {}).get("fingerprint")
+    if a and b and b.startswith("sha256-weights:") and not a.startswith("sha256-weights:"):
+        a = fingerprint_weights(loaded.model)  # the engine's source was in memory, so small (same architecture)
     comparable = a and b and a.split(":")[0] == b.split(":")[0]  # same scheme (models.fingerprint_*)
     if comparable and a != b:
         raise EngineError(

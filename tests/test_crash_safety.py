@@ -20,8 +20,14 @@ from star_export.manifest import BUILD_MARKER, MANIFEST
 STAR_EXPORT = str(Path(sys.executable).parent / "star-export")
 
 
+def _default_signals():
+    """A terminal's child: SIGINT handled (a test runner's worker may ignore it, and children inherit that)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start(out: Path) -> subprocess.Popen:
-    return subprocess.Popen([STAR_EXPORT, "--model", "tiny-llava", "--out", str(out), "--no-validate"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    args = [STAR_EXPORT, "--model", "tiny-llava", "--out", str(out), "--no-validate"]
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_default_signals)
 
 
 def _wait_for_graphs(out: Path, proc: subprocess.Popen, timeout: float = 120) -> Path:
