@@ -35,13 +35,13 @@ class Sampling:
     stop_at_eos: bool = True
 
     def __post_init__(self):
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+        if not isinstance(self.max_new_tokens, (int, np.integer)) or self.max_new_tokens < 1:
             raise InputError(f"max_new_tokens={self.max_new_tokens!r}: allowed a whole number >= 1")
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
             raise InputError(f"temperature={self.temperature}: allowed a finite number >= 0 (0 is greedy)")
         if not (math.isfinite(self.top_p) and 0 < self.top_p <= 1):
             raise InputError(f"top_p={self.top_p}: allowed 0 < top_p <= 1")
-        if not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
+        if not isinstance(self.seed, (int, np.integer)) or not 0 <= self.seed < 2**63:
             raise InputError(f"seed={self.seed!r}: allowed a whole number 0 <= seed < 2**63")
 
 
