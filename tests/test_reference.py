@@ -324,3 +324,58 @@ def test_batch_rows_match_single_runs(precision_model, images):
         assert len(single.logits) == len(single.token_ids[0])
         for s in range(len(single.token_ids[0])):
             _assert_logits_close(batch.logits[s][b], single.logits[s][0], f"row {b} step {s}", ATOL[precision])
+
+
+# ---------------------------------------------------------------- the validator's float64 truth
+
+
+def test_wide_attention_is_float64_attention():
+    """`reference.wide_eager_attention` in float64 against torch's own SDPA (another implementation), with GQA."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, h, 7, 8, dtype=torch.float64, generator=g) * 3 for h in (4, 2, 2))
+    mask = torch.zeros(2, 1, 7, 7, dtype=torch.float64).masked_fill(torch.ones(7, 7).triu(1).bool(), torch.finfo(torch.float64).min)
+    module = type("Attn", (), {"num_key_value_groups": 2})()
+    out, probs = reference.wide_eager_attention(module, q, k, v, mask, 8**-0.5)
+    sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=8**-0.5, enable_gqa=True)
+    assert probs.dtype == torch.float64
+    assert (out - sdpa.transpose(1, 2)).abs().max() < 1e-12
+
+
+def test_wide_rmsnorm_is_float64_and_hf_is_not():
+    """Against an 80-bit (long double) computation: the widened norm is float64-accurate, HF's own is float32-accurate."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    x = torch.randn(3, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) * 5
+    hf = LlamaRMSNorm(64).double()
+    wide = copy.deepcopy(hf)
+    wide.__class__ = reference.WideRMSNorm
+    xl = x.numpy().astype(np.longdouble)
+    exact = xl / np.sqrt((xl**2).mean(-1, keepdims=True) + np.longdouble(hf.variance_epsilon))
+    err = lambda y: float(np.abs(y.detach().numpy().astype(np.longdouble) - exact).max())  # noqa: E731
+    assert err(wide(x)) < 1e-14 < 1e-9 < err(hf(x))
+
+
+def test_float64_truth_computes_hf_float64(tiny, images):
+    """The validator's truth (`reference_pipeline(dtype="float64")`, identity schedule) against HF's own model in
+    float64 (`generate`), whose softmax and RMSNorm run in float32: same tokens, logits within float32 accuracy.
+    One unpadded row: HF's float64 mask minimum becomes -inf in its float32 softmax, so a padded row gives NaN."""
+    schedule = _schedule(tiny, keep=576, stage1_keep=576)
+    inp = prepare_inputs(tiny.processor, images[:1], QUESTIONS[:1])
+    truth = reference.reference_pipeline(tiny, schedule, dtype="float64").generate(
+        inp["pixel_values"], inp["input_ids"], inp["attention_mask"], Sampling(max_new_tokens=6)
+    )
+    hf = tiny.cast("float64").model
+    hf_copy = copy.deepcopy(hf)
+    hf_copy.set_attn_implementation("eager")
+    for module in hf_copy.modules():  # undo the widening: HF's own numerics
+        if type(module) is reference.WideRMSNorm:
+            module.__class__ = reference.LlamaRMSNorm
+    inputs = {k: torch.from_numpy(v) for k, v in inp.items()}
+    inputs["pixel_values"] = inputs["pixel_values"].double()
+    with torch.no_grad():
+        out = hf_copy.generate(**inputs, max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    for b in range(1):
+        for s in range(len(truth.token_ids[b])):
+            ours, theirs = truth.logits[s][b], out.logits[s][b].numpy()
+            assert np.linalg.norm(ours - theirs) / np.linalg.norm(theirs) < 1e-5, f"row {b} step {s}"
+        assert truth.token_ids[b] == _truncate_at_eos(out.sequences[b, inp["input_ids"].shape[1]:].tolist(), hf_copy.generation_config.eos_token_id)[: len(truth.token_ids[b])]
