@@ -171,7 +171,8 @@ def _export(args) -> int:
         plan = dry_run(model=args.model, keep=args.keep, stage1_keep=args.stage1_keep, pivot_layer=args.pivot_layer, text_tokens=args.text_tokens)
         print(json.dumps(plan.asdict(), indent=2) if args.json else format_plan(plan, args.model))
         return 0
-    from .export.build import OutDirError, ValidationFailed, export_engine
+    from .export.build import ValidationFailed, export_engine
+    from .export.workdir import OutDirError
 
     if not args.out:
         raise OutDirError("--out is required (the engine directory to write), or pass --dry-run")

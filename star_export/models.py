@@ -124,20 +124,28 @@ def recipe_from_alias(alias: str) -> Recipe:
     )
 
 
-def spec_from_name(name: str) -> tuple[ModelSpec, dict[str, int]]:
-    """Architecture and schedule defaults without loading weights (for `--dry-run`)."""
+def _resolve(name: str) -> tuple[Recipe | None, Path | None, str | None]:
+    """What `name` names, without reading weights: (recipe, None, None) for an alias, (None, directory, hf_id)
+    for a local directory or a model id already in the local HF cache; anything else raises."""
     path = Path(name)
     if path.is_dir():
-        return ModelSpec.from_hf(config_from_directory(path)), {}
+        return None, path, None
     if name in _recipe_files():
-        recipe = recipe_from_alias(name)
-        return recipe.spec, recipe.defaults
+        return recipe_from_alias(name), None, None
     if name.count("/") == 1 and not _looks_like_path(name):
         snap = _from_hf_cache(name)
         if snap is None:
             raise _missing_weights(f"{name!r} is neither a local directory nor in the local Hugging Face cache", name)
-        return ModelSpec.from_hf(config_from_directory(snap, name)), {}
+        return None, snap, name
     raise _unknown(name)
+
+
+def spec_from_name(name: str) -> tuple[ModelSpec, dict[str, int]]:
+    """Architecture and schedule defaults without loading weights (for `--dry-run` and early checks)."""
+    recipe, directory, hf_id = _resolve(name)
+    if recipe is not None:
+        return recipe.spec, recipe.defaults
+    return ModelSpec.from_hf(config_from_directory(directory, hf_id)), {}
 
 
 # ---------------------------------------------------------------- tiny random models
@@ -380,28 +388,21 @@ def _from_hf_cache(repo_id: str) -> Path | None:
 
 def load_model(name: str) -> LoadedModel:
     """`name`: a recipe alias (`tiny-llava`, `llava-1.5-7b`, ...), a local HF directory, or an HF id in the local cache."""
-    path = Path(name)
-    if path.is_dir():
-        return load_from_directory(path)
-    if name in _recipe_files():
-        recipe = recipe_from_alias(name)
-        if recipe.builder == "random":
-            model, processor = build_random_llava(recipe.spec, seed=recipe.seed)
-            spec = ModelSpec.from_hf(model.config)
-            source = {"kind": "alias", "name": name, "seed": recipe.seed, "random_weights": True, "fingerprint": fingerprint_weights(model)}
-            return LoadedModel(model, processor, spec, recipe.defaults, source)
-        snap = _from_hf_cache(recipe.hf_id)
-        if snap is None:
-            raise _missing_weights(f"{name} ({recipe.hf_id}) is not in the local Hugging Face cache", recipe.hf_id)
-        loaded = load_from_directory(snap, source={"kind": "alias", "name": name, "hf_id": recipe.hf_id, "revision": snap.name}, hf_id=recipe.hf_id)
-        loaded.defaults = recipe.defaults
-        return loaded
-    if name.count("/") == 1 and not _looks_like_path(name):
-        snap = _from_hf_cache(name)
-        if snap is None:
-            raise _missing_weights(f"{name!r} is neither a local directory nor in the local Hugging Face cache", name)
-        return load_from_directory(snap, source={"kind": "hf-cache", "name": name, "revision": snap.name}, hf_id=name)
-    raise _unknown(name)
+    recipe, directory, hf_id = _resolve(name)
+    if recipe is None:
+        source = {"kind": "hf-cache", "name": name, "revision": directory.name} if hf_id else None
+        return load_from_directory(directory, source=source, hf_id=hf_id)
+    if recipe.builder == "random":
+        model, processor = build_random_llava(recipe.spec, seed=recipe.seed)
+        spec = ModelSpec.from_hf(model.config)
+        source = {"kind": "alias", "name": name, "seed": recipe.seed, "random_weights": True, "fingerprint": fingerprint_weights(model)}
+        return LoadedModel(model, processor, spec, recipe.defaults, source)
+    snap = _from_hf_cache(recipe.hf_id)
+    if snap is None:
+        raise _missing_weights(f"{name} ({recipe.hf_id}) is not in the local Hugging Face cache", recipe.hf_id)
+    loaded = load_from_directory(snap, source={"kind": "alias", "name": name, "hf_id": recipe.hf_id, "revision": snap.name}, hf_id=recipe.hf_id)
+    loaded.defaults = recipe.defaults
+    return loaded
 
 
 def _looks_like_path(name: str) -> bool:

@@ -19,7 +19,6 @@ from star_export.cli import export_main, run_main, validate_main
 from star_export.manifest import MANIFEST
 from star_export.models import build_random_llava
 from star_export.runtime.inputs import synthetic_image
-from star_export.testing import OTHER_SPEC
 
 TOOLS = {"export": export_main, "run": run_main, "validate": validate_main}
 

@@ -22,7 +22,7 @@ from ..models import load_model, spec_from_name
 from ..reference import decoder_layout
 from .backends import backend_from_name
 from .onnx_export import OPSET
-from .workdir import OutDirError, check_out_dir, make_build_dir, remove_stale_builds, replace_dir
+from .workdir import check_out_dir, make_build_dir, remove_stale_builds, replace_dir
 
 
 class LimitError(UserError, ValueError):

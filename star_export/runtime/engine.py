@@ -13,7 +13,7 @@ from ..errors import user_error_from
 from ..manifest import EngineError, read_manifest
 from ..models import normalize_processor
 from .generate import DecoderLayout, Generation, InputError, Sampling, StarPipeline
-from .inputs import load_image, prepare_inputs
+from .inputs import load_requests, prepare_inputs
 from .sessions import OrtGraph, resolve_providers
 
 GRAPHS = ("vision", "segment0", "pivot", "segment1")
@@ -109,9 +109,7 @@ def run_engine(
     needs (visual tokens per stage, the source model and whether its weights are random)."""
     # Requests are checked before the engine loads: sampling settings, image files, pairs.
     sampling = Sampling(max_new_tokens=max_new_tokens or 1, temperature=temperature, top_p=top_p, seed=seed)
-    images = [load_image(i) if isinstance(i, (str, Path)) else i for i in images]
-    if len(images) != len(prompts):
-        raise InputError(f"{len(images)} image(s) but {len(prompts)} prompt(s): give one --image per --prompt")
+    images = load_requests(images, prompts)
     engine = Engine.from_dir(engine_dir, provider=provider, allow_fallback=allow_fallback)
     if max_new_tokens is None:
         max_new_tokens = min(64, engine.limits["max_new_tokens"])

@@ -51,6 +51,8 @@ def to_rgb(im):
     'I'), transparency is composited onto white, EXIF orientation is applied, palette / CMYK / LAB / YCbCr convert."""
     from PIL import Image, ImageOps
 
+    if im.mode == "RGB" and im.getexif().get(0x0112, 1) == 1:
+        return im  # already what the processor takes (e.g. converted once before)
     im = ImageOps.exif_transpose(im)
     if im.mode.startswith("I;16") or im.mode in ("I", "F"):
         a = np.asarray(im, dtype=np.float64)
@@ -86,8 +88,8 @@ def prompt_length(processor, question: str, num_vision_tokens: int) -> int:
     return len(ids) - 1 + num_vision_tokens
 
 
-def prepare_inputs(processor, images: Sequence[Any], questions: Sequence[str]) -> dict[str, np.ndarray]:
-    """pixel_values (B, 3, H, W) float32, input_ids / attention_mask (B, N) int64, left padded."""
+def load_requests(images: Sequence[Any], questions: Sequence[str]) -> list:
+    """The requests' images as checked RGB pictures (paths are read, pictures converted), one per question."""
     if len(images) != len(questions):
         raise InputError(f"{len(images)} image(s) but {len(questions)} prompt(s): give one --image per --prompt")
     if not images:
@@ -95,6 +97,12 @@ def prepare_inputs(processor, images: Sequence[Any], questions: Sequence[str]) -
     images = [load_image(i) if isinstance(i, (str, Path)) else to_rgb(i) for i in images]
     for im in images:
         check_pixels(im.size)
+    return images
+
+
+def prepare_inputs(processor, images: Sequence[Any], questions: Sequence[str]) -> dict[str, np.ndarray]:
+    """pixel_values (B, 3, H, W) float32, input_ids / attention_mask (B, N) int64, left padded."""
+    images = load_requests(images, questions)
     processor.tokenizer.padding_side = "left"
     batch = processor(images=list(images), text=[format_prompt(processor, q) for q in questions], padding=True, return_tensors="np")
     return {
