@@ -151,6 +151,14 @@ def export_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("build")
     g.add_argument("--backend", default="onnx", choices=BACKENDS, help="what to build (tensorrt: not in this release)")
     g.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="weights, activations and KV cache dtype")
+    g.add_argument("--weights", default="float", choices=["float", "int8", "int4"],
+                   help="decoder weights: float (the --dtype), or weight-only int8 / int4 (ONNX Runtime MatMulNBits; vision stays float)")
+    g.add_argument("--block-size", type=_positive, default=128, help="int8 / int4: weights per quantization block along K (power of two >= 16)")
+    g.add_argument("--asymmetric", action="store_true", help="int8 / int4: per-block zero points (default symmetric)")
+    g.add_argument("--accuracy-level", type=int, default=0, choices=range(5), metavar="{0..4}",
+                   help="int8 / int4: MatMulNBits compute (0: unset, float; 4: int8, faster, less exact)")
+    g.add_argument("--memory-budget", type=_gib, default=None, metavar="GIB",
+                   help="memory the build may use, in GiB (default: what the machine has available); a build that needs more is refused up front")
     g.add_argument("--max-batch-size", type=_positive, default=8, help="most requests per call")
     g.add_argument("--max-input-len", type=_positive, default=2048, help="most prompt tokens per request, image tokens included")
     g.add_argument("--max-new-tokens", type=_positive, default=256, help="most generated tokens per request")
@@ -164,12 +172,36 @@ def export_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _gib(text: str) -> int:
+    value = _finite(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: allowed a number of GiB > 0")
+    return int(value * (1 << 30))
+
+
+def _scheme(args):
+    from .export.quantize import WeightScheme
+
+    if args.weights == "float" and (args.block_size != 128 or args.asymmetric or args.accuracy_level):
+        from .export.quantize import SchemeError
+
+        raise SchemeError("--block-size / --asymmetric / --accuracy-level apply to --weights int8 / int4 only")
+    return WeightScheme(args.weights, block_size=args.block_size, symmetric=not args.asymmetric, accuracy_level=args.accuracy_level)
+
+
 def _export(args) -> int:
     if args.dry_run:
         from .flops import dry_run, format_plan
 
-        plan = dry_run(model=args.model, keep=args.keep, stage1_keep=args.stage1_keep, pivot_layer=args.pivot_layer, text_tokens=args.text_tokens)
-        print(json.dumps(plan.asdict(), indent=2) if args.json else format_plan(plan, args.model))
+        from .memory import format_memory, memory_plan
+
+        plan, spec, schedule = dry_run(model=args.model, keep=args.keep, stage1_keep=args.stage1_keep, pivot_layer=args.pivot_layer,
+                                       text_tokens=args.text_tokens, full=True)
+        memory = memory_plan(spec, schedule, args.dtype, _scheme(args))
+        if args.json:
+            print(json.dumps(plan.asdict() | {"memory": memory.asdict()}, indent=2))
+        else:
+            print(format_plan(plan, args.model) + "\n" + format_memory(memory))
         return 0
     from .export.build import ValidationFailed, export_engine
     from .export.workdir import OutDirError
@@ -190,13 +222,15 @@ def _export(args) -> int:
             max_new_tokens=args.max_new_tokens,
             force=args.force,
             validate=not args.no_validate,
+            weights=_scheme(args),
+            memory_budget=args.memory_budget,
             show_progress=not args.quiet,
             verbose=args.verbose,
         )
     except ValidationFailed as e:
         print(f"star-export: error: {e}\nnothing was written to {args.out}", file=sys.stderr)
         return EXIT_MISMATCH
-    summary = {k: manifest[k] for k in ("schedule", "dtype", "backend", "timings_s")} | {"out": str(args.out), "files": sorted(manifest["files"])}
+    summary = {k: manifest[k] for k in ("schedule", "dtype", "weights", "backend", "timings_s")} | {"out": str(args.out), "files": sorted(manifest["files"])}
     print(json.dumps(summary, indent=2) if args.json else f"engine written to {args.out}")
     return 0
 

@@ -76,10 +76,12 @@ def format_plan(p: Plan, model: str) -> str:
     return "\n".join(lines)
 
 
-def dry_run(*, model: str, keep: int, stage1_keep: int | None = None, pivot_layer: int | None = None, text_tokens: int = 52) -> Plan:
-    """The plan for `model` (alias or local directory) from its architecture numbers alone: no weights."""
+def dry_run(*, model: str, keep: int, stage1_keep: int | None = None, pivot_layer: int | None = None, text_tokens: int = 52, full: bool = False):
+    """The plan for `model` (alias or local directory) from its architecture numbers alone: no weights.
+    `full`: also return the spec and schedule (for the memory plan)."""
     from .models import spec_from_name
 
     spec, defaults = spec_from_name(model)
     schedule = StarSchedule.from_spec(spec, keep=keep, stage1_keep=stage1_keep, pivot_layer=pivot_layer, defaults=defaults)
-    return plan(spec, schedule, text_tokens)
+    result = plan(spec, schedule, text_tokens)
+    return (result, spec, schedule) if full else result

@@ -21,6 +21,7 @@ import numpy as np
 
 from . import budget
 from .config import StarSchedule
+from .export.quantize import WeightScheme, quantized_reference
 from .errors import UserError
 from .manifest import EngineError
 from .models import LoadedModel, fingerprint_weights, load_model
@@ -63,6 +64,7 @@ class ValidationReport:
     floor: float = 0.0
     checks: list[Check] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    quality: dict[str, dict] = field(default_factory=dict)  # quantized engines: vs the unquantized model, per batch
 
     @property
     def ok(self) -> bool:
@@ -225,6 +227,23 @@ def check_tokens(report: ValidationReport, label: str, truth: Generation, eager:
         )
 
 
+def quality_vs_float(report: ValidationReport, label: str, reference: np.ndarray, engine: np.ndarray) -> None:
+    """What weight quantization costs, per generated step (the unquantized float64 model forced onto the engine's
+    tokens): greedy agreement, the engine's token in the unquantized top-5, KL(unquantized || engine). Reported,
+    not judged: on random weights these numbers say nothing about a real checkpoint (see README)."""
+    ref = reference - reference.max(-1, keepdims=True)
+    eng = engine.astype(np.float64) - engine.max(-1, keepdims=True)
+    p = np.exp(ref) / np.exp(ref).sum(-1, keepdims=True)
+    log_q = eng - np.log(np.exp(eng).sum(-1, keepdims=True))
+    kl = (p * (np.log(np.clip(p, 1e-300, None)) - log_q)).sum(-1)
+    tokens = engine.argmax(-1)
+    agree = float((reference.argmax(-1) == tokens).mean())
+    top5 = float(np.mean([t in np.argsort(-r)[:TOP_K_AT_DIVERGENCE] for t, r in zip(tokens, reference)]))
+    report.quality[label] = {"greedy_agreement": agree, "top5_containment": top5, "kl_mean": float(kl.mean()), "kl_max": float(kl.max())}
+    report.notes.append(f"{label}: vs the unquantized model: greedy agreement {agree:.3f}, top-5 containment {top5:.3f}, "
+                        f"KL mean {kl.mean():.2e} max {kl.max():.2e} ({len(tokens)} steps)")
+
+
 def _stack_logits(gen: Generation, lengths: list[int]) -> np.ndarray:
     """(rows, vocab) of every (step, row) the engine generated."""
     return np.stack([gen.logits[s][b] for b, n in enumerate(lengths) for s in range(n)])
@@ -279,8 +298,16 @@ def validate_engine(
     loaded = loaded or load_model(model or manifest["source"]["name"])
     check_same_model(loaded, engine)
     schedule = StarSchedule(**manifest["schedule"])
-    truth = reference_pipeline(loaded, schedule, device=device, dtype="float64")
+    scheme = WeightScheme.from_dict(manifest.get("weights"))
+    plain = None
+    if scheme.quantized:
+        # The references hold the engine's own quantized weights (the float rule then applies unchanged); what
+        # quantization costs against the unquantized model is measured on top (quality_vs_float).
+        plain = reference_pipeline(loaded, schedule, device=device, dtype="float64")
+        loaded = quantized_reference(loaded, scheme, dtype)
+        report.notes.append(f"{scheme.kind} weights (block {scheme.block_size}): references use the engine's dequantized weights")
     eager = reference_pipeline(loaded, schedule, device=device, dtype=dtype)
+    truth = reference_pipeline(loaded, schedule, device=device, dtype="float64")
     graphs = {"truth": dict(truth.graphs), "eager": dict(eager.graphs)}  # unwrapped, for scores and per-graph runs
     recorders = {name: _Recorder(g) for name, g in truth.graphs.items()}
     truth.graphs = recorders
@@ -318,6 +345,8 @@ def validate_engine(
         logits = [_stack_logits(g, lengths) for g in (t, e, got)]
         report.add_budget(f"{label} logits ({len(logits[0])} step-rows)", budget.error_budget(*logits, dtype, rows=True))
         check_tokens(report, label, t, e, got)
+        if plain is not None:
+            quality_vs_float(report, label, _stack_logits(plain.generate(*feed, force), lengths), logits[2])
         if b == 0:
             check_graphs(report, engine, graphs["truth"], graphs["eager"], recorders)
     return report

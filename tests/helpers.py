@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from star_export.reference import reference_pipeline
@@ -17,3 +19,14 @@ def assert_graph_parity(loaded, schedule, name: str, engine_graph, feed: dict, d
     check_graph_call(report, name, name, engine_graph, truth, eager, {k: np.asarray(v) for k, v in feed.items()})
     assert report.ok, "\n" + report.table()
     return report
+
+
+def make_checkpoint_script():
+    """scripts/make_checkpoint.py as a module (it is a script, not part of the package)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "make_checkpoint.py"
+    spec = importlib.util.spec_from_file_location("make_checkpoint", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -55,6 +55,12 @@ class Ctx:
             (d / "model.safetensors").write_bytes(weights)
         return str(d)
 
+    def seven_b(self) -> str:
+        """The published llava-1.5-7b-hf config.json alone: the memory check runs before any weight is read."""
+        from helpers import make_checkpoint_script
+
+        return self.model_dir(make_checkpoint_script().config(32, 24), weights=b"\x00" * 16)
+
     def raw_model_dir(self, config_bytes: bytes) -> str:
         d = self.path("model")
         d.mkdir()
@@ -134,6 +140,15 @@ CASES = [
     # ---- star-export: build options and output
     ("dtype-bfloat16-onnx", "export", lambda c: ["--dtype", "bfloat16", "--out", str(c.out)], "--dtype bfloat16 is not supported by --backend onnx"),
     ("dtype-unknown", "export", lambda c: ["--dtype", "int3", "--out", str(c.out)], "argument --dtype: invalid choice"),
+    # ---- star-export: weights and memory (issue 10)
+    ("weights-unknown", "export", lambda c: ["--weights", "int3", "--out", str(c.out)], "argument --weights: invalid choice"),
+    ("block-size-not-power-of-two", "export", lambda c: ["--weights", "int4", "--block-size", "48", "--out", str(c.out)], "--block-size 48: allowed a power of two"),
+    ("block-size-without-quantization", "export", lambda c: ["--block-size", "64", "--out", str(c.out)], "apply to --weights int8 / int4 only"),
+    ("accuracy-level-out-of-range", "export", lambda c: ["--weights", "int4", "--accuracy-level", "7", "--out", str(c.out)], "argument --accuracy-level: invalid choice"),
+    ("quantized-tensorrt", "export", lambda c: ["--weights", "int8", "--backend", "tensorrt", "--out", str(c.out)], "--backend tensorrt needs TensorRT"),
+    ("memory-budget-zero", "export", lambda c: ["--memory-budget", "0", "--out", str(c.out)], "allowed a number of GiB > 0"),
+    ("memory-budget-too-small", "export", lambda c: ["--memory-budget", "0.5", "--out", str(c.out)], "needs about"),
+    ("float32-7b-does-not-fit", "export", lambda c: ["--model", c.seven_b(), "--memory-budget", "20", "--out", str(c.out)], "Alternatives that fit"),
     ("backend-tensorrt", "export", lambda c: ["--backend", "tensorrt", "--out", str(c.out)], "--backend tensorrt"),
     ("backend-unknown", "export", lambda c: ["--backend", "tvm", "--out", str(c.out)], "argument --backend: invalid choice"),
     ("out-missing", "export", lambda c: [], "--out is required"),

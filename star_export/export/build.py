@@ -18,10 +18,12 @@ import numpy as np
 from ..config import StarSchedule
 from ..errors import UserError
 from ..manifest import graph_io, write_manifest
-from ..models import load_model, spec_from_name
+from ..memory import check_fits
+from ..models import load_model, require_weights, spec_from_name
 from ..reference import decoder_layout
 from .backends import backend_from_name
 from .onnx_export import OPSET
+from .quantize import WeightScheme
 from .workdir import check_out_dir, make_build_dir, remove_stale_builds, replace_dir
 
 
@@ -52,11 +54,13 @@ class Progress:
             print(f"[{self.step}/{self.total}] {name} done in {self.timings[name]:.1f} s", file=self.stream, flush=True)
 
 
-def write_engine(loaded, schedule: StarSchedule, directory: Path, *, dtype: str, backend: str, limits: dict, progress: Progress | None = None) -> dict:
+def write_engine(loaded, schedule: StarSchedule, directory: Path, *, dtype: str, backend: str, limits: dict, progress: Progress | None = None,
+                 weights: WeightScheme = WeightScheme()) -> dict:
     """Write the engine's graphs, processor, embeddings and manifest into `directory` (no checks). Returns the manifest."""
     progress = progress or Progress(2, enabled=False)
-    with progress.stage(f"trace + export {backend} ({dtype})"):
-        graphs = backend_from_name(backend).build(loaded, schedule, directory, dtype=dtype, progress=progress.note)
+    scheme = "" if not weights.quantized else f", {weights.kind} weights (block {weights.block_size})"
+    with progress.stage(f"trace + export {backend} ({dtype}{scheme})"):
+        graphs = backend_from_name(backend).build(loaded, schedule, directory, dtype=dtype, progress=progress.note, weights=weights)
         for g in graphs.values():
             progress.note(f"{g.name}: {g.seconds:.1f} s, {g.bytes / 2**20:.1f} MiB")
     with progress.stage("write tokenizer, processor, embeddings, manifest"):
@@ -67,6 +71,9 @@ def write_engine(loaded, schedule: StarSchedule, directory: Path, *, dtype: str,
             "source": loaded.source,
             "backend": backend,
             "dtype": dtype,
+            "weights": weights.asdict(),
+            # MatMulNBits is ONNX Runtime's: quantized decoder segments do not parse in TensorRT (every other rule holds)
+            "tensorrt_parsable": not weights.quantized,
             "opset": OPSET,
             "model": {k: v for k, v in asdict(loaded.spec).items() if k not in ("num_patches", "num_vision_tokens")},
             "schedule": schedule.asdict(),
@@ -115,6 +122,8 @@ def export_engine(
     max_new_tokens: int = 256,
     force: bool = False,
     validate: bool = True,
+    weights: WeightScheme = WeightScheme(),
+    memory_budget: int | None = None,
     show_progress: bool = True,
     verbose: bool = False,
 ) -> dict:
@@ -127,8 +136,12 @@ def export_engine(
     be.check_available()
     check_out_dir(out, force)
     spec, defaults = spec_from_name(model)  # config only, no weights
-    StarSchedule.from_spec(spec, keep=keep, stage1_keep=stage1_keep, pivot_layer=pivot_layer, defaults=defaults)
+    schedule = StarSchedule.from_spec(spec, keep=keep, stage1_keep=stage1_keep, pivot_layer=pivot_layer, defaults=defaults)
     check_limits(spec, max_batch_size, max_input_len, max_new_tokens)
+    if weights.quantized and backend != "onnx":
+        raise LimitError(f"--weights {weights.kind}: only --backend onnx writes quantized (MatMulNBits) engines")
+    require_weights(model)
+    check_fits(spec, schedule, dtype, weights, validate, memory_budget)  # refuse now, not by an OOM kill after loading
     progress = Progress(5 if validate else 4, enabled=show_progress)
     for path, pid in remove_stale_builds(out):
         progress.note(f"removed {path}: a build left by process {pid}, which no longer runs")
@@ -142,7 +155,7 @@ def export_engine(
     tmp = make_build_dir(out)
     try:
         limits = {"max_batch_size": max_batch_size, "max_input_len": max_input_len, "max_new_tokens": max_new_tokens}
-        manifest = write_engine(loaded, schedule, tmp, dtype=dtype, backend=backend, limits=limits, progress=progress)
+        manifest = write_engine(loaded, schedule, tmp, dtype=dtype, backend=backend, limits=limits, progress=progress, weights=weights)
         with progress.stage("check engine directory"):
             from ..runtime.engine import Engine
 

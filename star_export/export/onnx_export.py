@@ -4,10 +4,16 @@ Exporter: torch.onnx's dynamo exporter (`dynamo=True`). It writes TopK's K as an
 the form TensorRT's parser requires (FIELD_NOTES; the legacy TorchScript exporter writes a Constant node
 that needs folding and is deprecated), it takes `torch.export.Dim` dynamic shapes, and it writes
 weights as external data (`<graph>.onnx.data`), needed past 2 GB.
+
+Memory: graphs are traced on a weightless copy of the model (the `meta` device), then each initializer is
+attached as a lazy tensor that reads the real parameter (memory-mapped from the checkpoint) and casts it to
+the engine's dtype only while it is written. Exporting never holds more than one tensor in the engine's dtype,
+whatever the checkpoint's size or dtype (a 7B float16 checkpoint exports to a float32 engine on 24 GB).
 """
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,8 +22,10 @@ import torch
 from torch.export import Dim
 
 from ..config import StarSchedule
+from ..errors import user_error_from
 from ..models import TORCH_DTYPES, LoadedModel
 from ..reference import graph_modules
+from .quantize import QUANTIZED_GRAPHS, WeightScheme, quantize_linears
 
 OPSET = 18
 
@@ -91,8 +99,41 @@ def _example_and_shapes(name: str, loaded: LoadedModel, schedule: StarSchedule, 
     raise KeyError(name)
 
 
-def export_graph(module, args, dynamic_shapes, input_names, output_names, path: Path) -> ExportedGraph:
+def weightless(loaded: LoadedModel, dtype: torch.dtype) -> LoadedModel:
+    """The model's architecture on the `meta` device in `dtype`: what the exporter traces (no weights)."""
+    from transformers import LlavaForConditionalGeneration
+
+    with torch.device("meta"):
+        model = LlavaForConditionalGeneration(copy.deepcopy(loaded.model.config)).to(dtype)
+    model.set_attn_implementation("eager")
+    return LoadedModel(model.eval().requires_grad_(False), loaded.processor, loaded.spec, loaded.defaults, loaded.source)
+
+
+def _lazy_weights(program, real: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Point every initializer of the traced graph at the real module's tensor of the same name, cast on demand."""
+    import onnx_ir as ir
+
+    tensors = dict(real.named_parameters()) | dict(real.named_buffers())
+    for name, value in program.model.graph.initializers.items():
+        if name not in tensors:
+            raise ExportError(f"the traced graph has an initializer {name!r} that the model does not: cannot attach weights")
+        source = tensors[name]
+
+        def load(source=source, name=name):
+            t = source.detach()
+            if t.is_floating_point():
+                t = t.to(dtype)
+            return ir.Tensor(t.contiguous().numpy(), name=name)
+
+        value.const_value = ir.LazyTensor(load, dtype=value.dtype, shape=value.shape, name=name)
+
+
+def export_graph(module, args, dynamic_shapes, input_names, output_names, path: Path, real: torch.nn.Module | None = None,
+                 dtype: torch.dtype | None = None, weights: WeightScheme = WeightScheme()) -> ExportedGraph:
+    """Export `module`; with `real`, `module` is a weightless (meta) twin and the weights come from `real`;
+    a quantized `weights` scheme turns its Linears into MatMulNBits."""
     import onnx
+    import onnxscript.optimizer
 
     t = time.perf_counter()
     try:
@@ -105,29 +146,43 @@ def export_graph(module, args, dynamic_shapes, input_names, output_names, path: 
             opset_version=OPSET,
             dynamo=True,
             external_data=True,
-            optimize=True,
+            optimize=real is None,
             verbose=False,
         )
+        if real is not None:
+            _lazy_weights(program, real, dtype)
+            if weights.quantized and not quantize_linears(program.model, weights, str(dtype).removeprefix("torch.")):
+                raise ExportError(f"{path.name}: no Linear found to quantize (the exporter's MatMul(x, Transpose(W)) pattern changed?)")
+            onnxscript.optimizer.optimize_ir(program.model)  # folds small constants only (size limits), as export would
         program.save(str(path), external_data=True)
+    except ExportError:
+        raise
     except Exception as e:  # the exporter raises many types; keep the cause, name the graph
+        if user_error_from(e):
+            raise user_error_from(e) from e
         raise ExportError(f"torch.onnx.export failed for {path.name}: {e.__class__.__name__}: {str(e)[:2000]}") from e
     onnx.checker.check_model(str(path), full_check=False)
     size = sum(p.stat().st_size for p in path.parent.glob(path.name + "*"))
     return ExportedGraph(path.stem, path, time.perf_counter() - t, size)
 
 
-def export_onnx(loaded: LoadedModel, schedule: StarSchedule, out_dir: str | Path, *, dtype: str = "float32", graphs=None, progress=None) -> dict[str, ExportedGraph]:
-    """Export the engine's graphs as `<out_dir>/<name>.onnx` (+ `.onnx.data`). Returns name -> ExportedGraph."""
+def export_onnx(loaded: LoadedModel, schedule: StarSchedule, out_dir: str | Path, *, dtype: str = "float32", graphs=None, progress=None,
+                weights: WeightScheme = WeightScheme()) -> dict[str, ExportedGraph]:
+    """Export the engine's graphs as `<out_dir>/<name>.onnx` (+ `.onnx.data`). Returns name -> ExportedGraph.
+    `weights`: a quantized scheme applies to the decoder segments (their Linears and lm_head); vision stays float."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    cast = loaded.cast(dtype)
-    modules = graph_modules(cast, schedule)
+    torch_dtype = TORCH_DTYPES[dtype]
+    meta = weightless(loaded, torch_dtype)
+    modules, real = graph_modules(meta, schedule), graph_modules(loaded, schedule)
     result = {}
     for name in graphs or modules:
         module, input_names, output_names = modules[name]
-        args, shapes = _example_and_shapes(name, cast, schedule, TORCH_DTYPES[dtype])
+        args, shapes = _example_and_shapes(name, meta, schedule, torch_dtype)
+        args = tuple(a.to("meta") for a in args)
         if progress:
             progress(f"export {name}")
         with torch.no_grad():
-            result[name] = export_graph(module.eval(), args, shapes, input_names, output_names, out_dir / f"{name}.onnx")
+            result[name] = export_graph(module.eval(), args, shapes, input_names, output_names, out_dir / f"{name}.onnx", real[name][0], torch_dtype,
+                                          weights if name in QUANTIZED_GRAPHS else WeightScheme())
     return result

@@ -224,8 +224,9 @@ def check_tensorrt_rules(model_or_path: ModelLike) -> list[Violation]:
     return checker.out
 
 
-def assert_tensorrt_rules(model_or_path: ModelLike, graph_name: str = "") -> None:
-    """Raise TensorRTCompatError listing every violation, one per line, if the model breaks any rule."""
-    violations = check_tensorrt_rules(model_or_path)
+def assert_tensorrt_rules(model_or_path: ModelLike, graph_name: str = "", allow_ops: frozenset = frozenset()) -> None:
+    """Raise TensorRTCompatError listing every violation, one per line, if the model breaks any rule.
+    `allow_ops`: custom ops known not to parse and accepted by design (int8 / int4 `MatMulNBits`, ONNX Runtime only)."""
+    violations = [v for v in check_tensorrt_rules(model_or_path) if not (v.rule == "unsupported-op" and v.op_type in allow_ops)]
     if violations:
         raise TensorRTCompatError(violations, graph_name)

@@ -1,0 +1,186 @@
+"""Weight-only int8 / int4 decoder engines: ONNX Runtime's `MatMulNBits` for every Linear of the decoder segments.
+
+The numbers are ONNX Runtime's own: its block quantizer (`MatMulNBitsQuantizer`'s `DefaultWeightOnlyQuantizer`,
+C++ kernels) packs each weight. The graph rewrite is ours because the exporter writes a Linear as
+`MatMul(x, Transpose(W))` with W `[N, K]`, a pattern the quantizer (which wants MatMul with a `[K, N]`
+initializer) skips; `MatMulNBits` takes W in exactly that `[N, K]` layout, so the Transpose goes away.
+
+Memory: the quantized tensors are lazy too: each weight is read, cast to float32, packed, and written
+while the graph is saved, one at a time.
+
+`dequantize` is the op's documented arithmetic (ContribOperators.md, MatMulNBits) in numpy: the reference
+the validator runs for a quantized engine uses exactly the engine's quantized weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from ..errors import UserError
+
+SCHEMES = ("float", "int8", "int4")
+QUANTIZED_GRAPHS = ("segment0", "segment1")  # a quantized --weights scheme applies to these; vision stays float
+
+
+class SchemeError(UserError, ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class WeightScheme:
+    """`float`: weights in the engine's dtype. `int8` / `int4`: weight-only, blockwise along K."""
+
+    kind: str = "float"
+    block_size: int = 128  # MatMulNBitsQuantizer's default
+    symmetric: bool = True  # no zero points: q - 2^(bits-1)
+    accuracy_level: int = 0  # MatMulNBits' attribute; 0: unset (float compute), 4: int8 compute (faster, less exact)
+
+    def __post_init__(self):
+        if self.kind not in SCHEMES:
+            raise SchemeError(f"--weights {self.kind!r}: allowed {', '.join(SCHEMES)}")
+        if self.quantized and (self.block_size < 16 or self.block_size & (self.block_size - 1)):
+            raise SchemeError(f"--block-size {self.block_size}: allowed a power of two >= 16 (default 128)")
+        if self.accuracy_level not in (0, 1, 2, 3, 4):
+            raise SchemeError(f"--accuracy-level {self.accuracy_level}: allowed 0-4 (0: unset, float compute)")
+
+    @property
+    def quantized(self) -> bool:
+        return self.kind != "float"
+
+    @property
+    def bits(self) -> int:
+        return {"int8": 8, "int4": 4}[self.kind]
+
+    def bytes_per_weight(self, dtype_bytes: int) -> float:
+        """Stored bytes per weight element: packed values + one scale (in the activation dtype) per block."""
+        if not self.quantized:
+            return float(dtype_bytes)
+        return self.bits / 8 + dtype_bytes / self.block_size + (0 if self.symmetric else 0.5 / self.block_size)
+
+    def asdict(self) -> dict:
+        d = asdict(self)
+        return d if self.quantized else {"kind": "float"}
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "WeightScheme":
+        return cls(**(d or {"kind": "float"}))
+
+
+def _quantizer(scheme: WeightScheme):
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, DefaultWeightOnlyQuantizer
+
+    config = DefaultWeightOnlyQuantConfig(block_size=scheme.block_size, is_symmetric=scheme.symmetric, bits=scheme.bits,
+                                          accuracy_level=scheme.accuracy_level or None)
+    return DefaultWeightOnlyQuantizer(config)
+
+
+def quantize_weight(weight_nk: np.ndarray, scheme: WeightScheme) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """A Linear weight `[N, K]` -> (packed `[N, K/block, block*bits/8]` uint8, scales `[N * K/block]` float32,
+    zero points or None when symmetric), by ONNX Runtime's block quantizer."""
+    packed, scales, zero_points = _quantizer(scheme).qbits_block_quant(np.ascontiguousarray(weight_nk.T, dtype=np.float32))
+    return packed, scales.reshape(-1), None if scheme.symmetric else zero_points
+
+
+def dequantize(packed: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, K: int, bits: int, block_size: int) -> np.ndarray:
+    """The weight `[N, K]` MatMulNBits computes with: `(q - zero_point) * scale` per block of K (float64)."""
+    N, blocks, _ = packed.shape
+    if bits == 4:  # two values per byte, the lower nibble first
+        q = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(N, blocks, block_size)
+    else:
+        q = packed.reshape(N, blocks, block_size)
+    if zero_points is None:
+        zp = np.full((N, blocks, 1), 1 << (bits - 1), dtype=np.float64)
+    elif bits == 4:
+        zp = np.stack([zero_points & 0x0F, zero_points >> 4], axis=-1).reshape(N, -1)[:, :blocks, None].astype(np.float64)
+    else:
+        zp = zero_points.reshape(N, blocks, 1).astype(np.float64)
+    w = (q.astype(np.float64) - zp) * scales.astype(np.float64).reshape(N, blocks, 1)
+    return w.reshape(N, blocks * block_size)[:, :K]
+
+
+def quantized_twin(weight_nk: np.ndarray, scheme: WeightScheme, activation_dtype="float32") -> np.ndarray:
+    """What the engine's MatMulNBits uses in place of `weight_nk` (float64): the engine stores the scales in its
+    activation dtype, so they are rounded to it here too."""
+    packed, scales, zp = quantize_weight(weight_nk, scheme)
+    scales = scales.astype(np.dtype(activation_dtype))
+    return dequantize(packed, scales, zp, weight_nk.shape[1], scheme.bits, scheme.block_size)
+
+
+def quantized_reference(loaded, scheme: WeightScheme, engine_dtype: str):
+    """A float64 copy of `loaded` whose decoder Linears and lm_head hold exactly the engine's quantized weights
+    (quantized from the weights in the engine's dtype, as the exporter does)."""
+    import copy
+
+    import torch
+
+    from ..models import TORCH_DTYPES, LoadedModel
+
+    model = copy.deepcopy(loaded.model).to(torch.float64)
+    linears = [m for layer in model.model.language_model.layers for m in layer.modules() if isinstance(m, torch.nn.Linear)]
+    with torch.no_grad():
+        for linear in [*linears, model.lm_head]:
+            w = linear.weight.to(TORCH_DTYPES[engine_dtype]).float().numpy()
+            linear.weight.copy_(torch.from_numpy(quantized_twin(w, scheme, engine_dtype)))
+    return LoadedModel(model, loaded.processor, loaded.spec, loaded.defaults, loaded.source)
+
+
+def _linear_weight(node):
+    """W if `node` is `MatMul(x, Transpose(W, perm=[1, 0]))` with W a 2-D initializer, else None."""
+    if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx"):
+        return None
+    producer = node.inputs[1].producer() if node.inputs[1] is not None else None
+    if producer is None or producer.op_type != "Transpose":
+        return None
+    perm = producer.attributes.get("perm")
+    w = producer.inputs[0]
+    if w is None or w.const_value is None or len(w.shape) != 2 or (perm is not None and list(perm.value) != [1, 0]):
+        return None
+    return w
+
+
+def quantize_linears(model, scheme: WeightScheme, activation_dtype) -> int:
+    """Rewrite every Linear of `model` (an onnx_ir Model with lazy initializers) to MatMulNBits. Returns the count."""
+    import onnx_ir as ir
+
+    graph = model.graph
+    np_dtype = np.dtype(activation_dtype)
+    cache: dict[str, tuple] = {}
+
+    def quantized(w) -> tuple:
+        if w.name not in cache:
+            cache.clear()  # the saver writes a weight's three tensors one after another: keep one weight only
+            cache[w.name] = quantize_weight(w.const_value.numpy().astype(np.float32), scheme)
+        return cache[w.name]
+
+    count = 0
+    for node in list(graph):
+        w = _linear_weight(node)
+        if w is None:
+            continue
+        N, K = (int(d) for d in w.shape)
+        blocks = -(-K // scheme.block_size)
+        blob = scheme.block_size * scheme.bits // 8
+        parts = [("_Q", ir.DataType.UINT8, (N, blocks, blob), lambda w=w: quantized(w)[0]),
+                 ("_scales", ir.DataType.from_numpy(np_dtype), (N * blocks,), lambda w=w: quantized(w)[1].astype(np_dtype))]
+        if not scheme.symmetric:
+            zp_cols = -(-blocks * scheme.bits // 8)
+            parts.append(("_zero_points", ir.DataType.UINT8, (N, zp_cols), lambda w=w: quantized(w)[2]))
+        inputs = [node.inputs[0]]
+        for suffix, dtype, shape, make in parts:
+            name = w.name + suffix
+            tensor = ir.LazyTensor(lambda make=make, name=name: ir.Tensor(make(), name=name), dtype=dtype, shape=ir.Shape(shape), name=name)
+            value = ir.Value(name=name, shape=ir.Shape(shape), type=ir.TensorType(dtype), const_value=tensor)
+            graph.register_initializer(value)
+            inputs.append(value)
+        attributes = {"K": K, "N": N, "bits": scheme.bits, "block_size": scheme.block_size}
+        if scheme.accuracy_level:
+            attributes["accuracy_level"] = scheme.accuracy_level
+        new = ir.Node("com.microsoft", "MatMulNBits", inputs, attributes=ir.convenience.convert_attributes(attributes),
+                      num_outputs=1, name=(node.name or w.name) + f"_Q{scheme.bits}")
+        ir.convenience.replace_nodes_and_values(graph, node, [node], [new], node.outputs, new.outputs)
+        count += 1
+    if count:
+        model.opset_imports["com.microsoft"] = 1
+    return count

@@ -1,0 +1,155 @@
+"""Memory plans from architecture numbers alone: weights per graph by dtype / scheme, what running the engine on
+ONNX Runtime's CPU provider holds, what export and the self-check need; and the refusal, before any weight loads,
+of a step this machine cannot hold (instead of an OOM kill).
+
+Rules behind the estimates (measured, FIELD_NOTES and issue 10's note):
+- ONNX Runtime's CPU provider widens float16 weights to float32 at session creation (an fp16 engine of 1.41 GB
+  and its fp32 twin of 2.81 GB both ran at ~2.97 GiB), so a float16 engine runs in float32's memory here.
+  `MatMulNBits` weights stay packed.
+- Export reads each tensor from the memory-mapped checkpoint and writes it cast (onnx_export): it holds a few
+  copies of the largest tensor; the mapped checkpoint pages are file-backed (reclaimable, not counted).
+- The self-check's reference holds the model three times in memory: float64 (the truth), the engine's dtype
+  (its eager twin), and the loaded checkpoint dtype (mapped); a quantized engine's reference adds its float64 twin.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from .config import ModelSpec, StarSchedule
+from .errors import UserError
+
+GiB = 1 << 30
+DTYPE_BYTES = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2}
+RUNTIME_OVERHEAD = 1 * GiB  # interpreter, torch, onnxruntime, tokenizer, activations of one small batch
+
+
+class MemoryPlanError(UserError):
+    """A step needs more memory than the machine has; the message names the numbers and the alternatives."""
+
+
+@dataclass(frozen=True)
+class GraphWeights:
+    linear: int  # elements in Linear weights that a quantized scheme packs (decoder segments)
+    other: int  # everything else (norms, biases, embeddings, conv, vision / projector Linears)
+
+
+def graph_weights(spec: ModelSpec, schedule: StarSchedule) -> dict[str, GraphWeights]:
+    """Parameter counts of each graph, from the architecture (no weights read)."""
+    c, ci, d, m, kv = spec.vision_hidden, spec.vision_intermediate, spec.hidden_size, spec.intermediate_size, spec.kv_width
+    tokens = spec.num_patches + 1
+    clip_layer = 4 * c * c + 4 * c + 2 * c * ci + ci + c + 4 * c
+    vision = 3 * c * spec.patch_size**2 + c + tokens * c + 2 * c + spec.vision_layers_run * clip_layer + c * d + d + d * d + d
+    layer_linear = 2 * d * d + 2 * d * kv + 3 * d * m
+    P, L, V = schedule.pivot_layer, schedule.num_layers, spec.vocab_size
+    return {
+        "vision": GraphWeights(0, vision),
+        "segment0": GraphWeights((P + 1) * layer_linear, (P + 1) * 2 * d),
+        "pivot": GraphWeights(0, 0),
+        "segment1": GraphWeights((L - P - 1) * layer_linear + V * d, (L - P - 1) * 2 * d + d),
+    }
+
+
+def total_params(spec: ModelSpec, schedule: StarSchedule) -> int:
+    """Every parameter of the checkpoint the engine uses, embeddings included (CLIP layers after the feature layer are
+    not used and not counted)."""
+    return sum(g.linear + g.other for g in graph_weights(spec, schedule).values()) + spec.vocab_size * spec.hidden_size
+
+
+@dataclass(frozen=True, kw_only=True)
+class MemoryPlan:
+    dtype: str
+    weights: str
+    graph_bytes: dict  # graph -> bytes on disk
+    embed_bytes: int
+    engine_bytes: int  # all graphs + embeddings, on disk
+    run_bytes: int  # star-run on ONNX Runtime's CPU provider
+    export_bytes: int  # export alone (--no-validate)
+    selfcheck_bytes: int  # export + self-check (engine run + eager references)
+
+    def need(self, validate: bool) -> int:
+        return self.selfcheck_bytes if validate else self.export_bytes
+
+    def asdict(self) -> dict:
+        return asdict(self)
+
+
+def memory_plan(spec: ModelSpec, schedule: StarSchedule, dtype: str, scheme=None) -> MemoryPlan:
+    from .export.quantize import QUANTIZED_GRAPHS, WeightScheme
+
+    scheme = scheme or WeightScheme()
+    b = DTYPE_BYTES[dtype]
+    run_b = 4 if dtype == "float16" else b  # ORT CPU widens float16 weights
+    disk, run = {}, {}
+    largest = 0
+    for name, g in graph_weights(spec, schedule).items():
+        q = scheme if name in QUANTIZED_GRAPHS else WeightScheme()
+        disk[name] = int(g.linear * q.bytes_per_weight(b) + g.other * b)
+        run[name] = int(g.linear * q.bytes_per_weight(run_b) + g.other * run_b)
+    largest = max(spec.vocab_size * spec.hidden_size, spec.hidden_size * spec.intermediate_size)
+    embed = spec.vocab_size * spec.hidden_size * b
+    params = total_params(spec, schedule)
+    run_bytes = sum(run.values()) + embed + RUNTIME_OVERHEAD
+    export_bytes = RUNTIME_OVERHEAD + 4 * largest * 4  # one tensor: read, cast, packed, written
+    reference = params * (8 + b + (8 if scheme.quantized else 0))
+    return MemoryPlan(
+        dtype=dtype, weights=scheme.kind, graph_bytes=disk, embed_bytes=embed, engine_bytes=sum(disk.values()) + embed,
+        run_bytes=run_bytes, export_bytes=export_bytes, selfcheck_bytes=export_bytes + run_bytes + reference,
+    )
+
+
+def available_bytes() -> int:
+    """MemAvailable (what can be allocated without swapping out others), else physical memory."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import os
+
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def gib(n: int) -> str:
+    return f"{n / GiB:.1f} GiB"
+
+
+def check_fits(spec: ModelSpec, schedule: StarSchedule, dtype: str, scheme, validate: bool, budget: int | None = None) -> MemoryPlan:
+    """Refuse (MemoryPlanError) a build this machine cannot hold, naming the need and what would fit."""
+    from .export.quantize import WeightScheme
+
+    plan = memory_plan(spec, schedule, dtype, scheme)
+    have = budget if budget is not None else available_bytes()
+    if plan.need(validate) <= have:
+        return plan
+    what = "export with its self-check" if validate else "export"
+    options = []
+    for d, kind in (("float16", "float"), ("float32", "int8"), ("float32", "int4")):
+        alt = memory_plan(spec, schedule, d, WeightScheme(kind) if kind != "float" else None)
+        if (d, kind) != (dtype, scheme.kind if scheme else "float") and alt.need(validate) <= have:
+            options.append(f"--dtype {d} --weights {kind} ({gib(alt.need(validate))})")
+    if validate and plan.export_bytes <= have:
+        options.append(f"--no-validate (export alone {gib(plan.export_bytes)}; the engine then needs {gib(plan.run_bytes)} to run "
+                       "on ONNX Runtime's CPU provider; run star-validate where that fits)")
+    raise MemoryPlanError(
+        f"{what} of this model with --dtype {dtype} --weights {scheme.kind if scheme else 'float'} needs about "
+        f"{gib(plan.need(validate))} of memory (engine {gib(plan.engine_bytes)} on disk, {gib(plan.run_bytes)} to run on the "
+        f"CPU provider" + (f", eager references {gib(plan.selfcheck_bytes - plan.export_bytes - plan.run_bytes)}" if validate else "")
+        + f"); this machine has {gib(have)} available. "
+        + ("Alternatives that fit: " + "; ".join(options) if options else "No variant fits here: use a machine with more memory")
+        + " (see star-export --dry-run for the plan)"
+    )
+
+
+def format_memory(plan: MemoryPlan) -> str:
+    lines = [f"memory plan (--dtype {plan.dtype} --weights {plan.weights}):"]
+    for name, n in plan.graph_bytes.items():
+        lines.append(f"  {name:9s} weights {n / 2**20:12.1f} MiB")
+    lines.append(f"  embed     table   {plan.embed_bytes / 2**20:12.1f} MiB")
+    lines.append(f"  engine on disk {gib(plan.engine_bytes)}; star-run on the CPU provider about {gib(plan.run_bytes)}"
+                 + (" (float16 weights are widened to float32 there)" if plan.dtype == "float16" else ""))
+    lines.append(f"  export peak about {gib(plan.export_bytes)} (--no-validate); with the self-check about {gib(plan.selfcheck_bytes)}; "
+                 f"this machine has {gib(available_bytes())} available")
+    return "\n".join(lines)
