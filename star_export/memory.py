@@ -143,6 +143,20 @@ def check_fits(spec: ModelSpec, schedule: StarSchedule, dtype: str, scheme, vali
     )
 
 
+def check_validate_fits(spec: ModelSpec, schedule: StarSchedule, dtype: str, scheme, budget: int | None = None) -> None:
+    """star-validate holds the engine and the whole-model eager references: refuse up front what cannot fit."""
+    plan = memory_plan(spec, schedule, dtype, scheme)
+    need = plan.selfcheck_bytes - plan.export_bytes + RUNTIME_OVERHEAD
+    have = budget if budget is not None else available_bytes()
+    if need > have:
+        raise MemoryPlanError(
+            f"star-validate of this engine needs about {gib(need)} of memory (the engine {gib(plan.run_bytes)} on the CPU "
+            f"provider, the eager float64 and {dtype} references {gib(need - plan.run_bytes)}); this machine has {gib(have)} "
+            "available. Run it on a machine with more memory (the references hold the whole model; a layer-streamed "
+            "reference that fits small machines is not implemented yet)"
+        )
+
+
 def format_memory(plan: MemoryPlan) -> str:
     lines = [f"memory plan (--dtype {plan.dtype} --weights {plan.weights}):"]
     for name, n in plan.graph_bytes.items():

@@ -22,6 +22,7 @@ import numpy as np
 from . import budget
 from .config import StarSchedule
 from .export.quantize import WeightScheme, quantized_reference
+from .memory import check_validate_fits
 from .errors import UserError
 from .manifest import EngineError
 from .models import LoadedModel, fingerprint_weights, load_model
@@ -267,6 +268,22 @@ def check_same_model(loaded: LoadedModel, engine: Engine) -> None:
         )
 
 
+def _check_fits(engine_dir) -> None:
+    """Refuse now, from star.json alone, what this machine cannot hold (before the engine or the model loads)."""
+    from pathlib import Path
+
+    from .config import ModelSpec
+    from .manifest import read_manifest
+
+    try:
+        m = read_manifest(Path(engine_dir), verify=False)
+        spec, schedule = ModelSpec.from_dict(m["model"]), StarSchedule(**m["schedule"])
+        dtype, scheme = m["dtype"], WeightScheme.from_dict(m.get("weights"))
+    except (UserError, KeyError, TypeError, ValueError):
+        return  # the engine's own loading names what is wrong with it
+    check_validate_fits(spec, schedule, dtype, scheme)
+
+
 def validate_engine(
     engine_dir,
     *,
@@ -286,6 +303,8 @@ def validate_engine(
 
     if device == "cuda" and not torch.cuda.is_available() and not allow_fallback:
         raise UserError("--device cuda: torch sees no CUDA GPU here: run where one is, use --device cpu, or pass --allow-fallback")
+    if loaded is None and engine is None:
+        _check_fits(engine_dir)
     engine = engine or Engine.from_dir(engine_dir, provider=provider, allow_fallback=allow_fallback)
     manifest = engine.manifest
     dtype = manifest["dtype"]
