@@ -24,6 +24,11 @@ DTYPE_BYTES = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2}
 RUNTIME_OVERHEAD = 1 * GiB  # interpreter, torch, onnxruntime, tokenizer, activations of one small batch
 
 
+# Validation modes, most thorough first: whole-model references with per-graph checks; layer-streamed references
+# (validate_streamed.py) with the whole engine resident; the same with one engine graph resident at a time.
+VALIDATION_MODES = ("whole", "streamed", "streamed-lazy")
+
+
 class MemoryPlanError(UserError):
     """A step needs more memory than the machine has; the message names the numbers and the alternatives."""
 
@@ -64,11 +69,21 @@ class MemoryPlan:
     embed_bytes: int
     engine_bytes: int  # all graphs + embeddings, on disk
     run_bytes: int  # star-run on ONNX Runtime's CPU provider
+    largest_graph_run_bytes: int  # the largest single graph on the CPU provider (an engine run one graph at a time)
     export_bytes: int  # export alone (--no-validate)
-    selfcheck_bytes: int  # export + self-check (engine run + eager references)
+    validation_bytes: dict  # mode -> what validating needs (engine + references), see VALIDATION_MODES
+
+    @property
+    def selfcheck_bytes(self) -> int:
+        """Export, then the cheapest validation mode (export's buffers are freed before validation starts)."""
+        return max(self.export_bytes, min(self.validation_bytes.values()))
 
     def need(self, validate: bool) -> int:
         return self.selfcheck_bytes if validate else self.export_bytes
+
+    def validation_mode(self, have: int) -> str | None:
+        """The first mode (most thorough first) whose need fits in `have` bytes, or None."""
+        return next((m for m in VALIDATION_MODES if self.validation_bytes[m] <= have), None)
 
     def asdict(self) -> dict:
         return asdict(self)
@@ -91,10 +106,16 @@ def memory_plan(spec: ModelSpec, schedule: StarSchedule, dtype: str, scheme=None
     params = total_params(spec, schedule)
     run_bytes = sum(run.values()) + embed + RUNTIME_OVERHEAD
     export_bytes = RUNTIME_OVERHEAD + 4 * largest * 4  # one tensor: read, cast, packed, written
-    reference = params * (8 + b + (8 if scheme.quantized else 0))
+    whole_reference = params * (8 + b + (8 if scheme.quantized else 0))
+    # streamed: the embedding tables in float64 and float32, the largest unit in float64 plus the copy it is cast
+    # from, and activations of one prefill in float64
+    streamed_reference = spec.vocab_size * spec.hidden_size * 12 + 3 * largest * 8 + 2 * GiB
+    largest_graph = max(run.values()) + embed + RUNTIME_OVERHEAD
     return MemoryPlan(
         dtype=dtype, weights=scheme.kind, graph_bytes=disk, embed_bytes=embed, engine_bytes=sum(disk.values()) + embed,
-        run_bytes=run_bytes, export_bytes=export_bytes, selfcheck_bytes=export_bytes + run_bytes + reference,
+        run_bytes=run_bytes, largest_graph_run_bytes=largest_graph, export_bytes=export_bytes,
+        validation_bytes={"whole": run_bytes + whole_reference, "streamed": run_bytes + streamed_reference,
+                          "streamed-lazy": largest_graph + streamed_reference},
     )
 
 
@@ -136,25 +157,26 @@ def check_fits(spec: ModelSpec, schedule: StarSchedule, dtype: str, scheme, vali
     raise MemoryPlanError(
         f"{what} of this model with --dtype {dtype} --weights {scheme.kind if scheme else 'float'} needs about "
         f"{gib(plan.need(validate))} of memory (engine {gib(plan.engine_bytes)} on disk, {gib(plan.run_bytes)} to run on the "
-        f"CPU provider" + (f", eager references {gib(plan.selfcheck_bytes - plan.export_bytes - plan.run_bytes)}" if validate else "")
+        f"CPU provider" + (f", its self-check at least {gib(min(plan.validation_bytes.values()))}" if validate else "")
         + f"); this machine has {gib(have)} available. "
         + ("Alternatives that fit: " + "; ".join(options) if options else "No variant fits here: use a machine with more memory")
         + " (see star-export --dry-run for the plan)"
     )
 
 
-def check_validate_fits(spec: ModelSpec, schedule: StarSchedule, dtype: str, scheme, budget: int | None = None) -> None:
-    """star-validate holds the engine and the whole-model eager references: refuse up front what cannot fit."""
+def validation_mode(spec: ModelSpec, schedule: StarSchedule, dtype: str, scheme, budget: int | None = None) -> str:
+    """How star-validate / the self-check can run here (VALIDATION_MODES); refuses up front when no mode fits."""
     plan = memory_plan(spec, schedule, dtype, scheme)
-    need = plan.selfcheck_bytes - plan.export_bytes + RUNTIME_OVERHEAD
     have = budget if budget is not None else available_bytes()
-    if need > have:
+    mode = plan.validation_mode(have)
+    if mode is None:
+        need = min(plan.validation_bytes.values())
         raise MemoryPlanError(
-            f"star-validate of this engine needs about {gib(need)} of memory (the engine {gib(plan.run_bytes)} on the CPU "
-            f"provider, the eager float64 and {dtype} references {gib(need - plan.run_bytes)}); this machine has {gib(have)} "
-            "available. Run it on a machine with more memory (the references hold the whole model; a layer-streamed "
-            "reference that fits small machines is not implemented yet)"
+            f"validating this engine needs at least {gib(need)} of memory (one engine graph on the CPU provider "
+            f"{gib(plan.largest_graph_run_bytes)} and the layer-streamed references); this machine has {gib(have)} available: "
+            "run it on a machine with more memory"
         )
+    return mode
 
 
 def format_memory(plan: MemoryPlan) -> str:
@@ -164,6 +186,9 @@ def format_memory(plan: MemoryPlan) -> str:
     lines.append(f"  embed     table   {plan.embed_bytes / 2**20:12.1f} MiB")
     lines.append(f"  engine on disk {gib(plan.engine_bytes)}; star-run on the CPU provider about {gib(plan.run_bytes)}"
                  + (" (float16 weights are widened to float32 there)" if plan.dtype == "float16" else ""))
-    lines.append(f"  export peak about {gib(plan.export_bytes)} (--no-validate); with the self-check about {gib(plan.selfcheck_bytes)}; "
-                 f"this machine has {gib(available_bytes())} available")
+    have = available_bytes()
+    modes = ", ".join(f"{m} {gib(n)}" for m, n in plan.validation_bytes.items())
+    lines.append(f"  export peak about {gib(plan.export_bytes)} (--no-validate); validation needs: {modes}")
+    lines.append(f"  this machine has {gib(have)} available: the self-check would run "
+                 + (f"in mode '{plan.validation_mode(have)}'" if plan.validation_mode(have) else "in no mode (refused)"))
     return "\n".join(lines)

@@ -22,7 +22,7 @@ import numpy as np
 from . import budget
 from .config import StarSchedule
 from .export.quantize import WeightScheme, quantized_reference
-from .memory import check_validate_fits
+from .memory import validation_mode
 from .errors import UserError
 from .manifest import EngineError
 from .models import LoadedModel, fingerprint_weights, load_model
@@ -130,7 +130,7 @@ def _scores(graph, name: str, feed: dict[str, np.ndarray], dtype) -> np.ndarray:
     """The scores behind graph `name`'s selection, from the reference module on `feed` (floats cast to `dtype`)."""
     import torch
 
-    with torch.no_grad():
+    with torch.no_grad(), graph.context():
         tensors = {k: graph._tensor(v) for k, v in _cast(feed, dtype).items()}
         return SELECTIONS[name][1](graph.module, tensors).double().cpu().numpy()
 
@@ -268,20 +268,21 @@ def check_same_model(loaded: LoadedModel, engine: Engine) -> None:
         )
 
 
-def _check_fits(engine_dir) -> None:
-    """Refuse now, from star.json alone, what this machine cannot hold (before the engine or the model loads)."""
+def _mode(engine_dir, engine=None) -> str:
+    """How to validate here (memory.VALIDATION_MODES), from star.json alone, before the engine or the model loads;
+    refuses (exit 2) what this machine cannot hold."""
     from pathlib import Path
 
     from .config import ModelSpec
     from .manifest import read_manifest
 
     try:
-        m = read_manifest(Path(engine_dir), verify=False)
+        m = engine.manifest if engine is not None else read_manifest(Path(engine_dir), verify=False)
         spec, schedule = ModelSpec.from_dict(m["model"]), StarSchedule(**m["schedule"])
         dtype, scheme = m["dtype"], WeightScheme.from_dict(m.get("weights"))
     except (UserError, KeyError, TypeError, ValueError):
-        return  # the engine's own loading names what is wrong with it
-    check_validate_fits(spec, schedule, dtype, scheme)
+        return "whole"  # the engine's own loading names what is wrong with it
+    return validation_mode(spec, schedule, dtype, scheme)
 
 
 def validate_engine(
@@ -296,6 +297,8 @@ def validate_engine(
     max_new_tokens: int = 16,
     provider: str = "cpu",
     allow_fallback: bool = False,
+    mode: str | None = None,
+    progress=None,
 ) -> ValidationReport:
     """Compare the engine in `engine_dir` with the eager reference of its source model (or `model`).
     `loaded` / `engine`: already loaded (by star-export), so neither is loaded twice."""
@@ -303,9 +306,8 @@ def validate_engine(
 
     if device == "cuda" and not torch.cuda.is_available() and not allow_fallback:
         raise UserError("--device cuda: torch sees no CUDA GPU here: run where one is, use --device cpu, or pass --allow-fallback")
-    if loaded is None and engine is None:
-        _check_fits(engine_dir)
-    engine = engine or Engine.from_dir(engine_dir, provider=provider, allow_fallback=allow_fallback)
+    mode = mode or _mode(engine_dir, engine)
+    engine = engine or Engine.from_dir(engine_dir, provider=provider, allow_fallback=allow_fallback, lazy=mode == "streamed-lazy")
     manifest = engine.manifest
     dtype = manifest["dtype"]
     report = ValidationReport(engine=str(engine_dir), reference_device=device, dtype=dtype, floor=budget.floor(dtype))
@@ -316,6 +318,11 @@ def validate_engine(
         report.reference_device = device = "cpu"
     loaded = loaded or load_model(model or manifest["source"]["name"])
     check_same_model(loaded, engine)
+    if mode != "whole":
+        from .validate_streamed import STREAMED_TOKENS, validate_streamed
+
+        return validate_streamed(report, engine, loaded, images=images, prompts=prompts,
+                                 max_new_tokens=min(max_new_tokens, STREAMED_TOKENS), progress=progress)
     schedule = StarSchedule(**manifest["schedule"])
     scheme = WeightScheme.from_dict(manifest.get("weights"))
     plain = None

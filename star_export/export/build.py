@@ -18,7 +18,7 @@ import numpy as np
 from ..config import StarSchedule
 from ..errors import UserError
 from ..manifest import graph_io, write_manifest
-from ..memory import check_fits
+from ..memory import available_bytes, check_fits
 from ..models import load_model, require_weights, spec_from_name
 from ..reference import decoder_layout
 from .backends import backend_from_name
@@ -141,7 +141,10 @@ def export_engine(
     if weights.quantized and backend != "onnx":
         raise LimitError(f"--weights {weights.kind}: only --backend onnx writes quantized (MatMulNBits) engines")
     require_weights(model)
-    check_fits(spec, schedule, dtype, weights, validate, memory_budget)  # refuse now, not by an OOM kill after loading
+    plan = check_fits(spec, schedule, dtype, weights, validate, memory_budget)  # refuse now, not by an OOM kill after loading
+    have = memory_budget if memory_budget is not None else available_bytes()
+    mode = plan.validation_mode(have) if validate else None
+    lazy = mode == "streamed-lazy" or plan.run_bytes > have  # graphs checked (and run) one at a time
     progress = Progress(5 if validate else 4, enabled=show_progress)
     for path, pid in remove_stale_builds(out):
         progress.note(f"removed {path}: a build left by process {pid}, which no longer runs")
@@ -160,12 +163,14 @@ def export_engine(
             from ..runtime.engine import Engine
 
             # The hashes were computed from these very files a moment ago: load, don't re-hash.
-            engine = Engine.from_dir(tmp, provider="cpu", verify=False)
+            engine = Engine.from_dir(tmp, provider="cpu", verify=False, lazy=lazy)
         if validate:
             from ..validate import validate_engine
 
             with progress.stage("validate against the eager reference"):
-                report = validate_engine(tmp, loaded=loaded, engine=engine, max_new_tokens=8)
+                if mode != "whole":
+                    progress.note(f"the references do not fit as whole-model copies here: validating in mode '{mode}'")
+                report = validate_engine(tmp, loaded=loaded, engine=engine, max_new_tokens=8, mode=mode, progress=progress.note)
                 progress.note(report.table() if verbose else report.summary())
                 if not report.ok:
                     raise ValidationFailed(report)

@@ -25,6 +25,7 @@ from ..config import StarSchedule
 from ..errors import user_error_from
 from ..models import TORCH_DTYPES, LoadedModel
 from ..reference import graph_modules
+from ..streaming import release_pages
 from .quantize import QUANTIZED_GRAPHS, WeightScheme, quantize_linears
 
 OPSET = 18
@@ -121,8 +122,8 @@ def _lazy_weights(program, real: torch.nn.Module, dtype: torch.dtype) -> None:
 
         def load(source=source, name=name):
             t = source.detach()
-            if t.is_floating_point():
-                t = t.to(dtype)
+            t = t.to(dtype, copy=True) if t.is_floating_point() else t.clone()
+            release_pages(source)  # the checkpoint's mapped pages of this tensor: read once, handed back
             return ir.Tensor(t.contiguous().numpy(), name=name)
 
         value.const_value = ir.LazyTensor(load, dtype=value.dtype, shape=value.shape, name=name)

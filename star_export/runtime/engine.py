@@ -14,13 +14,17 @@ from ..manifest import EngineError, read_manifest
 from ..models import normalize_processor
 from .generate import DecoderLayout, Generation, InputError, Sampling, StarPipeline
 from .inputs import load_requests, prepare_inputs
-from .sessions import OrtGraph, resolve_providers
+from .sessions import LazyOrtGraph, OrtGraph, resolve_providers
 
 GRAPHS = ("vision", "segment0", "pivot", "segment1")
 
 
-def _load_graph(path: Path, providers) -> OrtGraph:
+def _load_graph(path: Path, providers, lazy: bool = False) -> OrtGraph | LazyOrtGraph:
     try:
+        if lazy:  # the session is created at each call; check now that it loads, then free it
+            graph = LazyOrtGraph(path, providers)
+            graph.session()
+            return graph
         return OrtGraph(path, providers)
     except Exception as e:  # ONNX Runtime's own exception types: the file is not a graph it can run
         if user_error_from(e):
@@ -29,7 +33,9 @@ def _load_graph(path: Path, providers) -> OrtGraph:
 
 
 class Engine:
-    def __init__(self, directory: str | Path, *, provider: str = "auto", verify: bool = True, allow_fallback: bool = False):
+    def __init__(self, directory: str | Path, *, provider: str = "auto", verify: bool = True, allow_fallback: bool = False, lazy: bool = False):
+        """`lazy`: one graph resident at a time (each session created per call: slow, for validating engines that do
+        not fit in memory as a whole)."""
         from transformers import AutoProcessor
 
         self.directory = Path(directory)
@@ -44,7 +50,7 @@ class Engine:
         except (TypeError, KeyError, ValueError) as e:
             raise EngineError(f"{self.directory / 'star.json'} is malformed ({type(e).__name__}: {e}): rebuild the engine with star-export --force") from e
         self.providers = resolve_providers(provider, allow_fallback=allow_fallback)
-        self.graphs = {name: _load_graph(self.directory / files[name], self.providers) for name in GRAPHS}
+        self.graphs = {name: _load_graph(self.directory / files[name], self.providers, lazy) for name in GRAPHS}
         self.provider = self.graphs["segment0"].provider
         self.embed_tokens = np.load(self.directory / m["embed_tokens"], mmap_mode="r")
         self.processor = normalize_processor(AutoProcessor.from_pretrained(self.directory / "processor", local_files_only=True), self.spec)

@@ -6,6 +6,7 @@ ORT IO binding so key/value caches stay where the provider put them); `to_numpy`
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 import sys
@@ -24,8 +25,11 @@ os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")  # onnxruntime otherwise wri
 class TorchGraph:
     """An exported graph's `nn.Module`, run eagerly: the reference path."""
 
-    def __init__(self, module: torch.nn.Module, input_names: Sequence[str], output_names: Sequence[str], device: str = "cpu"):
+    def __init__(self, module: torch.nn.Module, input_names: Sequence[str], output_names: Sequence[str], device: str = "cpu", context=None):
+        """`context`: a context-manager factory entered around every use of `module` (the layer-streamed reference
+        sets its dtype there)."""
         self.module, self.input_names, self.output_names = module, list(input_names), list(output_names)
+        self.context = context or contextlib.nullcontext
         self.device = torch.device(device)
         self.provider = f"torch-eager-{self.device.type}"
         # Keyword inputs the exported graph does not have (a forced selection, for validation): passed when fed.
@@ -39,7 +43,8 @@ class TorchGraph:
     def run(self, feed: dict[str, Any]) -> dict[str, Any]:
         args = [self._tensor(feed[n]) for n in self.input_names]
         kwargs = {n: self._tensor(feed[n]) for n in self.optional_names if feed.get(n) is not None}
-        outputs = self.module(*args, **kwargs)
+        with self.context():
+            outputs = self.module(*args, **kwargs)
         return dict(zip(self.output_names, outputs))
 
     @staticmethod
@@ -135,3 +140,47 @@ class OrtGraph:
         return np.asarray(value).nbytes
 
     _ort_dtypes = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64, "tensor(double)": np.float64}
+
+
+class LazyOrtGraph:
+    """An ONNX Runtime graph whose session exists only while it runs: for engines whose graphs do not fit in memory
+    together (a float16 7B engine on the CPU provider, which widens its weights to float32: ~13 GB per segment).
+    Each call creates the session, runs it on numpy inputs and frees it, so only one graph is ever resident; the
+    session is rebuilt at every call (seconds per GB), which only the validator's few steps can afford."""
+
+    def __init__(self, path: str | Path, providers: Sequence[str] = ("CPUExecutionProvider",)):
+        import onnx
+
+        self.path, self.providers = Path(path), list(providers)
+        graph = onnx.load(str(self.path), load_external_data=False).graph
+        initializers = {i.name for i in graph.initializer}
+        self.input_names = [i.name for i in graph.input if i.name not in initializers]
+        self.output_names = [o.name for o in graph.output]
+        self.provider, self.device = self.providers[0], "cpu"
+
+    def session(self):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        return ort.InferenceSession(str(self.path), sess_options=opts, providers=self.providers)
+
+    def run(self, feed: dict[str, Any]) -> dict[str, Any]:
+        import gc
+
+        session = self.session()
+        try:
+            outputs = session.run(None, {n: np.ascontiguousarray(self.to_numpy(feed[n])) for n in self.input_names})
+        finally:
+            del session
+            gc.collect()
+        return dict(zip(self.output_names, outputs))
+
+    @staticmethod
+    def to_numpy(value) -> np.ndarray:
+        return value.numpy() if hasattr(value, "numpy") and not isinstance(value, np.ndarray) else np.asarray(value)
+
+    @staticmethod
+    def nbytes(value) -> int:
+        return np.asarray(value).nbytes
