@@ -77,7 +77,7 @@ def config(text_layers: int, vision_layers: int) -> dict:
 def old_name(name: str) -> str:
     """transformers 5 parameter name -> the name in the published (transformers 4.36) checkpoint."""
     for new, old in (("model.language_model.", "language_model.model."), ("lm_head.", "language_model.lm_head."),
-                     ("model.vision_tower.", "vision_tower."), ("model.multi_modal_projector.", "multi_modal_projector.")):
+                     ("model.vision_tower.", "vision_tower.vision_model."), ("model.multi_modal_projector.", "multi_modal_projector.")):
         if name.startswith(new):
             return old + name[len(new):]
     raise KeyError(name)

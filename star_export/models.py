@@ -363,8 +363,9 @@ def load_from_directory(path: str | Path, *, source: dict | None = None, hf_id: 
     try:
         # The checkpoint's own dtype: safetensors stay memory-mapped (a 14 GB float16 checkpoint opens in 0.4 GiB);
         # export casts tensor by tensor, the reference makes its own copies (FIELD_NOTES).
-        model = LlavaForConditionalGeneration.from_pretrained(
-            path, local_files_only=True, use_safetensors=True, attn_implementation="eager", dtype=checkpoint_dtype(config)
+        model, info = LlavaForConditionalGeneration.from_pretrained(
+            path, local_files_only=True, use_safetensors=True, attn_implementation="eager", dtype=checkpoint_dtype(config),
+            output_loading_info=True,
         )
     except (SafetensorError, OSError, ValueError, RuntimeError, KeyError) as e:
         if user_error_from(e):
@@ -373,6 +374,12 @@ def load_from_directory(path: str | Path, *, source: dict | None = None, hf_id: 
             f"the weights in {path} could not be read ({type(e).__name__}: {str(e)[:300]}): a file may be truncated or "
             "corrupt; re-copy the model directory"
         ) from e
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:  # transformers would fill them with random values, and say so only in a warning
+        raise ModelLoadError(
+            f"the weights in {path} lack {len(missing)} tensor(s) the model needs (e.g. {', '.join(missing[:3])}): "
+            "an incomplete or foreign checkpoint; re-copy the model directory"
+        )
     try:
         processor = normalize_processor(AutoProcessor.from_pretrained(path, local_files_only=True), spec)
     except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:

@@ -55,6 +55,19 @@ class Ctx:
             (d / "model.safetensors").write_bytes(weights)
         return str(d)
 
+    def model_missing_tensor(self) -> str:
+        """tiny_twin with one decoder weight dropped from its safetensors (transformers would fill it randomly)."""
+        from safetensors.torch import load_file, save_file
+
+        d = self.path("partial")
+        shutil.copytree(self.tiny_twin, d)
+        for f in d.glob("*.safetensors"):
+            tensors = load_file(f)
+            name = next(k for k in tensors if "layers.0.mlp.up_proj" in k)
+            del tensors[name]
+            save_file(tensors, f, metadata={"format": "pt"})
+        return str(d)
+
     def seven_b(self) -> str:
         """The published llava-1.5-7b-hf config.json alone: the memory check runs before any weight is read."""
         from helpers import make_checkpoint_script
@@ -147,8 +160,9 @@ CASES = [
     ("accuracy-level-out-of-range", "export", lambda c: ["--weights", "int4", "--accuracy-level", "7", "--out", str(c.out)], "argument --accuracy-level: invalid choice"),
     ("quantized-tensorrt", "export", lambda c: ["--weights", "int8", "--backend", "tensorrt", "--out", str(c.out)], "--backend tensorrt needs TensorRT"),
     ("memory-budget-zero", "export", lambda c: ["--memory-budget", "0", "--out", str(c.out)], "allowed a number of GiB > 0"),
+    ("checkpoint-missing-a-tensor", "export", lambda c: ["--model", c.model_missing_tensor(), "--out", str(c.out)], "lack 1 tensor(s) the model needs"),
     ("memory-budget-too-small", "export", lambda c: ["--memory-budget", "0.5", "--out", str(c.out)], "needs about"),
-    ("float32-7b-does-not-fit", "export", lambda c: ["--model", c.seven_b(), "--memory-budget", "20", "--out", str(c.out)], "Alternatives that fit"),
+    ("float32-7b-does-not-fit", "export", lambda c: ["--model", c.seven_b(), "--memory-budget", "12", "--out", str(c.out)], "Alternatives that fit"),
     ("backend-tensorrt", "export", lambda c: ["--backend", "tensorrt", "--out", str(c.out)], "--backend tensorrt"),
     ("backend-unknown", "export", lambda c: ["--backend", "tvm", "--out", str(c.out)], "argument --backend: invalid choice"),
     ("out-missing", "export", lambda c: [], "--out is required"),

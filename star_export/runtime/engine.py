@@ -50,6 +50,10 @@ class Engine:
         except (TypeError, KeyError, ValueError) as e:
             raise EngineError(f"{self.directory / 'star.json'} is malformed ({type(e).__name__}: {e}): rebuild the engine with star-export --force") from e
         self.providers = resolve_providers(provider, allow_fallback=allow_fallback)
+        if self.providers[0] == "CPUExecutionProvider" and not lazy:
+            from ..memory import check_run_fits
+
+            check_run_fits(m)  # refuse now rather than be killed loading the sessions
         self.graphs = {name: _load_graph(self.directory / files[name], self.providers, lazy) for name in GRAPHS}
         self.provider = self.graphs["segment0"].provider
         self.embed_tokens = np.load(self.directory / m["embed_tokens"], mmap_mode="r")
