@@ -110,6 +110,8 @@ def memory_plan(spec: ModelSpec, schedule: StarSchedule, dtype: str, scheme=None
     # streamed: the embedding tables in float64 and float32, the largest unit in float64 plus the copy it is cast
     # from, and activations of one prefill in float64
     streamed_reference = spec.vocab_size * spec.hidden_size * 12 + 3 * largest * 8 + 2 * GiB
+    if scheme.quantized:  # the reference keeps the engine's packed weights (streaming.quantized_transform)
+        streamed_reference += sum(int(g.linear * scheme.bytes_per_weight(b)) for n, g in graph_weights(spec, schedule).items() if n in QUANTIZED_GRAPHS)
     # Creating a float16 session on the CPU provider holds the file's float16 tensors and their float32 widening at
     # once (measured: 20.9 GiB peak validating a 7B float16 engine one graph at a time, segment 1 = 6.4 GB on disk).
     largest_graph = max(run[n] + (disk[n] if dtype == "float16" else 0) for n in run) + embed + RUNTIME_OVERHEAD
