@@ -194,7 +194,7 @@ def check_run_fits(manifest: dict, budget: int | None = None) -> None:
     except (UserError, KeyError, TypeError, ValueError):
         return  # loading the engine names what is wrong with its manifest
     have = budget if budget is not None else available_bytes()
-    if plan.run_bytes > have:
+    if plan.run_bytes - RUNTIME_OVERHEAD > have:  # the weights alone do not fit: certain failure, not an estimate
         raise MemoryPlanError(
             f"this engine needs about {gib(plan.run_bytes)} to run on ONNX Runtime's CPU provider"
             + (" (which widens float16 weights to float32)" if plan.dtype == "float16" else "")

@@ -39,7 +39,7 @@ class Engine:
         from transformers import AutoProcessor
 
         self.directory = Path(directory)
-        self.manifest = read_manifest(self.directory, verify=verify)
+        self.manifest = read_manifest(self.directory, verify=False)  # files are verified below, after the cheap checks
         m = self.manifest
         try:
             self.spec = ModelSpec.from_dict(m["model"])
@@ -54,6 +54,8 @@ class Engine:
             from ..memory import check_run_fits
 
             check_run_fits(m)  # refuse now rather than be killed loading the sessions
+        if verify:
+            read_manifest(self.directory, verify=True)  # every file present and matching its sha256
         self.graphs = {name: _load_graph(self.directory / files[name], self.providers, lazy) for name in GRAPHS}
         self.provider = self.graphs["segment0"].provider
         self.embed_tokens = np.load(self.directory / m["embed_tokens"], mmap_mode="r")
