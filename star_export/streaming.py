@@ -72,12 +72,18 @@ class Streamer:
         if missing:
             raise RuntimeError(f"layer streaming does not cover {missing[:3]}: the model's structure is not LLaVA-1.5's")
         self._hooks = [h for unit in units(model) for h in (unit.register_forward_pre_hook(self._enter), unit.register_forward_hook(self._exit))]
+        # A float64 run widens the model's numerics in place (reference.widen_numerics): undone on close.
+        self._attention = getattr(model.config, "_attn_implementation", None) or "eager"
+        self._classes = [(m, type(m)) for m in model.modules()]
 
     def close(self) -> None:
-        """Remove the hooks (the model is then as it was loaded)."""
+        """Remove the hooks and undo any widening (the model is then as it was loaded)."""
         for h in self._hooks:
             h.remove()
         self._hooks = []
+        for module, cls in self._classes:
+            module.__class__ = cls
+        self.model.set_attn_implementation(self._attention)
 
     def __enter__(self) -> "Streamer":
         return self

@@ -73,6 +73,8 @@ def test_streamer_restores_the_model(tiny):
     after = tiny.model.state_dict()
     assert all(after[k].dtype == v.dtype and torch.equal(after[k], v) for k, v in before.items())
     assert not any(m._forward_pre_hooks for m in tiny.model.modules())
+    assert tiny.model.config._attn_implementation == "eager"
+    assert all(type(m).__name__ != "WideRMSNorm" for m in tiny.model.modules())
 
 
 def test_release_pages_never_loses_data():
