@@ -110,13 +110,18 @@ def read_manifest(directory: str | Path, *, verify: bool = True) -> dict[str, An
     if wrong:
         raise EngineError(f"{path} lacks or mistypes {', '.join(wrong)}: it was not written by star-export, or was edited; rebuild the engine with star-export --force")
     if verify:
-        missing = [name for name in manifest.get("files", {}) if not (directory / name).is_file()]
-        if missing:
-            raise EngineError(f"engine directory {str(directory)!r} is missing {', '.join(missing)}: copy the whole directory, or rebuild it")
-        for name, entry in manifest["files"].items():
-            if sha256_file(directory / name) != entry["sha256"]:
-                raise EngineError(
-                    f"{name} in {str(directory)!r} does not match the sha256 in {MANIFEST} (corrupted or modified): "
-                    "re-copy the engine directory, or rebuild it with star-export --force"
-                )
+        verify_files(directory, manifest)
     return manifest
+
+
+def verify_files(directory: Path, manifest: dict[str, Any]) -> None:
+    """Every file of the manifest's table present and matching its sha256 (reads every byte of the engine)."""
+    missing = [name for name in manifest.get("files", {}) if not (directory / name).is_file()]
+    if missing:
+        raise EngineError(f"engine directory {str(directory)!r} is missing {', '.join(missing)}: copy the whole directory, or rebuild it")
+    for name, entry in manifest["files"].items():
+        if sha256_file(directory / name) != entry["sha256"]:
+            raise EngineError(
+                f"{name} in {str(directory)!r} does not match the sha256 in {MANIFEST} (corrupted or modified): "
+                "re-copy the engine directory, or rebuild it with star-export --force"
+            )

@@ -96,8 +96,8 @@ def memory_plan(spec: ModelSpec, schedule: StarSchedule, dtype: str, scheme=None
     b = DTYPE_BYTES[dtype]
     run_b = 4 if dtype == "float16" else b  # ORT CPU widens float16 weights
     disk, run = {}, {}
-    largest = 0
-    for name, g in graph_weights(spec, schedule).items():
+    graphs = graph_weights(spec, schedule)
+    for name, g in graphs.items():
         q = scheme if name in QUANTIZED_GRAPHS else WeightScheme()
         disk[name] = int(g.linear * q.bytes_per_weight(b) + g.other * b)
         run[name] = int(g.linear * q.bytes_per_weight(run_b) + g.other * run_b)
@@ -111,7 +111,7 @@ def memory_plan(spec: ModelSpec, schedule: StarSchedule, dtype: str, scheme=None
     # from, and activations of one prefill in float64
     streamed_reference = spec.vocab_size * spec.hidden_size * 12 + 3 * largest * 8 + 2 * GiB
     if scheme.quantized:  # the reference keeps the engine's packed weights (streaming.quantized_transform)
-        streamed_reference += sum(int(g.linear * scheme.bytes_per_weight(b)) for n, g in graph_weights(spec, schedule).items() if n in QUANTIZED_GRAPHS)
+        streamed_reference += sum(int(g.linear * scheme.bytes_per_weight(b)) for n, g in graphs.items() if n in QUANTIZED_GRAPHS)
     # Creating a float16 session on the CPU provider holds the file's float16 tensors and their float32 widening at
     # once (measured: 20.9 GiB peak validating a 7B float16 engine one graph at a time, segment 1 = 6.4 GB on disk).
     largest_graph = max(run[n] + (disk[n] if dtype == "float16" else 0) for n in run) + embed + RUNTIME_OVERHEAD

@@ -67,8 +67,8 @@ class Streamer:
         self.dtype: torch.dtype | None = None
         self.transform: Transform | None = None
         self._saved: dict[int, list] = {}
-        covered = {id(p) for u in units(model) for p in u.parameters()}
-        missing = [n for n, p in model.named_parameters() if id(p) not in covered and p is not model.get_input_embeddings().weight]
+        covered = {id(p) for u in units(model) for p in u.parameters()} | {id(model.get_input_embeddings().weight)}
+        missing = [n for n, p in model.named_parameters() if id(p) not in covered]
         if missing:
             raise RuntimeError(f"layer streaming does not cover {missing[:3]}: the model's structure is not LLaVA-1.5's")
         self._hooks = [h for unit in units(model) for h in (unit.register_forward_pre_hook(self._enter), unit.register_forward_hook(self._exit))]
@@ -132,21 +132,17 @@ def quantized_transform(model, scheme, engine_dtype: str) -> Transform:
     """The engine's dequantized weights for the decoder Linears and lm_head (quantized from the weight in the engine's
     dtype, as the exporter does). Each weight is quantized once (ONNX Runtime's quantizer: ~1 s per 45 M weights here)
     and kept packed (the engine's own size: bits / 8 bytes per weight plus scales); it is dequantized at each use."""
-    from .export.quantize import dequantize, quantize_weight
+    from .export.quantize import dequantize, engine_packing, engine_weight, quantized_modules
 
-    linears = {id(m) for layer in model.model.language_model.layers for m in layer.modules() if isinstance(m, torch.nn.Linear)}
-    linears.add(id(model.lm_head))
+    linears = {id(m) for m in quantized_modules(model)}
     packed: dict[int, tuple] = {}
-    np_dtype = np.dtype(engine_dtype)
 
     def transform(owner, name, stored, cast):
         if name != "weight" or id(owner) not in linears:
             return cast
         if id(owner) not in packed:
-            q, scales, zp = quantize_weight(stored.to(TORCH_DTYPES[engine_dtype]).float().numpy(), scheme)
-            packed[id(owner)] = (q, scales.astype(np_dtype), zp)  # the engine stores scales in its activation dtype
-        q, scales, zp = packed[id(owner)]
-        return torch.from_numpy(dequantize(q, scales, zp, stored.shape[1], scheme.bits, scheme.block_size)).to(cast.dtype)
+            packed[id(owner)] = engine_packing(engine_weight(stored, engine_dtype), scheme, engine_dtype)
+        return torch.from_numpy(dequantize(*packed[id(owner)], stored.shape[1], scheme.bits, scheme.block_size)).to(cast.dtype)
 
     return transform
 

@@ -239,10 +239,24 @@ def quality_vs_float(report: ValidationReport, label: str, reference: np.ndarray
     kl = (p * (np.log(np.clip(p, 1e-300, None)) - log_q)).sum(-1)
     tokens = engine.argmax(-1)
     agree = float((reference.argmax(-1) == tokens).mean())
-    top5 = float(np.mean([t in np.argsort(-r)[:TOP_K_AT_DIVERGENCE] for t, r in zip(tokens, reference)]))
+    top5 = float(np.mean([t in _top(r) for t, r in zip(tokens, reference)]))
     report.quality[label] = {"greedy_agreement": agree, "top5_containment": top5, "kl_mean": float(kl.mean()), "kl_max": float(kl.max())}
     report.notes.append(f"{label}: vs the unquantized model: greedy agreement {agree:.3f}, top-5 containment {top5:.3f}, "
                         f"KL mean {kl.mean():.2e} max {kl.max():.2e} ({len(tokens)} steps)")
+
+
+def check_end_to_end(report: ValidationReport, label: str, got: Generation, truth: Generation, eager: Generation,
+                     s1: Sequence[np.ndarray], s2: Sequence[np.ndarray], plain: Generation | None = None) -> None:
+    """The decisive and end-to-end checks of one batch: both stages' kept indices against the (truth, eager) scores
+    `s1` / `s2`, the logits of every step, greedy tokens; with `plain` (the unquantized truth), what quantization costs."""
+    report.add_selection(f"{label} stage1_indices", budget.check_selection(*s1, got.stage1_indices, report.dtype))
+    report.add_selection(f"{label} stage2_indices", budget.check_selection(*s2, got.stage2_indices, report.dtype))
+    lengths = [len(row) for row in got.token_ids]
+    logits = [_stack_logits(g, lengths) for g in (truth, eager, got)]
+    report.add_budget(f"{label} logits ({len(logits[0])} step-rows)", budget.error_budget(*logits, report.dtype, rows=True))
+    check_tokens(report, label, truth, eager, got)
+    if plain is not None:
+        quality_vs_float(report, label, _stack_logits(plain, lengths), logits[2])
 
 
 def _stack_logits(gen: Generation, lengths: list[int]) -> np.ndarray:
@@ -363,16 +377,9 @@ def validate_engine(
 
         pixels = {"pixel_values": inputs["pixel_values"]}
         s1 = [_scores(graphs[k]["vision"], "vision", pixels, dtypes[k]) for k in ("truth", "eager")]
-        report.add_selection(f"{label} stage1_indices", budget.check_selection(*s1, got.stage1_indices, dtype))
         # Stage-2 scores under the engine's stage-1 selection (both references were forced onto it).
         s2 = [_scores(graphs[k]["pivot"], "pivot", r.calls[0][0], dtypes[k]) for k, r in (("truth", recorders["pivot"]), ("eager", eager_pivot))]
-        report.add_selection(f"{label} stage2_indices", budget.check_selection(*s2, got.stage2_indices, dtype))
-        lengths = [len(row) for row in got.token_ids]
-        logits = [_stack_logits(g, lengths) for g in (t, e, got)]
-        report.add_budget(f"{label} logits ({len(logits[0])} step-rows)", budget.error_budget(*logits, dtype, rows=True))
-        check_tokens(report, label, t, e, got)
-        if plain is not None:
-            quality_vs_float(report, label, _stack_logits(plain.generate(*feed, force), lengths), logits[2])
+        check_end_to_end(report, label, got, t, e, s1, s2, plain and plain.generate(*feed, force))
         if b == 0:
             check_graphs(report, engine, graphs["truth"], graphs["eager"], recorders)
     return report

@@ -18,14 +18,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from . import budget
 from .config import StarSchedule
 from .export.quantize import WeightScheme
 from .runtime.generate import Forcing, Sampling
 from .runtime.inputs import synthetic_image
 from .streaming import Streamer, quantized_transform, scaled_eager, streamed_pipeline
-from .validate import (BUILTIN_QUESTIONS, ValidationReport, _Recorder, _scores, _stack_logits, check_tokens,
-                       quality_vs_float)
+from .validate import BUILTIN_QUESTIONS, ValidationReport, _Recorder, _scores, check_end_to_end
 
 STREAMED_TOKENS = 4
 UNIT_ROUNDOFF = {"float64": 2.0**-53, "float32": 2.0**-24, "float16": 2.0**-11, "bfloat16": 2.0**-8}
@@ -56,7 +54,6 @@ def validate_streamed(report: ValidationReport, engine, loaded, *, images: Seque
         report.notes.append(f"{scheme.kind} weights (block {scheme.block_size}): references use the engine's dequantized weights")
     eager_dtype, ratio = eager_dtype_for(dtype)
     label = f"batch 0 ({len(pairs)})"
-    lengths = [len(row) for row in got.token_ids]
     with Streamer(loaded.model) as streamer:
         transform = quantized_transform(loaded.model, scheme, dtype) if scheme.quantized else None
         runs = {}
@@ -78,13 +75,7 @@ def validate_streamed(report: ValidationReport, engine, loaded, *, images: Seque
         e.logits = [scaled_eager(a, b, ratio) for a, b in zip(t.logits, e.logits)]
         report.notes.append(f"eager {dtype} cannot run on this CPU: its error is eager {eager_dtype}'s x {ratio:g} "
                             "(the ratio of unit roundoffs), a looser budget than a real eager run")
-    report.add_selection(f"{label} stage1_indices", budget.check_selection(t1, e1, got.stage1_indices, dtype))
-    report.add_selection(f"{label} stage2_indices", budget.check_selection(t2, e2, got.stage2_indices, dtype))
-    logits = [_stack_logits(g, lengths) for g in (t, e, got)]
-    report.add_budget(f"{label} logits ({len(logits[0])} step-rows)", budget.error_budget(*logits, dtype, rows=True))
-    check_tokens(report, label, t, e, got)
-    if plain is not None:
-        quality_vs_float(report, label, _stack_logits(plain, lengths), logits[2])
+    check_end_to_end(report, label, got, t, e, (t1, e1), (t2, e2), plain)
     report.notes.append(
         f"large model: layer-streamed references, {len(pairs)} case(s) x {sampling.max_new_tokens} tokens, end-to-end "
         "checks only (per-graph checks need the whole engine and reference in memory)"

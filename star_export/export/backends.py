@@ -7,7 +7,7 @@ from typing import Callable
 
 from ..errors import UserError
 from .onnx_export import export_onnx
-from .quantize import QUANTIZED_GRAPHS
+from .quantize import QUANTIZED_GRAPHS, WeightScheme
 from .trt_rules import assert_tensorrt_rules
 
 
@@ -36,11 +36,11 @@ class Backend:
             )
 
 
-def build_onnx(loaded, schedule, out_dir, *, dtype, progress=None, weights=None):
-    graphs = export_onnx(loaded, schedule, out_dir, dtype=dtype, progress=progress, **({"weights": weights} if weights else {}))
+def build_onnx(loaded, schedule, out_dir, *, dtype, progress=None, weights=WeightScheme()):
+    graphs = export_onnx(loaded, schedule, out_dir, dtype=dtype, progress=progress, weights=weights)
     if progress:
         progress("check TensorRT parser rules")
-    quantized = frozenset({"MatMulNBits"}) if weights is not None and weights.quantized else frozenset()
+    quantized = frozenset({"MatMulNBits"}) if weights.quantized else frozenset()
     for g in graphs.values():
         assert_tensorrt_rules(g.path, graph_name=g.name, allow_ops=quantized if g.name in QUANTIZED_GRAPHS else frozenset())
     return graphs
@@ -62,7 +62,7 @@ def tensorrt_unavailable() -> None:
     )
 
 
-def build_tensorrt(loaded, schedule, out_dir, *, dtype, progress=None, weights=None):
+def build_tensorrt(loaded, schedule, out_dir, *, dtype, progress=None, weights=WeightScheme()):
     tensorrt_unavailable()
 
 

@@ -141,8 +141,8 @@ def export_engine(
     if weights.quantized and backend != "onnx":
         raise LimitError(f"--weights {weights.kind}: only --backend onnx writes quantized (MatMulNBits) engines")
     require_weights(model)
-    plan = check_fits(spec, schedule, dtype, weights, validate, memory_budget)  # refuse now, not by an OOM kill after loading
     have = memory_budget if memory_budget is not None else available_bytes()
+    plan = check_fits(spec, schedule, dtype, weights, validate, have)  # refuse now, not by an OOM kill after loading
     mode = plan.validation_mode(have) if validate else None
     lazy = mode == "streamed-lazy" or plan.run_bytes > have  # graphs checked (and run) one at a time
     progress = Progress(5 if validate else 4, enabled=show_progress)

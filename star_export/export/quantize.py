@@ -100,29 +100,44 @@ def dequantize(packed: np.ndarray, scales: np.ndarray, zero_points: np.ndarray |
     return w.reshape(N, blocks * block_size)[:, :K]
 
 
-def quantized_twin(weight_nk: np.ndarray, scheme: WeightScheme, activation_dtype="float32") -> np.ndarray:
-    """What the engine's MatMulNBits uses in place of `weight_nk` (float64): the engine stores the scales in its
-    activation dtype, so they are rounded to it here too."""
+def engine_packing(weight_nk: np.ndarray, scheme: WeightScheme, activation_dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """The tensors the engine's MatMulNBits holds for `weight_nk`: packed values, scales in the activation dtype
+    (as the engine stores them), zero points or None."""
     packed, scales, zp = quantize_weight(weight_nk, scheme)
-    scales = scales.astype(np.dtype(activation_dtype))
-    return dequantize(packed, scales, zp, weight_nk.shape[1], scheme.bits, scheme.block_size)
+    return packed, scales.astype(np.dtype(activation_dtype)), zp
+
+
+def quantized_twin(weight_nk: np.ndarray, scheme: WeightScheme, activation_dtype="float32") -> np.ndarray:
+    """What the engine's MatMulNBits uses in place of `weight_nk` (float64)."""
+    return dequantize(*engine_packing(weight_nk, scheme, activation_dtype), weight_nk.shape[1], scheme.bits, scheme.block_size)
+
+
+def quantized_modules(model) -> list:
+    """The Linears of a LLaVA model that a quantized engine holds as MatMulNBits: the decoder's and lm_head."""
+    import torch
+
+    return [m for layer in model.model.language_model.layers for m in layer.modules() if isinstance(m, torch.nn.Linear)] + [model.lm_head]
+
+
+def engine_weight(weight, engine_dtype: str) -> np.ndarray:
+    """A checkpoint weight as the exporter quantizes it: cast to the engine's dtype, then to float32."""
+    from ..models import TORCH_DTYPES
+
+    return weight.detach().to(TORCH_DTYPES[engine_dtype]).float().numpy()
 
 
 def quantized_reference(loaded, scheme: WeightScheme, engine_dtype: str):
-    """A float64 copy of `loaded` whose decoder Linears and lm_head hold exactly the engine's quantized weights
-    (quantized from the weights in the engine's dtype, as the exporter does)."""
+    """A float64 copy of `loaded` whose decoder Linears and lm_head hold exactly the engine's quantized weights."""
     import copy
 
     import torch
 
-    from ..models import TORCH_DTYPES, LoadedModel
+    from ..models import LoadedModel
 
     model = copy.deepcopy(loaded.model).to(torch.float64)
-    linears = [m for layer in model.model.language_model.layers for m in layer.modules() if isinstance(m, torch.nn.Linear)]
     with torch.no_grad():
-        for linear in [*linears, model.lm_head]:
-            w = linear.weight.to(TORCH_DTYPES[engine_dtype]).float().numpy()
-            linear.weight.copy_(torch.from_numpy(quantized_twin(w, scheme, engine_dtype)))
+        for linear in quantized_modules(model):
+            linear.weight.copy_(torch.from_numpy(quantized_twin(engine_weight(linear.weight, engine_dtype), scheme, engine_dtype)))
     return LoadedModel(model, loaded.processor, loaded.spec, loaded.defaults, loaded.source)
 
 
@@ -151,7 +166,7 @@ def quantize_linears(model, scheme: WeightScheme, activation_dtype) -> int:
     def quantized(w) -> tuple:
         if w.name not in cache:
             cache.clear()  # the saver writes a weight's three tensors one after another: keep one weight only
-            cache[w.name] = quantize_weight(w.const_value.numpy().astype(np.float32), scheme)
+            cache[w.name] = engine_packing(w.const_value.numpy().astype(np.float32), scheme, np_dtype)
         return cache[w.name]
 
     count = 0
@@ -163,7 +178,7 @@ def quantize_linears(model, scheme: WeightScheme, activation_dtype) -> int:
         blocks = -(-K // scheme.block_size)
         blob = scheme.block_size * scheme.bits // 8
         parts = [("_Q", ir.DataType.UINT8, (N, blocks, blob), lambda w=w: quantized(w)[0]),
-                 ("_scales", ir.DataType.from_numpy(np_dtype), (N * blocks,), lambda w=w: quantized(w)[1].astype(np_dtype))]
+                 ("_scales", ir.DataType.from_numpy(np_dtype), (N * blocks,), lambda w=w: quantized(w)[1])]
         if not scheme.symmetric:
             zp_cols = -(-blocks * scheme.bits // 8)
             parts.append(("_zero_points", ir.DataType.UINT8, (N, zp_cols), lambda w=w: quantized(w)[2]))

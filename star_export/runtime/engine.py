@@ -10,7 +10,7 @@ import numpy as np
 
 from ..config import ModelSpec, StarSchedule
 from ..errors import user_error_from
-from ..manifest import EngineError, read_manifest
+from ..manifest import EngineError, read_manifest, verify_files
 from ..models import normalize_processor
 from .generate import DecoderLayout, Generation, InputError, Sampling, StarPipeline
 from .inputs import load_requests, prepare_inputs
@@ -55,7 +55,7 @@ class Engine:
 
             check_run_fits(m)  # refuse now rather than be killed loading the sessions
         if verify:
-            read_manifest(self.directory, verify=True)  # every file present and matching its sha256
+            verify_files(self.directory, m)
         self.graphs = {name: _load_graph(self.directory / files[name], self.providers, lazy) for name in GRAPHS}
         self.provider = self.graphs["segment0"].provider
         self.embed_tokens = np.load(self.directory / m["embed_tokens"], mmap_mode="r")

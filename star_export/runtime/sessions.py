@@ -92,6 +92,21 @@ def resolve_providers(name: str, allow_fallback: bool = False) -> list[str]:
     return wanted
 
 
+def session_options(threads: int | None = None):
+    """The options every engine session is created with."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = threads
+    # The engine runs its graphs one after another, each session with its own thread pool. Spinning
+    # pool threads of the graph that just finished steal the cores of the next one (measured on 2 cores:
+    # a 2-layer decode step 100 ms with spinning, 65 ms alone), so idle threads sleep instead.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return opts
+
+
 class OrtGraph:
     """An ONNX Runtime session run through IO binding: outputs stay `OrtValue`s on the provider's device
     and are bound as the next call's inputs, so the KV caches are never copied through numpy."""
@@ -100,15 +115,7 @@ class OrtGraph:
         import onnxruntime as ort
 
         self._ort = ort
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        if threads:
-            opts.intra_op_num_threads = threads
-        # The engine runs its graphs one after another, each session with its own thread pool. Spinning
-        # pool threads of the graph that just finished steal the cores of the next one (measured on 2 cores:
-        # a 2-layer decode step 100 ms with spinning, 65 ms alone), so idle threads sleep instead.
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(str(path), sess_options=opts, providers=list(providers))
+        self.session = ort.InferenceSession(str(path), sess_options=session_options(threads), providers=list(providers))
         self.provider = self.session.get_providers()[0]
         if self.provider != providers[0]:
             warnings.warn(f"{Path(path).name}: asked for {providers[0]}, running on {self.provider}", RuntimeWarning, stacklevel=2)
@@ -161,10 +168,7 @@ class LazyOrtGraph:
     def session(self):
         import onnxruntime as ort
 
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        return ort.InferenceSession(str(self.path), sess_options=opts, providers=self.providers)
+        return ort.InferenceSession(str(self.path), sess_options=session_options(), providers=self.providers)
 
     def run(self, feed: dict[str, Any]) -> dict[str, Any]:
         import gc
