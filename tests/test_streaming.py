@@ -98,3 +98,25 @@ def test_memory_plan_picks_the_most_thorough_mode_that_fits(tiny):
     spec, defaults = spec_from_name("llava-1.5-7b")  # 7B float16: only one graph at a time fits 24 GB
     big = memory_plan(spec, StarSchedule.from_spec(spec, keep=58, defaults=defaults), "float16")
     assert big.validation_mode(22 << 30) == "streamed-lazy" and big.validation_mode(200 << 30) == "whole"
+
+
+def test_lazy_graphs_equal_the_engine_bitwise(engines):
+    """LazyOrtGraph creates its sessions without constant folding (the 7B float16 peak): every graph of a float16
+    engine must still give exactly what star-run's sessions give."""
+    import numpy as np
+
+    from star_export.runtime.engine import Engine
+    from star_export.runtime.generate import Sampling
+    from star_export.runtime.inputs import synthetic_image
+
+    runs = []
+    for lazy in (False, True):
+        engine = Engine(engines["float", "float16"], provider="cpu", lazy=lazy)
+        assert all(type(g).__name__ == ("LazyOrtGraph" if lazy else "OrtGraph") for g in engine.graphs.values())
+        runs.append(engine.generate([synthetic_image(3)], ["Describe the picture."], Sampling(max_new_tokens=4, stop_at_eos=False)))
+    folded, unfolded = runs
+    assert folded.token_ids == unfolded.token_ids
+    np.testing.assert_array_equal(folded.stage1_indices, unfolded.stage1_indices)
+    np.testing.assert_array_equal(folded.stage2_indices, unfolded.stage2_indices)
+    for a, b in zip(folded.logits, unfolded.logits):
+        np.testing.assert_array_equal(a, b)

@@ -67,6 +67,19 @@ class Generation:
     timings: dict[str, float] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class DecodeState:
+    """What a batch carries from one decode step to the next: both segments' KV caches (segment 0: n + t, segment 1:
+    n' + t per row, left padded), their attention masks, each row's next position (B, 1) and last logits (B, vocab)."""
+
+    past0: dict[str, Any]
+    past1: dict[str, Any]
+    mask0: np.ndarray
+    mask1: np.ndarray
+    next_pos: np.ndarray
+    logits: np.ndarray
+
+
 @dataclass(frozen=True, kw_only=True)
 class DecoderLayout:
     """What the loop needs to know about the decoder to build feeds and empty caches."""
@@ -148,16 +161,12 @@ class StarPipeline:
         return embeds, mask, starts.astype(np.int64)
 
     # ------------------------------------------------------------ the loop
-    def stream(
-        self, pixel_values: np.ndarray, input_ids: np.ndarray, attention_mask: np.ndarray, sampling: Sampling, force: Forcing | None = None
-    ) -> Iterator[tuple[np.ndarray, Generation]]:
-        """Yields (tokens of this step (B,), the Generation so far) after prefill and after every step.
-        `force`: take these kept indices and tokens instead of choosing (reference graphs only)."""
+    def prefill(self, pixel_values: np.ndarray, input_ids: np.ndarray, attention_mask: np.ndarray, force: Forcing | None = None) -> tuple[DecodeState, Generation]:
+        """Vision, merge, segment 0, pivot, segment 1 over the prompt. Returns the state the decode steps carry
+        (with the first logits) and a `Generation` holding the kept indices (no tokens yet)."""
         g, L, S = self.graphs, self.layout, self.schedule
-        batch = input_ids.shape[0]
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
-
         vision = g["vision"].run({"pixel_values": pixel_values.astype(self.np_dtype), "stage1_indices": force and force.stage1_indices})
         image_features = g["vision"].to_numpy(vision["image_features"])
         stage1_indices = g["vision"].to_numpy(vision["stage1_indices"])
@@ -165,7 +174,7 @@ class StarPipeline:
 
         t1 = time.perf_counter()
         embeds, mask0, image_start = self.merge(input_ids, attention_mask, image_features)
-        n = embeds.shape[1]
+        batch, n = mask0.shape
         positions = np.where(mask0 > 0, np.cumsum(mask0, -1) - 1, 1).astype(np.int64)  # HF generate's rule
         index = np.arange(n)[None, :]
         suffix_rows = ((index >= (image_start + S.stage1_keep)[:, None]) & (mask0 > 0)).astype(np.int64)
@@ -189,27 +198,63 @@ class StarPipeline:
             {"hidden_states": pivot["pruned_hidden_states"], "attention_mask": mask1, "position_ids": pivot["pruned_position_ids"]}
             | self._empty_past(batch, range(S.pivot_layer + 1, L.num_layers))
         )
-        past0, past1 = self._carry(seg0), self._carry(seg1)
-        logits = g["segment1"].to_numpy(seg1["logits"])[:, -1].astype(self.logits_dtype)
+        state = DecodeState(
+            past0=self._carry(seg0),
+            past1=self._carry(seg1),
+            mask0=mask0,
+            mask1=mask1,
+            next_pos=positions.max(-1, keepdims=True) + 1,  # (B, 1): the unpruned length per row
+            logits=g["segment1"].to_numpy(seg1["logits"])[:, -1].astype(self.logits_dtype),
+        )
         timings["prefill_s"] = time.perf_counter() - t1
-
         result = Generation(
             token_ids=[[] for _ in range(batch)],
             logits=[],
             stage1_indices=stage1_indices,
             stage2_indices=g["pivot"].to_numpy(pivot["stage2_indices"]),
-            kv_bytes_after_prefill=self._kv_bytes(g["segment0"], past0) + self._kv_bytes(g["segment1"], past1),
+            kv_bytes_after_prefill=self._kv_bytes(g["segment0"], state.past0) + self._kv_bytes(g["segment1"], state.past1),
             seq_lens={"segment0": n, "segment1": mask1.shape[1]},
             timings=timings,
         )
+        return state, result
+
+    def step(self, state: DecodeState, tokens: np.ndarray) -> DecodeState:
+        """One decode step: each row's token (B,) through both segments at the row's next position, appended to
+        both caches."""
+        g = self.graphs
+        batch = len(tokens)
+        embeds = self.embed_tokens[np.asarray(tokens)[:, None]].astype(self.np_dtype)  # (B, 1, d)
+        ones = np.ones((batch, 1), np.int64)
+        mask0, mask1 = np.concatenate([state.mask0, ones], 1), np.concatenate([state.mask1, ones], 1)
+        seg0 = g["segment0"].run(
+            {"inputs_embeds": embeds, "attention_mask": mask0, "position_ids": state.next_pos, "suffix_rows": np.zeros((batch, 1), np.int64)}
+            | state.past0
+        )
+        seg1 = g["segment1"].run({"hidden_states": seg0["hidden_states"], "attention_mask": mask1, "position_ids": state.next_pos} | state.past1)
+        return DecodeState(
+            past0=self._carry(seg0),
+            past1=self._carry(seg1),
+            mask0=mask0,
+            mask1=mask1,
+            next_pos=state.next_pos + 1,
+            logits=g["segment1"].to_numpy(seg1["logits"])[:, -1].astype(self.logits_dtype),
+        )
+
+    def stream(
+        self, pixel_values: np.ndarray, input_ids: np.ndarray, attention_mask: np.ndarray, sampling: Sampling, force: Forcing | None = None
+    ) -> Iterator[tuple[np.ndarray, Generation]]:
+        """Yields (tokens of this step (B,), the Generation so far) after prefill and after every step.
+        `force`: take these kept indices and tokens instead of choosing (reference graphs only)."""
+        L = self.layout
+        state, result = self.prefill(pixel_values, input_ids, attention_mask, force)
+        batch = len(state.logits)
         rng = np.random.default_rng(sampling.seed)
         finished = np.zeros(batch, dtype=bool)
-        next_pos = positions.max(-1, keepdims=True) + 1  # (B, 1): the unpruned length per row
         decode_s = 0.0
         for step in range(sampling.max_new_tokens):
-            result.logits.append(logits)
+            result.logits.append(state.logits)
             if force is None:
-                tokens = sample_next(logits, sampling, rng)
+                tokens = sample_next(state.logits, sampling, rng)
             else:
                 tokens = np.array([row[step] if step < len(row) else L.pad_token_id for row in force.token_ids], dtype=np.int64)
             tokens = np.where(finished, L.pad_token_id, tokens)
@@ -223,20 +268,10 @@ class StarPipeline:
             if finished.all() or step == sampling.max_new_tokens - 1:
                 break
             t = time.perf_counter()
-            embeds = self.embed_tokens[tokens[:, None]].astype(self.np_dtype)  # (B, 1, d)
-            ones = np.ones((batch, 1), np.int64)
-            mask0, mask1 = np.concatenate([mask0, ones], 1), np.concatenate([mask1, ones], 1)
-            seg0 = g["segment0"].run(
-                {"inputs_embeds": embeds, "attention_mask": mask0, "position_ids": next_pos, "suffix_rows": np.zeros((batch, 1), np.int64)}
-                | past0
-            )
-            seg1 = g["segment1"].run({"hidden_states": seg0["hidden_states"], "attention_mask": mask1, "position_ids": next_pos} | past1)
-            past0, past1 = self._carry(seg0), self._carry(seg1)
-            logits = g["segment1"].to_numpy(seg1["logits"])[:, -1].astype(self.logits_dtype)
-            next_pos = next_pos + 1
+            state = self.step(state, tokens)
             decode_s += time.perf_counter() - t
-        timings["decode_s"] = decode_s
-        timings["decode_steps"] = len(result.logits) - 1
+        result.timings["decode_s"] = decode_s
+        result.timings["decode_steps"] = len(result.logits) - 1
 
     def generate(self, pixel_values, input_ids, attention_mask, sampling: Sampling, force: Forcing | None = None) -> Generation:
         result = None
