@@ -1,4 +1,4 @@
-"""Console scripts: `star-export`, `star-run`, `star-validate`. Each parses its arguments with nothing heavy
+"""Console scripts: `star-export`, `star-run`, `star-validate`, `star-serve`. Each parses its arguments with nothing heavy
 imported (so `--help` answers at once), then calls one library function with the same keyword names.
 
 Exit codes: 0 success; 1 the engine does not match its reference; 2 a user error (the message names the problem
@@ -359,3 +359,61 @@ def _validate(args) -> int:
 
 def validate_main(argv=None) -> int:
     return _main("star-validate", validate_parser(), _validate, argv)
+
+
+# ------------------------------------------------------------------ star-serve
+
+
+def _port(text: str) -> int:
+    value = _int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{value}: allowed 0..65535 (0 picks a free port)")
+    return value
+
+
+def _seconds(text: str) -> float:
+    value = _finite(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{value}: allowed > 0")
+    return value
+
+
+def serve_parser() -> argparse.ArgumentParser:
+    p = _parser("star-serve", "Serve an engine directory over the OpenAI chat-completions API, with continuous batching.")
+    p.add_argument("engine", help="engine directory written by star-export")
+    g = p.add_argument_group("network")
+    g.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface; set an API key then)")
+    g.add_argument("--port", type=_port, default=8000, help="TCP port (0: a free one, printed at start)")
+    g.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 (default: $STAR_API_KEY; unset: no key)")
+    g.add_argument("--model-name", default=None, help="the name clients send as `model` (default: the engine's source model)")
+    g = p.add_argument_group("limits")
+    g.add_argument("--max-queue", type=_positive, default=64, help="requests waiting for a batch slot; more get 429 with Retry-After")
+    g.add_argument("--request-timeout", type=_seconds, default=300.0, help="seconds from arrival to the last token; later is 408")
+    g.add_argument("--max-image-bytes", type=_positive, default=20 << 20, help="largest image accepted, in bytes (the body limit follows)")
+    g.add_argument("--allow-remote-images", action="store_true", help="fetch http(s) image URLs (default: only inline data: URLs; files are never read)")
+    g = p.add_argument_group("device")
+    g.add_argument("--provider", default="auto", choices=PROVIDERS, help="ONNX Runtime execution provider (auto: CUDA when present, else CPU)")
+    _fallback_flag(g)
+    return p
+
+
+def _serve(args) -> int:
+    from .serve import serve
+
+    api_key = args.api_key if args.api_key is not None else os.environ.get("STAR_API_KEY") or None
+    serve(
+        args.engine,
+        host=args.host,
+        port=args.port,
+        settings_kwargs={"model_name": args.model_name, "api_key": api_key, "max_queue": args.max_queue, "request_timeout": args.request_timeout,
+                         "max_image_bytes": args.max_image_bytes, "allow_remote_images": args.allow_remote_images},
+        provider=args.provider,
+        allow_fallback=args.allow_fallback,
+        quiet=args.quiet,
+        verbose=args.verbose,
+    )
+    return 0
+
+
+def serve_main(argv=None) -> int:
+    return _main("star-serve", serve_parser(), _serve, argv)

@@ -1,0 +1,58 @@
+"""star-serve: an OpenAI-compatible server with continuous batching over an engine directory."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from pathlib import Path
+
+from ..errors import UserError
+
+
+def default_model_name(manifest: dict) -> str:
+    """The name clients send as `model`: the source model's, a local directory by its last component."""
+    name = str(manifest["source"].get("name") or "star-engine")
+    return Path(name).name if os.path.isabs(name) else name
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket, bound before the server starts: a busy port is a clear error, port 0 picks a free one."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise UserError(f"--host {host!r} is not an address this machine can bind ({e.strerror}): use 127.0.0.1, 0.0.0.0 or an interface's address") from None
+    family, _, _, _, address = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as e:
+        sock.close()
+        raise UserError(f"cannot listen on {host}:{port} ({e.strerror}): choose another --port (0 picks a free one)") from None
+    sock.listen(2048)
+    return sock
+
+
+def serve(engine_dir, *, host: str, port: int, settings_kwargs: dict, provider: str = "auto", allow_fallback: bool = False,
+          quiet: bool = False, verbose: bool = False) -> None:
+    """Load and verify the engine, bind, then serve until SIGINT / SIGTERM."""
+    import uvicorn
+
+    from ..runtime.engine import Engine
+    from .app import ServeSettings, create_app
+
+    say = (lambda msg: None) if quiet else (lambda msg: print(f"star-serve: {msg}", file=sys.stderr, flush=True))
+    say(f"loading {engine_dir} ...")
+    engine = Engine.from_dir(engine_dir, provider=provider, allow_fallback=allow_fallback)
+    settings = ServeSettings(model_name=settings_kwargs.pop("model_name", None) or default_model_name(engine.manifest), **settings_kwargs)
+    sock = bind(host, port)
+    bound = sock.getsockname()[1]
+    if not settings.api_key and host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"star-serve: warning: listening on {host} without an API key: anyone who reaches this port can use it (--api-key)", file=sys.stderr)
+    app = create_app(engine, settings)
+    config = uvicorn.Config(app, log_level="info" if verbose else "warning", access_log=verbose, timeout_graceful_shutdown=10)
+    S = engine.schedule
+    say(f"serving '{settings.model_name}' ({S.num_vision_tokens} -> {S.stage1_keep} -> {S.keep} visual tokens, max batch "
+        f"{engine.limits['max_batch_size']}, {engine.provider}) on http://{host}:{bound}/v1  (port {bound})")
+    uvicorn.Server(config).run(sockets=[sock])

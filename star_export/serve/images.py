@@ -1,0 +1,102 @@
+"""A request's image, from its `image_url`: a base64 `data:` URL, or (only with --allow-remote-images) an http(s)
+URL. Never a file: `file://` URLs and paths are refused, whatever the server's settings. Bytes, pixel count and
+format are checked before the picture is decoded; what passes is fully decoded here, so a broken file fails its
+own request and never the batch it would have joined."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import re
+import urllib.error
+import urllib.request
+import warnings
+
+from ..runtime.inputs import MAX_IMAGE_PIXELS, check_pixels, to_rgb
+from ..runtime.generate import InputError
+from .protocol import APIError
+
+PARAM = "messages.image_url.url"
+DATA_URL = re.compile(r"data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=[\w.+-]+)*)(?P<b64>;base64)?,", re.ASCII)
+REMOTE_TIMEOUT_S = 10
+
+
+def load(url: str, *, max_bytes: int, allow_remote: bool):
+    """An RGB PIL image, or APIError 400 saying what is wrong with the URL or the picture."""
+    data = _bytes(url, max_bytes, allow_remote)
+    return decode(data)
+
+
+def _bytes(url: str, max_bytes: int, allow_remote: bool) -> bytes:
+    scheme = url.split(":", 1)[0].lower() if ":" in url else ""
+    if scheme == "data":
+        return _data_url(url, max_bytes)
+    if scheme in ("http", "https"):
+        if not allow_remote:
+            raise APIError(400, "remote image URLs are off on this server: send the image inline as a data URL "
+                                "(data:image/png;base64,...), or start star-serve with --allow-remote-images", param=PARAM, code="remote_image_refused")
+        return _fetch(url, max_bytes)
+    raise APIError(400, f"image_url must be a data: URL (data:image/png;base64,...){' or an http(s) URL' if allow_remote else ''}; "
+                        f"got {'a ' + scheme + ': URL' if scheme else 'a path or an unknown form'} (files on the server are never read)",
+                   param=PARAM, code="invalid_image_url")
+
+
+def _data_url(url: str, max_bytes: int) -> bytes:
+    m = DATA_URL.match(url)
+    if m is None or not m.group("b64"):
+        raise APIError(400, "a data URL must be base64: data:image/<format>;base64,<data>", param=PARAM, code="invalid_image_url")
+    mime = (m.group("mime") or "").lower()
+    if mime and not mime.startswith("image/"):
+        raise APIError(400, f"the data URL's media type is {mime!r}: send an image (image/png, image/jpeg, ...)", param=PARAM, code="invalid_image")
+    payload = url[m.end():]
+    if len(payload) // 4 * 3 > max_bytes + 3:  # checked before decoding
+        raise APIError(400, f"the image is about {len(payload) // 4 * 3:,} bytes, over this server's limit of {max_bytes:,} "
+                            "(--max-image-bytes): downscale or recompress it", param=PARAM, code="image_too_large")
+    try:
+        data = base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise APIError(400, f"the data URL's base64 is malformed ({e})", param=PARAM, code="invalid_image_url") from None
+    if len(data) > max_bytes:
+        raise APIError(400, f"the image is {len(data):,} bytes, over this server's limit of {max_bytes:,} (--max-image-bytes)", param=PARAM, code="image_too_large")
+    return data
+
+
+class _HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        if not newurl.lower().startswith(("http://", "https://")):
+            raise APIError(400, f"the image URL redirects to {newurl.split(':', 1)[0]}: (only http(s) is followed)", param=PARAM, code="invalid_image_url")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def _fetch(url: str, max_bytes: int) -> bytes:
+    opener = urllib.request.build_opener(_HttpOnlyRedirects)
+    try:
+        with opener.open(urllib.request.Request(url, headers={"User-Agent": "star-serve"}), timeout=REMOTE_TIMEOUT_S) as r:
+            data = r.read(max_bytes + 1)
+    except APIError:
+        raise
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        raise APIError(400, f"the image URL could not be fetched ({type(e).__name__}: {str(e)[:200]})", param=PARAM, code="image_fetch_failed") from None
+    if len(data) > max_bytes:
+        raise APIError(400, f"the image at the URL is over this server's limit of {max_bytes:,} bytes (--max-image-bytes)", param=PARAM, code="image_too_large")
+    return data
+
+
+def decode(data: bytes):
+    """Bytes -> RGB picture: pixel count from the header first (a decompression bomb is never decoded)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as im:
+                check_pixels(im.size)
+                im.load()  # decode now: a truncated file fails here, in its own request
+                return to_rgb(im)
+    except InputError as e:
+        raise APIError(400, str(e), param=PARAM, code="invalid_image") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise APIError(400, f"the image declares too many pixels: limit {MAX_IMAGE_PIXELS:,}; downscale it", param=PARAM, code="invalid_image") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
+        raise APIError(400, f"the image could not be decoded ({type(e).__name__}): send a PNG, JPEG or another format Pillow reads", param=PARAM, code="invalid_image") from None
