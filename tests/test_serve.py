@@ -219,11 +219,20 @@ def test_concurrent_clients_arriving_at_different_times(server, engine):
         image, q, n = cases[i]
         got[i] = ask(port, image, q, n=n).choices[0].model_extra["token_ids"]
 
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(cases))]
+    refused = []
+
+    def bad(k):  # malformed requests racing the good ones must not disturb them
+        time.sleep(0.005 * k)
+        name = list(BAD)[k * 5 % len(BAD)]
+        status, code, body, headers = BAD[name]
+        refused.append(_post(port, body, headers)[0] == status)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(cases))] + [threading.Thread(target=bad, args=(k,)) for k in range(6)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    assert refused == [True] * 6
     for i, (image, q, n) in enumerate(cases):
         assert got[i] == batch1(engine, image, q, n), f"request {i}"
     after = app.state.metrics.batch_size.collect()[0].samples
@@ -465,3 +474,47 @@ def test_star_serve_command(serve_engine, tmp_path):
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
     assert proc.returncode in (0, 143), proc.stderr.read()
+
+
+def test_remote_images_only_when_allowed(engine, tmp_path):
+    """--allow-remote-images fetches http(s) URLs (here a loopback file server); redirects to other schemes and
+    oversized downloads are refused; without the flag the same URL is a 400."""
+    import functools
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    image = synthetic_image(2)
+    image.save(tmp_path / "cat.png")
+    (tmp_path / "big.png").write_bytes(b"\0" * (MAX_IMAGE_BYTES + 1))
+
+    class Handler(SimpleHTTPRequestHandler):
+        def do_GET(self):
+            if self.path == "/redirect":
+                self.send_response(302)
+                self.send_header("Location", "file:///etc/passwd")
+                self.end_headers()
+                return
+            super().do_GET()
+
+        def log_message(self, *args):
+            pass
+
+    files = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(tmp_path)))
+    threading.Thread(target=files.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{files.server_address[1]}"
+    try:
+        with running(engine, allow_remote_images=True) as (port, _):
+            c = client(port)
+            remote = c.chat.completions.create(model=MODEL, messages=messages(QUESTIONS[0], f"{base}/cat.png"), temperature=0, max_tokens=6)
+            inline = c.chat.completions.create(model=MODEL, messages=messages(QUESTIONS[0], data_url(image)), temperature=0, max_tokens=6)
+            assert remote.choices[0].model_extra["token_ids"] == inline.choices[0].model_extra["token_ids"]
+            # (urllib refuses the redirect to file: itself; ours refuses ftp: too)
+            for path, code in (("/redirect", "image_fetch_failed"), ("/big.png", "image_too_large"), ("/missing.png", "image_fetch_failed")):
+                with pytest.raises(openai.BadRequestError) as e:
+                    c.chat.completions.create(model=MODEL, messages=messages("hi", base + path), max_tokens=2)
+                assert e.value.body["code"] == code, path
+        with running(engine) as (port, _):
+            with pytest.raises(openai.BadRequestError) as e:
+                client(port).chat.completions.create(model=MODEL, messages=messages("hi", f"{base}/cat.png"), max_tokens=2)
+            assert e.value.body["code"] == "remote_image_refused"
+    finally:
+        files.shutdown()
