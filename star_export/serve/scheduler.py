@@ -21,7 +21,6 @@ import numpy as np
 
 from ..runtime import batch as rows_of
 from ..runtime.generate import Sampling, sample_next
-from .metrics import Metrics
 from .protocol import APIError
 
 
@@ -32,6 +31,7 @@ class Event:
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     star: dict | None = None
+    kept: tuple | None = None  # (stage-1 patch indices, stage-2 offsets) of the request's image
     error: APIError | None = None
 
 
@@ -49,6 +49,7 @@ class Job:
     sent: int = 0  # characters of text sent
     rng: np.random.Generator | None = None
     star: dict = field(default_factory=dict)
+    kept: tuple | None = None
     last_token_at: float = 0.0
 
     @property
@@ -60,9 +61,20 @@ class QueueFull(Exception):
     pass
 
 
+class _NoMetrics:
+    """Stands in for serve/metrics.Metrics where the host server keeps its own (Triton)."""
+
+    def __getattr__(self, name):
+        return self
+
+    def __call__(self, *args, **kwargs):
+        return self
+
+
 class Scheduler:
-    def __init__(self, engine, max_queue: int, metrics: Metrics):
-        self.engine, self.pipeline, self.metrics = engine, engine.pipeline, metrics
+    def __init__(self, engine, max_queue: int, metrics=None):
+        """`metrics`: a serve/metrics.Metrics, or None."""
+        self.engine, self.pipeline, self.metrics = engine, engine.pipeline, metrics or _NoMetrics()
         self.max_batch = engine.limits["max_batch_size"]
         self.max_queue = max_queue
         self.tokenizer = engine.processor.tokenizer
@@ -142,6 +154,7 @@ class Scheduler:
         job.star = {"visual_tokens": {"input": S.num_vision_tokens, "stage1": S.stage1_keep, "kept": S.keep},
                     "timings": {"queue_s": now - job.arrived, **gen.timings, "decode_s": 0.0, "decode_steps": 0}}
         job.rng = np.random.default_rng(job.sampling.seed)
+        job.kept = (gen.stage1_indices[0], gen.stage2_indices[0])
         self.metrics.visual_tokens(S.num_vision_tokens, S.stage1_keep, S.keep)
         state = rows_of.host(state, self.to_numpy)
         self.state = state if self.state is None else rows_of.concat([rows_of.host(self.state, self.to_numpy), state])
@@ -202,7 +215,7 @@ class Scheduler:
         job.sent = max(end, job.sent)
         job.emit(Event("delta", text=piece, token_ids=[job.tokens[-1]]))
         if reason is not None:
-            job.emit(Event("done", finish_reason=reason, star=job.star, token_ids=list(job.tokens)))
+            job.emit(Event("done", finish_reason=reason, star=job.star, token_ids=list(job.tokens), kept=job.kept))
             return True
         return False
 
