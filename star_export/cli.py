@@ -169,7 +169,24 @@ def export_parser() -> argparse.ArgumentParser:
     g.add_argument("--dry-run", action="store_true", help="print the plan (tokens per stage, FLOPs, KV bytes) without weights; writes nothing")
     g.add_argument("--text-tokens", type=_positive, default=DEFAULT_TEXT_TOKENS, help="text tokens assumed by --dry-run")
     g.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+    _triton_flags(p.add_argument_group("Triton Inference Server"), "--triton-repo", "also write a Triton model repository for the engine (README: Serving)")
     return p
+
+
+def _triton_flags(g, flag: str, help: str) -> None:
+    g.add_argument(flag, default=None, metavar="REPO", help=help)
+    g.add_argument("--triton-model-name", default="star_llava", help="Triton model name (the streaming model is NAME_stream)")
+    g.add_argument("--triton-kind", default="auto", choices=["auto", "cpu", "gpu"], help="instance group kind (auto: gpu when onnxruntime has CUDA)")
+    g.add_argument("--triton-copy-engine", action="store_true", help="copy the engine into the repository (default: reference it by absolute path)")
+
+
+def _write_triton(args, engine_dir, repo) -> None:
+    from .serve.triton_repo import resolve_kind, write_repository
+
+    models = write_repository(engine_dir, repo, model_name=args.triton_model_name, kind=resolve_kind(args.triton_kind),
+                              copy_engine=args.triton_copy_engine, force=args.force)
+    if not args.quiet:
+        print(f"Triton model repository written to {repo} (models: {', '.join(m.name for m in models)})", file=sys.stderr)
 
 
 def _gib(text: str) -> int:
@@ -208,6 +225,10 @@ def _export(args) -> int:
 
     if not args.out:
         raise OutDirError("--out is required (the engine directory to write), or pass --dry-run")
+    if args.triton_repo:
+        from .serve.triton_repo import check_target
+
+        check_target(args.triton_repo, args.triton_model_name, "cpu", args.force)  # before the long export
     try:
         manifest = export_engine(
             model=args.model,
@@ -230,6 +251,8 @@ def _export(args) -> int:
     except ValidationFailed as e:
         print(f"star-export: error: {e}\nnothing was written to {args.out}", file=sys.stderr)
         return EXIT_MISMATCH
+    if args.triton_repo:
+        _write_triton(args, args.out, args.triton_repo)
     summary = {k: manifest[k] for k in ("schedule", "dtype", "weights", "backend", "timings_s")} | {"out": str(args.out), "files": sorted(manifest["files"])}
     print(json.dumps(summary, indent=2) if args.json else f"engine written to {args.out}")
     return 0
@@ -394,11 +417,21 @@ def serve_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("device")
     g.add_argument("--provider", default="auto", choices=PROVIDERS, help="ONNX Runtime execution provider (auto: CUDA when present, else CPU)")
     _fallback_flag(g)
+    g = p.add_argument_group("Triton Inference Server")
+    _triton_flags(g, "--write-triton-repo", "write a Triton model repository for ENGINE and exit (no server starts)")
+    g.add_argument("--force", action="store_true", help="with --write-triton-repo: replace models of the same names")
     return p
 
 
 def _serve(args) -> int:
     from .serve import serve
+
+    if args.write_triton_repo:
+        from .serve.triton_repo import check_target
+
+        check_target(args.write_triton_repo, args.triton_model_name, "cpu", args.force)
+        _write_triton(args, args.engine, args.write_triton_repo)
+        return 0
 
     api_key = args.api_key if args.api_key is not None else os.environ.get("STAR_API_KEY") or None
     serve(

@@ -71,17 +71,24 @@ parameters [
 """
 
 
-def write_repository(engine_dir, repo, *, model_name: str = "star_llava", kind: str = "cpu", copy_engine: bool = False,
-                     max_queue: int = 64, force: bool = False) -> list[Path]:
-    """Two models: REPO/<model_name>_stream (decoupled: streams over gRPC; holds the engine, referenced by its absolute
-    path or copied into its version folder with `copy_engine`) and REPO/<model_name> (HTTP / gRPC `infer`: one
-    response, forwarded to the first). Written in hidden staging folders and renamed into place. Returns both."""
-    engine_dir, repo = Path(engine_dir).resolve(), Path(repo)
-    manifest = read_manifest(engine_dir, verify=False)
+def resolve_kind(kind: str) -> str:
+    """auto: gpu when this onnxruntime has the CUDA provider (the repository is usually written where it runs)."""
+    if kind != "auto":
+        return kind
+    import onnxruntime as ort
+
+    return "gpu" if "CUDAExecutionProvider" in ort.get_available_providers() else "cpu"
+
+
+def check_target(repo, model_name: str, kind: str, force: bool) -> tuple[str, str]:
+    """The two model folders' names, after checking they may be written (before any long step)."""
+    repo = Path(repo)
     if kind not in KINDS:
         raise UserError(f"unknown instance kind {kind!r}: allowed {', '.join(KINDS)}")
-    if not model_name.replace("_", "").replace("-", "").isalnum():
+    if not model_name or not model_name.replace("_", "").replace("-", "").isalnum():
         raise UserError(f"Triton model name {model_name!r}: use letters, digits, '_' and '-'")
+    if repo.exists() and not repo.is_dir():
+        raise UserError(f"Triton repository {repo} is a file: give a directory")
     names = (model_name + STREAM_SUFFIX, model_name)
     for name in names:
         if (repo / name).exists():
@@ -89,6 +96,17 @@ def write_repository(engine_dir, repo, *, model_name: str = "star_llava", kind: 
                 raise UserError(f"{repo / name} exists: choose another model name or repository, or pass --force to replace it")
             if not (repo / name / "config.pbtxt").is_file():
                 raise UserError(f"{repo / name} exists and is not a Triton model folder: refusing to replace it")
+    return names
+
+
+def write_repository(engine_dir, repo, *, model_name: str = "star_llava", kind: str = "cpu", copy_engine: bool = False,
+                     max_queue: int = 64, force: bool = False) -> list[Path]:
+    """Two models: REPO/<model_name>_stream (decoupled: streams over gRPC; holds the engine, referenced by its absolute
+    path or copied into its version folder with `copy_engine`) and REPO/<model_name> (HTTP / gRPC `infer`: one
+    response, forwarded to the first). Written in hidden staging folders and renamed into place. Returns both."""
+    engine_dir, repo = Path(engine_dir).resolve(), Path(repo)
+    manifest = read_manifest(engine_dir, verify=False)
+    names = check_target(repo, model_name, kind, force)
     batch = int(manifest["limits"]["max_batch_size"])
     staged = {name: repo / f".{name}.tmp" for name in names}
     try:
