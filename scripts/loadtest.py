@@ -124,7 +124,7 @@ def main() -> int:
     p.add_argument("--engine", type=Path, default=None, help="engine directory (default: export tiny-llava here, max batch 16)")
     p.add_argument("--clients", type=int, default=32)
     p.add_argument("--seconds", type=float, default=60)
-    p.add_argument("--max-tokens", type=int, default=16)
+    p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--compare", default="1,16", help="client counts compared for throughput")
     p.add_argument("--compare-seconds", type=float, default=15, help="per round; rounds alternate between the counts")
     p.add_argument("--rounds", type=int, default=3)
@@ -146,21 +146,32 @@ def main() -> int:
     requests = make_requests()
     proc, port = start_server(args.engine)
     try:
-        phase(port, 4, 3, args.max_tokens, requests)  # warm-up: sessions, allocator arenas, tokenizer caches
+        phase(port, args.clients, 10, args.max_tokens, requests)  # warm-up at full load: sessions, arenas at the largest batch
         rss_before = rss_mib(proc.pid)
+        samples, sampling = [], threading.Event()
+
+        def sample():  # the server's RSS every 5 s of the load: growth shows as a trend, not one end point
+            while not sampling.wait(5):
+                samples.append(round(rss_mib(proc.pid)))
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
         load = phase(port, args.clients, args.seconds, args.max_tokens, requests)
+        sampling.set()
         rss_after = rss_mib(proc.pid)
         counts = [int(c) for c in args.compare.split(",")]
         rounds = {c: [] for c in counts}
         for _ in range(args.rounds):
             for c in counts:
                 rounds[c].append(phase(port, c, args.compare_seconds, args.max_tokens, requests))
+        rss_end = rss_mib(proc.pid)
     finally:
         proc.terminate()
         proc.wait(timeout=60)
     result = {"engine": str(args.engine), "model": MODEL, "max_tokens": args.max_tokens, "cpus": os.cpu_count(), "load": load,
-              "server_rss_mib": {"before": rss_before, "after": rss_after}, "compare": rounds}
+              "server_rss_mib": {"before": rss_before, "after": rss_after, "end": rss_end, "every_5s": samples}, "compare": rounds}
     print(f"## {args.clients} clients x {args.seconds:.0f} s, max_tokens {args.max_tokens} ({MODEL}, {os.cpu_count()} CPUs)\n")
+    print(f"server RSS (MiB): {rss_before:.0f} after a 10 s warm-up at {args.clients} clients, {rss_after:.0f} after the load, {rss_end:.0f} at the end; every 5 s of the load: {samples}\n")
     print("| requests | errors | latency p50 / p99 (s) | TTFT p50 / p99 (s) | requests/s | tokens/s | mean batch | server RSS before -> after (MiB) |")
     print("|---|---|---|---|---|---|---|---|")
     print(f"| {load['requests']} | {load['errors']} | {load['latency_p50_s']:.3f} / {load['latency_p99_s']:.3f} | {load['ttft_p50_s']:.3f} / "
