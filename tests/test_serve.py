@@ -518,3 +518,24 @@ def test_remote_images_only_when_allowed(engine, tmp_path):
             assert e.value.body["code"] == "remote_image_refused"
     finally:
         files.shutdown()
+
+
+def test_a_failing_decode_step_fails_its_rows_and_the_server_goes_on(engine, monkeypatch):
+    with running(engine) as (port, app):
+        pipeline = app.state.scheduler.pipeline
+        real = pipeline.step
+        calls = []
+
+        def planted(state, tokens):  # the first decode step fails
+            calls.append(1)
+            if len(calls) == 1:
+                raise RuntimeError("planted")
+            return real(state, tokens)
+
+        monkeypatch.setattr(pipeline, "step", planted)
+        with pytest.raises(openai.InternalServerError, match="decoding failed"):
+            ask(port, synthetic_image(0), QUESTIONS[0], n=6)
+        status, _, _ = _post(port, b"", {}, "/health", "GET")
+        assert status == 200
+        r = ask(port, synthetic_image(0), QUESTIONS[0], n=6)
+        assert r.choices[0].model_extra["token_ids"] == batch1(engine, synthetic_image(0), QUESTIONS[0], 6)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import threading
 import time
 from dataclasses import dataclass
 
@@ -156,12 +157,16 @@ def create_app(engine, settings: ServeSettings) -> FastAPI:
     return app
 
 
+_PROCESSOR = threading.Lock()  # one request at a time through the processor: its fast tokenizer is not thread-safe
+
+
 def _prepare(engine, req: protocol.ChatRequest, settings: ServeSettings) -> dict:
     """Image and prompt -> the engine's inputs (in a worker thread: decoding and tokenizing are not free)."""
     image = image_source.load(req.image_url, max_bytes=settings.max_image_bytes, allow_remote=settings.allow_remote_images)
     try:
-        prompt = engine.processor.apply_chat_template(req.conversation, add_generation_prompt=True)
-        return engine.prepare([image], [prompt])
+        with _PROCESSOR:
+            prompt = engine.processor.apply_chat_template(req.conversation, add_generation_prompt=True)
+            return engine.prepare([image], [prompt])
     except Exception as e:
         user = user_error_from(e)
         if user is None:

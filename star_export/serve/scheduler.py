@@ -12,6 +12,7 @@ raises into a request's neighbours (a failing prefill fails its own job only).
 from __future__ import annotations
 
 import collections
+import copy
 import threading
 import time
 from dataclasses import dataclass, field
@@ -77,7 +78,9 @@ class Scheduler:
         self.engine, self.pipeline, self.metrics = engine, engine.pipeline, metrics or _NoMetrics()
         self.max_batch = engine.limits["max_batch_size"]
         self.max_queue = max_queue
-        self.tokenizer = engine.processor.tokenizer
+        # A copy of its own: a fast tokenizer mutated by a request's encoding (padding settings) while this thread decodes
+        # fails with "Already borrowed".
+        self.tokenizer = copy.deepcopy(engine.processor.tokenizer)
         self.eos = engine.layout.eos_token_id
         g = self.pipeline.graphs
         self.to_numpy = (g["segment0"].to_numpy, g["segment1"].to_numpy)
@@ -125,7 +128,12 @@ class Scheduler:
                 for job in admitted:
                     self._admit(job)
                 if self.rows:
-                    self._step()
+                    try:
+                        self._step()
+                    except Exception as e:  # the running rows fail; the server goes on with the next requests
+                        rows, self.rows, self.state = self.rows, [], None
+                        for job in rows:
+                            job.emit(Event("error", error=APIError(500, f"decoding failed ({type(e).__name__}: {str(e)[:200]})")))
         except BaseException as e:  # a bug: fail every request in flight rather than leave them waiting (/health turns 503)
             self.failure = e
             self._fail_all(APIError(500, f"the scheduler failed ({type(e).__name__}: {str(e)[:200]}); restart the server"))
