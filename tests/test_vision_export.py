@@ -86,3 +86,23 @@ def test_tiny_export_is_fast_and_reports_size(tiny, tmp_path):
     assert time.perf_counter() - t < 15
     assert exported.seconds > 0 and exported.bytes == sum(p.stat().st_size for p in tmp_path.glob("vision.onnx*"))
     assert (tmp_path / "vision.onnx.data").is_file()  # weights as external data
+
+
+def test_float16_engines_keep_rope_frequencies_in_float32(tiny, tmp_path):
+    """Hugging Face computes RoPE angles from a float32 `inv_freq` whatever the weights' dtype; an engine (and the eager
+    float16 twin) must not round the frequencies to float16 (models.cast_module)."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    from star_export.config import StarSchedule
+    from star_export.export.onnx_export import export_onnx
+
+    schedule = StarSchedule.from_spec(tiny.spec, keep=58, defaults=tiny.defaults)
+    path = export_onnx(tiny, schedule, tmp_path, graphs=["segment0"], dtype="float16")["segment0"].path
+    inv_freq = tiny.model.model.language_model.rotary_emb.inv_freq.numpy()
+    assert inv_freq.dtype == np.float32 and not np.array_equal(inv_freq, inv_freq.astype(np.float16).astype(np.float32))
+    found = [numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer if list(t.dims) == [inv_freq.size]]
+    assert any(a.dtype == np.float32 and np.array_equal(a, inv_freq) for a in found), "RoPE frequencies not in float32"
+    twin = tiny.cast("float16").model.model.language_model.rotary_emb.inv_freq
+    assert twin.dtype == torch.float32 and np.array_equal(twin.numpy(), inv_freq)

@@ -23,7 +23,7 @@ from torch.export import Dim
 
 from ..config import StarSchedule
 from ..errors import user_error_from
-from ..models import TORCH_DTYPES, LoadedModel
+from ..models import TORCH_DTYPES, LoadedModel, cast_module
 from ..reference import graph_modules
 from ..streaming import release_pages
 from .quantize import QUANTIZED_GRAPHS, WeightScheme, quantize_linears
@@ -105,24 +105,25 @@ def weightless(loaded: LoadedModel, dtype: torch.dtype) -> LoadedModel:
     from transformers import LlavaForConditionalGeneration
 
     with torch.device("meta"):
-        model = LlavaForConditionalGeneration(copy.deepcopy(loaded.model.config)).to(dtype)
+        model = cast_module(LlavaForConditionalGeneration(copy.deepcopy(loaded.model.config)), dtype)
     model.set_attn_implementation("eager")
     return LoadedModel(model.eval().requires_grad_(False), loaded.processor, loaded.spec, loaded.defaults, loaded.source)
 
 
-def _lazy_weights(program, real: torch.nn.Module, dtype: torch.dtype) -> None:
+def _lazy_weights(program, real: torch.nn.Module) -> None:
     """Point every initializer of the traced graph at the real module's tensor of the same name, cast on demand."""
     import onnx_ir as ir
 
     tensors = dict(real.named_parameters()) | dict(real.named_buffers())
+    declared = {ir.DataType.FLOAT: torch.float32, ir.DataType.FLOAT16: torch.float16, ir.DataType.BFLOAT16: torch.bfloat16, ir.DataType.DOUBLE: torch.float64}
     for name, value in program.model.graph.initializers.items():
         if name not in tensors:
             raise ExportError(f"the traced graph has an initializer {name!r} that the model does not: cannot attach weights")
         source = tensors[name]
 
-        def load(source=source, name=name):
-            t = source.detach()
-            t = t.to(dtype, copy=True) if t.is_floating_point() else t.clone()
+        def load(source=source, name=name, wanted=declared.get(value.dtype)):
+            t = source.detach()  # cast to what the graph declares: `dtype`, or float32 for RoPE's frequencies (cast_module)
+            t = t.to(wanted, copy=True) if t.is_floating_point() and wanted is not None else t.clone()
             release_pages(source)  # the checkpoint's mapped pages of this tensor: read once, handed back
             return ir.Tensor(t.contiguous().numpy(), name=name)
 
@@ -160,7 +161,7 @@ def export_graph(module, args, dynamic_shapes, input_names, output_names, path: 
             verbose=False,
         )
         if real is not None:
-            _lazy_weights(program, real, dtype)
+            _lazy_weights(program, real)
             if weights.quantized and not quantize_linears(program.model, weights, str(dtype).removeprefix("torch.")):
                 raise ExportError(f"{path.name}: no Linear found to quantize (the exporter's MatMul(x, Transpose(W)) pattern changed?)")
             # Fold small constants only: the optimizer folds some ops (Transpose) whatever their size, which would hold
