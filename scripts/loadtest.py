@@ -69,7 +69,7 @@ def make_requests():
             for i in range(16)]
 
 
-def phase(port: int, clients: int, seconds: float, max_tokens: int, requests: list) -> dict:
+def phase(port: int, model: str, clients: int, seconds: float, max_tokens: int, requests: list) -> dict:
     import openai
 
     records, errors, lock = [], [], threading.Lock()
@@ -82,7 +82,7 @@ def phase(port: int, clients: int, seconds: float, max_tokens: int, requests: li
             t0 = time.monotonic()
             ttft, tokens = None, 0
             try:
-                for chunk in c.chat.completions.create(model=MODEL, messages=requests[i % len(requests)], temperature=0, max_tokens=max_tokens,
+                for chunk in c.chat.completions.create(model=model, messages=requests[i % len(requests)], temperature=0, max_tokens=max_tokens,
                                                        stream=True, stream_options={"include_usage": True}):
                     if chunk.choices and chunk.choices[0].delta.content and ttft is None:
                         ttft = time.monotonic() - t0
@@ -116,9 +116,6 @@ def phase(port: int, clients: int, seconds: float, max_tokens: int, requests: li
     }
 
 
-MODEL = "tiny-llava"
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--engine", type=Path, default=None, help="engine directory (default: export tiny-llava here, max batch 16)")
@@ -130,7 +127,6 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
-    global MODEL
     tmp = None
     if args.engine is None:
         from star_export.cli import export_main
@@ -142,11 +138,11 @@ def main() -> int:
     from star_export.manifest import read_manifest
     from star_export.serve import default_model_name
 
-    MODEL = default_model_name(read_manifest(args.engine, verify=False))
+    model = default_model_name(read_manifest(args.engine, verify=False))
     requests = make_requests()
     proc, port = start_server(args.engine)
     try:
-        phase(port, args.clients, 10, args.max_tokens, requests)  # warm-up at full load: sessions, arenas at the largest batch
+        phase(port, model, args.clients, 10, args.max_tokens, requests)  # warm-up at full load: sessions, arenas at the largest batch
         rss_before = rss_mib(proc.pid)
         samples, sampling = [], threading.Event()
 
@@ -156,21 +152,21 @@ def main() -> int:
 
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
-        load = phase(port, args.clients, args.seconds, args.max_tokens, requests)
+        load = phase(port, model, args.clients, args.seconds, args.max_tokens, requests)
         sampling.set()
         rss_after = rss_mib(proc.pid)
         counts = [int(c) for c in args.compare.split(",")]
         rounds = {c: [] for c in counts}
         for _ in range(args.rounds):
             for c in counts:
-                rounds[c].append(phase(port, c, args.compare_seconds, args.max_tokens, requests))
+                rounds[c].append(phase(port, model, c, args.compare_seconds, args.max_tokens, requests))
         rss_end = rss_mib(proc.pid)
     finally:
         proc.terminate()
         proc.wait(timeout=60)
-    result = {"engine": str(args.engine), "model": MODEL, "max_tokens": args.max_tokens, "cpus": os.cpu_count(), "load": load,
+    result = {"engine": str(args.engine), "model": model, "max_tokens": args.max_tokens, "cpus": os.cpu_count(), "load": load,
               "server_rss_mib": {"before": rss_before, "after": rss_after, "end": rss_end, "every_5s": samples}, "compare": rounds}
-    print(f"## {args.clients} clients x {args.seconds:.0f} s, max_tokens {args.max_tokens} ({MODEL}, {os.cpu_count()} CPUs)\n")
+    print(f"## {args.clients} clients x {args.seconds:.0f} s, max_tokens {args.max_tokens} ({model}, {os.cpu_count()} CPUs)\n")
     print(f"server RSS (MiB): {rss_before:.0f} after a 10 s warm-up at {args.clients} clients, {rss_after:.0f} after the load, {rss_end:.0f} at the end; every 5 s of the load: {samples}\n")
     print("| requests | errors | latency p50 / p99 (s) | TTFT p50 / p99 (s) | requests/s | tokens/s | mean batch | server RSS before -> after (MiB) |")
     print("|---|---|---|---|---|---|---|---|")

@@ -17,7 +17,6 @@ import threading
 import time
 import zlib
 
-import numpy as np
 import openai
 import pytest
 

@@ -118,16 +118,12 @@ def _inputs(module, question, image_bytes, max_tokens=12, stream=None):
 
 
 def _star_run(engine, image, question, tmp_path, n=12):
-    from star_export.cli import run_main
-
+    """`star-run --json`, as a user runs it (its own process)."""
     path = tmp_path / "q.png"
     image.save(path)
-    out = tmp_path / "out.json"
     code = subprocess.run([sys.executable, "-c", "import sys; from star_export.cli import run_main; sys.exit(run_main())", str(engine), "--image", str(path),
                            "--prompt", question, "--max-new-tokens", str(n), "--json", "--quiet"], capture_output=True, text=True, timeout=300)
     assert code.returncode == 0, code.stderr
-    assert run_main  # the same entry point star-run uses
-    out.write_text(code.stdout)
     return json.loads(code.stdout)
 
 

@@ -19,7 +19,7 @@ from . import images as image_source
 from . import protocol
 from .metrics import Metrics
 from .protocol import APIError
-from .scheduler import Event, Job, QueueFull, Scheduler
+from .scheduler import Event, Job, QueueFull, Scheduler, timeout_error
 
 TEXT_BODY_BYTES = 1 << 20  # room for the messages' text next to the image's base64
 
@@ -181,7 +181,7 @@ async def _next(events: asyncio.Queue, job: Job, settings: ServeSettings) -> Eve
         return await asyncio.wait_for(events.get(), timeout=max(remaining, 0.1))
     except asyncio.TimeoutError:
         job.cancelled = True
-        return Event("error", error=APIError(408, f"the request ran past this server's timeout of {settings.request_timeout:g} s (--request-timeout)", code="request_timeout"))
+        return Event("error", error=timeout_error(job))
 
 
 async def _stream(req, job: Job, events: asyncio.Queue, prompt_tokens: int, settings: ServeSettings, metrics: Metrics):

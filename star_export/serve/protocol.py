@@ -204,13 +204,19 @@ def _conversation(messages: list[Message]) -> tuple[list[dict], str]:
     return conversation, images[0]
 
 
+def check_max_tokens(wanted: int, limit: int) -> None:
+    """A request's token budget against the engine's (star-serve and the Triton model alike)."""
+    if wanted > limit:
+        raise APIError(400, f"max_tokens={wanted} exceeds this engine's limit of {limit} new tokens "
+                            "(rebuild the engine with a larger --max-new-tokens).", param="max_tokens", code="max_tokens_exceeded")
+
+
 def _sampling(body: ChatCompletionBody, limits: ServeLimits) -> Sampling:
     if body.max_tokens is not None and body.max_completion_tokens is not None and body.max_tokens != body.max_completion_tokens:
         raise APIError(400, "'max_tokens' and 'max_completion_tokens' differ: give one of them.", param="max_completion_tokens")
     wanted = body.max_completion_tokens or body.max_tokens
-    if wanted is not None and wanted > limits.max_new_tokens:
-        raise APIError(400, f"max_tokens={wanted} exceeds this engine's limit of {limits.max_new_tokens} new tokens "
-                            "(rebuild the engine with a larger --max-new-tokens).", param="max_tokens", code="max_tokens_exceeded")
+    if wanted is not None:
+        check_max_tokens(wanted, limits.max_new_tokens)
     temperature = 1.0 if body.temperature is None else body.temperature  # OpenAI's default
     seed = body.seed if body.seed is not None else int.from_bytes(uuid.uuid4().bytes[:8], "little") >> 1
     return Sampling(max_new_tokens=wanted or limits.max_new_tokens, temperature=temperature, top_p=1.0 if body.top_p is None else body.top_p, seed=seed)

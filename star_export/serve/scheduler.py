@@ -151,7 +151,7 @@ class Scheduler:
         if job.cancelled:
             return
         if now > job.deadline:
-            job.emit(Event("error", error=_timeout(job)))
+            job.emit(Event("error", error=timeout_error(job)))
             return
         try:
             state, gen = self.pipeline.prefill(job.inputs["pixel_values"], job.inputs["input_ids"], job.inputs["attention_mask"])
@@ -209,7 +209,7 @@ class Scheduler:
         elif reason is None and len(job.tokens) >= job.sampling.max_new_tokens:
             reason = "length"
         if reason is None and now > job.deadline:
-            job.emit(Event("error", error=_timeout(job)))
+            job.emit(Event("error", error=timeout_error(job)))
             return True
         if reason == "cancelled":
             return True
@@ -228,6 +228,6 @@ class Scheduler:
         return False
 
 
-def _timeout(job: Job) -> APIError:
+def timeout_error(job: Job) -> APIError:
     return APIError(408, f"the request ran past this server's timeout of {job.timeout_s:g} s (--request-timeout): "
                          "ask for fewer tokens, or retry when the server is less busy", code="request_timeout")

@@ -17,7 +17,7 @@ import numpy as np
 from ..errors import user_error_from
 from ..runtime.generate import InputError, Sampling
 from . import images
-from .protocol import APIError
+from .protocol import APIError, check_max_tokens
 from .scheduler import Event, Job, QueueFull, Scheduler
 
 REQUEST_TIMEOUT_S = 600.0
@@ -79,8 +79,7 @@ class TritonPythonModel:
         image = images.decode(np.ascontiguousarray(data, dtype=np.uint8).tobytes())
         limit = self.engine.limits["max_new_tokens"]
         max_tokens = self._scalar(request, "max_tokens", int, min(64, limit))
-        if max_tokens > limit:
-            raise APIError(400, f"max_tokens={max_tokens} exceeds this engine's limit of {limit} new tokens")
+        check_max_tokens(max_tokens, limit)
         try:
             sampling = Sampling(max_new_tokens=max_tokens, temperature=self._scalar(request, "temperature", float, 0.0),
                                 top_p=self._scalar(request, "top_p", float, 1.0), seed=self._scalar(request, "random_seed", int, 0))
