@@ -12,7 +12,7 @@ from typing import Any
 
 from .errors import UserError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: decoder segments return this call's keys and values only (new_key_values.*), not whole caches
 MANIFEST = "star.json"
 BUILD_MARKER = ".star-export-build"  # in a build directory only (export/workdir.py); never part of an engine
 # What a reader needs, with its JSON type.
@@ -105,6 +105,11 @@ def read_manifest(directory: str | Path, *, verify: bool = True) -> dict[str, An
         raise EngineError(
             f"{path} has format_version {version!r}; this star-export reads up to {FORMAT_VERSION}: "
             "upgrade star-export (`pip install -U star-export`) or rebuild the engine with this version"
+        )
+    if version < FORMAT_VERSION:
+        raise EngineError(
+            f"{path} has format_version {version}, written by an older star-export whose decoder graphs return whole KV "
+            f"caches; this one reads format_version {FORMAT_VERSION}: rebuild the engine with star-export --force"
         )
     wrong = [f"{key} ({kind.__name__})" for key, kind in REQUIRED.items() if not isinstance(manifest.get(key), kind)]
     if wrong:

@@ -11,10 +11,11 @@ from typing import Any, Sequence
 
 import torch
 from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, eager_mask
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from .config import StarSchedule
-from .graphs.decoder import Pivot, Segment0, Segment1
+from .graphs.decoder import WIDE_ATTENTION, Pivot, Segment0, Segment1
 from .graphs.vision import VisionStage1
 from .models import LoadedModel
 from .runtime.generate import DecoderLayout, Generation, Sampling, StarPipeline
@@ -36,7 +37,7 @@ def segment0_io(schedule: StarSchedule) -> tuple[list[str], list[str]]:
     layers = range(0, schedule.pivot_layer + 1)
     return (
         ["inputs_embeds", "attention_mask", "position_ids", "suffix_rows", *kv_names("past_key_values", layers)],
-        ["hidden_states", "stage2_scores", *kv_names("present", layers)],
+        ["hidden_states", "stage2_scores", *kv_names("new_key_values", layers)],
     )
 
 
@@ -44,7 +45,7 @@ def segment1_io(schedule: StarSchedule) -> tuple[list[str], list[str]]:
     layers = range(schedule.pivot_layer + 1, schedule.num_layers)
     return (
         ["hidden_states", "attention_mask", "position_ids", *kv_names("past_key_values", layers)],
-        ["logits", *kv_names("present", layers)],
+        ["logits", *kv_names("new_key_values", layers)],
     )
 
 
@@ -85,7 +86,6 @@ def decoder_layout(loaded: LoadedModel, dtype: str = "float32") -> DecoderLayout
 # takes those steps in the model's own dtype (never narrower than float32, so float16 / float32 runs are
 # HF's own numerics). RoPE's cos/sin tables stay float32 as HF defines them for every dtype: the engine
 # computes the very same tables, so that is part of the model, not an error of either side.
-WIDE_ATTENTION = "star_eager_wide"
 
 
 def _wide(dtype: torch.dtype) -> torch.dtype:
@@ -116,6 +116,9 @@ class WideRMSNorm(LlamaRMSNorm):
 
 
 AttentionInterface.register(WIDE_ATTENTION, wide_eager_attention)
+# HF builds the masks it passes to an attention function by that function's name; a registered name gets boolean
+# (sdpa) masks unless told otherwise, and the function above adds the mask: it needs eager's additive one.
+AttentionMaskInterface.register(WIDE_ATTENTION, eager_mask)
 
 
 def widen_numerics(model) -> None:

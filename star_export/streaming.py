@@ -47,9 +47,13 @@ def release_pages(tensor: torch.Tensor) -> None:
 def units(model) -> list[torch.nn.Module]:
     """The modules cast as a whole: every parameter of the model but the token embeddings lies in exactly one."""
     tower, lm = model.model.vision_tower, model.model.language_model
-    # Layers by their parts: the graph modules call a layer's parts directly where they keep attention probabilities.
+    # Layers by their parts: the graph modules call a layer's parts directly where they keep attention probabilities,
+    # and the decoder's attention by its projections (graphs/decoder.py `attend`).
     clip = [m for layer in tower.encoder.layers for m in (layer.layer_norm1, layer.self_attn, layer.layer_norm2, layer.mlp)]
-    llama = [m for layer in lm.layers for m in (layer.input_layernorm, layer.self_attn, layer.post_attention_layernorm, layer.mlp)]
+    llama = [
+        m for layer in lm.layers
+        for m in (layer.input_layernorm, *(getattr(layer.self_attn, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj")), layer.post_attention_layernorm, layer.mlp)
+    ]
     found = [tower.embeddings, tower.pre_layrnorm, *clip, model.model.multi_modal_projector, *llama, lm.norm, lm.rotary_emb, model.lm_head]
     if getattr(tower, "post_layernorm", None) is not None:
         found.append(tower.post_layernorm)

@@ -116,12 +116,12 @@ class _Recorder:
 
     def __init__(self, graph, keep_calls: int = 2):
         self.graph, self.keep_calls, self.calls = graph, keep_calls, []
-        self.to_numpy, self.nbytes = graph.to_numpy, graph.nbytes
+        self.to_numpy, self.nbytes, self.device = graph.to_numpy, graph.nbytes, graph.device
 
     def run(self, feed):
         out = self.graph.run(feed)
         if len(self.calls) < self.keep_calls:
-            inputs = {k: self.to_numpy(feed[k]) for k in self.graph.input_names}
+            inputs = {k: np.array(self.to_numpy(feed[k])) for k in self.graph.input_names}  # a copy: caches are written in place
             self.calls.append((inputs, {k: self.to_numpy(v) for k, v in out.items()}))
         return out
 
@@ -140,10 +140,10 @@ def _cast(feed: dict[str, np.ndarray], dtype) -> dict[str, np.ndarray]:
 
 
 def compare_outputs(report: ValidationReport, label: str, truth: dict, eager: dict, engine: dict) -> None:
-    """Every output of one graph call: exact ones exactly, the rest by budget; `present.*` in one row (the worst)."""
+    """Every output of one graph call: exact ones exactly, the rest by budget; `new_key_values.*` in one row (the worst)."""
     groups: dict[str, list[str]] = {}
     for n in truth:
-        groups.setdefault("present.*" if n.startswith("present.") else n, []).append(n)
+        groups.setdefault("new_key_values.*" if n.startswith("new_key_values.") else n, []).append(n)
     for group, names in groups.items():
         if group in EXACT_OUTPUTS or group in {s for s, _ in SELECTIONS.values()}:
             if group in EXACT_OUTPUTS:

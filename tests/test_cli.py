@@ -144,13 +144,13 @@ def example_png(tmp_path_factory):
 
 def test_engine_directory_is_self_contained(engine_dir, other_dir):
     manifest = json.loads((engine_dir / MANIFEST).read_text())
-    assert manifest["format_version"] == 1 and manifest["source"]["kind"] == "path"
+    assert manifest["format_version"] == 2 and manifest["source"]["kind"] == "path"
     assert manifest["source"]["fingerprint"].startswith("sha256-sampled:")
     assert manifest["schedule"]["keep"] == 58 and manifest["schedule"]["num_layers"] == 6
     for name in ("vision", "segment0", "pivot", "segment1"):
         io = manifest["graphs"][name]
         assert (engine_dir / io["file"]).is_file() and io["inputs"] and io["outputs"]
-    assert {"present.0.key", "present.2.value"} <= {o["name"] for o in manifest["graphs"]["segment0"]["outputs"]}
+    assert {"new_key_values.0.key", "new_key_values.2.value"} <= {o["name"] for o in manifest["graphs"]["segment0"]["outputs"]}
     for rel, entry in manifest["files"].items():
         assert sha256_file(engine_dir / rel) == entry["sha256"]
     assert (engine_dir / "processor" / "tokenizer.json").is_file() and {"torch", "onnx", "onnxruntime", "transformers", "star-export"} <= set(manifest["versions"])
@@ -250,14 +250,14 @@ def _corrupt(engine_dir, tmp_path, how):
         with open(bad / "embed_tokens.npy", "r+b") as f:
             f.seek(-4, 2)
             f.write(b"\x00\x01\x02\x03")
-    elif how == "newer":
+    elif how in ("newer", "older"):
         m = json.loads((bad / MANIFEST).read_text())
-        m["format_version"] = 99
+        m["format_version"] = 99 if how == "newer" else 1
         (bad / MANIFEST).write_text(json.dumps(m))
     return bad
 
 
-@pytest.mark.parametrize("how, words", [("missing", "is missing pivot.onnx"), ("hash", "embed_tokens.npy"), ("newer", "format_version 99")])
+@pytest.mark.parametrize("how, words", [("missing", "is missing pivot.onnx"), ("hash", "embed_tokens.npy"), ("newer", "format_version 99"), ("older", "format_version 1, written by an older")])
 @pytest.mark.parametrize("tool", ["run", "validate"])
 def test_bad_engine_dir(engine_dir, example_png, tmp_path, capsys, how, words, tool):
     bad = _corrupt(engine_dir, tmp_path, how)

@@ -198,7 +198,7 @@ def test_rows_joining_a_running_batch_equal_their_batch1_runs(engine):
         if step == 5:
             sched._admit(jobs[2]), sched._admit(jobs[3])
         if sched.rows:
-            lengths.add((len(sched.rows), sched.state.mask0.shape[1]))
+            lengths.add((len(sched.rows), sched.state.cache0.length))
             sched._step()
     assert sorted(done) == [0, 1, 2, 3]
     assert max(b for b, _ in lengths) == 4  # at step 5 A (6 tokens) is still in, with B, C and D

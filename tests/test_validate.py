@@ -105,16 +105,16 @@ def _report(dtype="float32"):
     return ValidationReport(engine="unit", reference_device="cpu", dtype=dtype, floor=budget.floor(dtype))
 
 
-def test_outputs_exact_ones_exactly_and_present_in_one_row():
-    truth = {"pruned_position_ids": np.array([[0, 2, 3]]), "present.0.key": TRUTH, "present.0.value": TRUTH * 2, "hidden_states": TRUTH}
+def test_outputs_exact_ones_exactly_and_new_key_values_in_one_row():
+    truth = {"pruned_position_ids": np.array([[0, 2, 3]]), "new_key_values.0.key": TRUTH, "new_key_values.0.value": TRUTH * 2, "hidden_states": TRUTH}
     eager = {k: (v if v.dtype.kind == "i" else v * (1 + 1e-7)) for k, v in truth.items()}
-    engine = dict(eager) | {"pruned_position_ids": np.array([[0, 1, 2]]), "present.0.value": truth["present.0.value"] * 1.01}
+    engine = dict(eager) | {"pruned_position_ids": np.array([[0, 1, 2]]), "new_key_values.0.value": truth["new_key_values.0.value"] * 1.01}
     r = _report()
     compare_outputs(r, "pivot[prefill]", truth, eager, engine)
     failed = {c.name for c in r.checks if not c.ok}
-    assert failed == {"pivot[prefill] pruned_position_ids", "pivot[prefill] present.* (2)"}
+    assert failed == {"pivot[prefill] pruned_position_ids", "pivot[prefill] new_key_values.* (2)"}
     table = r.table()
-    assert "FAILED: 1/3 checks" in table and "cause: pivot[prefill] present.* (2): error" in table and "x eager" in table
+    assert "FAILED: 1/3 checks" in table and "cause: pivot[prefill] new_key_values.* (2): error" in table and "x eager" in table
 
 
 def test_report_json_has_the_numbers():

@@ -8,7 +8,6 @@ import copy
 
 import pytest
 import torch
-import transformers.models.llama.modeling_llama as hf_llama
 
 import star_export.graphs.decoder as decoder
 import star_export.graphs.vision as vision
@@ -42,8 +41,8 @@ def _new_positions(m):
 def _pivot_off_by_one(m):
     """Stage-2 scores taken at layer P - 1 while the split stays at P."""
     def forward(self, inputs_embeds, attention_mask, position_ids, suffix_rows, *past_key_values):
-        hidden, scores, present = self._run(inputs_embeds, attention_mask, position_ids, past_key_values, self.pivot_layer - 1, suffix_rows)
-        return (hidden, scores, *present)
+        hidden, scores, new = self._run(inputs_embeds, attention_mask, position_ids, past_key_values, self.pivot_layer - 1, suffix_rows)
+        return (hidden, scores, *new)
 
     m.setattr(decoder.Segment0, "forward", forward)
 
@@ -60,14 +59,14 @@ def _not_resorted(m):
 
 
 def _kv_swapped(m):
-    """Segments hand back each layer's cache as (value, key)."""
-    def update(self, key, value, layer_idx, *args, **kwargs):
-        past_key, past_value = self.past[layer_idx]
-        key, value = torch.cat([past_key, key], dim=2), torch.cat([past_value, value], dim=2)
-        self.present[layer_idx] = (value, key)
-        return key, value
+    """Segments hand back each layer's new cache entries as (value, key)."""
+    attend = decoder.attend
 
-    m.setattr(decoder._SegmentCache, "update", update)
+    def swapped(*args):
+        out, probs, key, value = attend(*args)
+        return out, probs, value, key
+
+    m.setattr(decoder, "attend", swapped)
 
 
 def _suffix_unmasked(m):
@@ -79,13 +78,20 @@ def _suffix_unmasked(m):
 def _fp16_overflow(m):
     """Queries pre-scaled by 1e5 in the model's dtype, the scale undone after q.k: harmless in float32, inf in
     float16. The scale is a full tensor: ONNX Runtime folds a scalar one into the MatMul (computed in float32)."""
-    attention = hf_llama.eager_attention_forward
+    attend = decoder.attend
 
-    def overflowing(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
-        query = query * torch.full_like(query, 1e5)
-        return attention(module, query, key, value, attention_mask, scaling / 1e5, dropout, **kwargs)
+    class Scaled:  # the layer's attention with q_proj's output scaled up and the softmax scale down
+        def __init__(self, attn):
+            self.attn, self.scaling = attn, attn.scaling / 1e5
 
-    m.setattr(hf_llama, "eager_attention_forward", overflowing)
+        def q_proj(self, x):
+            q = self.attn.q_proj(x)
+            return q * torch.full_like(q, 1e5)
+
+        def __getattr__(self, name):
+            return getattr(self.attn, name)
+
+    m.setattr(decoder, "attend", lambda attn, *args: attend(Scaled(attn), *args))
 
 
 # defect -> (dtype, plant, words in the name of a failing check, words in its cause)
@@ -95,7 +101,7 @@ DEFECTS = {
     "pivot-off-by-one": ("float32", _pivot_off_by_one, "segment0[prefill] stage2_scores", "> budget"),
     "cls-scored": ("float32", _cls_scored, "stage1_indices", "different tokens kept"),
     "not-resorted": ("float32", _not_resorted, "stage2_indices", "ascending"),
-    "kv-swapped": ("float32", _kv_swapped, "present.*", "> budget"),
+    "kv-swapped": ("float32", _kv_swapped, "new_key_values.*", "> budget"),
     "suffix-unmasked": ("float32", _suffix_unmasked, "stage2_scores", "> budget"),
     "fp16-overflow": ("float16", _fp16_overflow, "segment", "non-finite"),
 }

@@ -15,31 +15,61 @@ variant) or an If node; instead segment 0 always emits the stage-2 scores (a (B,
 the attention probabilities that layer P computes anyway) and the small pivot graph, run once at
 prefill, does the static-k TopK and gathers. Nothing between the graphs is computed on the host.
 
-Key/value caches are plain tensors named `past_key_values.{i}.key` / `present.{i}.key` with the
-absolute layer index `i`; each present is the past plus this call's positions.
+Key/value caches are plain tensors named `past_key_values.{i}.key` with the absolute layer index `i`; a graph
+reads them and returns only this call's keys and values (`new_key_values.{i}.key`), which the runtime writes into
+its cache buffers in place (runtime/kvcache.py). The caches are never copied inside a graph.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from .select import attention_bias, keep_topk, pruned_positions, stage2_scores
 
+WIDE_ATTENTION = "star_eager_wide"  # the float64 reference's attention implementation (reference.py registers it)
 
-class _SegmentCache:
-    """The minimal `Cache` protocol HF attention calls: `update(k, v, layer_idx)` -> full k, v."""
 
-    def __init__(self, past: dict[int, tuple[torch.Tensor, torch.Tensor]]):
-        self.past = past
-        self.present: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+def attend(attn, hidden, cos_sin, bias, past_key, past_value):
+    """One layer's self-attention over `[cache | this call's tokens]` without joining the two: the cache is only read.
 
-    def update(self, key, value, layer_idx, *args, **kwargs):
-        past_key, past_value = self.past[layer_idx]
-        key = torch.cat([past_key, key], dim=2)  # (B, kv_heads, past + q, head_dim)
-        value = torch.cat([past_value, value], dim=2)
-        self.present[layer_idx] = (key, value)
-        return key, value
+    A decode step then costs the weight reads and one query row over the cache, not a copy of every layer's cache
+    (`concat(past, new)` wrote the whole cache again at every step). The cache may be a buffer longer than the
+    tokens it holds: its free slots are zeros and masked out by `bias`.
+
+    hidden (B, q, d); bias (B, 1, q, past + q); past_key/value (B, kv_heads, past, head_dim).
+    Returns the attention output (B, q, d), the probabilities (B, heads, q, past + q) and this call's key and
+    value (B, kv_heads, q, head_dim), RoPE applied: what the caller appends to the cache.
+    """
+    batch, q, _ = hidden.shape
+    head_dim, groups = attn.head_dim, attn.num_key_value_groups
+    query = attn.q_proj(hidden).view(batch, q, -1, head_dim).transpose(1, 2)  # (B, heads, q, hd)
+    key = attn.k_proj(hidden).view(batch, q, -1, head_dim).transpose(1, 2)  # (B, kv_heads, q, hd)
+    value = attn.v_proj(hidden).view(batch, q, -1, head_dim).transpose(1, 2)
+    query, key = apply_rotary_pos_emb(query, key, *cos_sin)
+    kv_heads = key.shape[1]
+    # The query heads sharing one key/value head, stacked as rows (head h = kv * groups + g, HF `repeat_kv`): grouped
+    # query attention without repeating the cache.
+    grouped = query.reshape(batch, kv_heads, groups * q, head_dim)
+
+    def per_head(scores):  # (B, kv_heads, groups * q, k) -> (B, heads, q, k)
+        return scores.reshape(batch, kv_heads * groups, q, scores.shape[-1])
+
+    scores = torch.cat(
+        [per_head(torch.matmul(grouped, past_key.transpose(-1, -2))), per_head(torch.matmul(grouped, key.transpose(-1, -2)))], dim=-1
+    ) * attn.scaling + bias  # (B, heads, q, past + q)
+    # HF's eager softmax is float32 whatever the model's dtype; the float64 reference widens it (reference.py).
+    wide = getattr(attn.config, "_attn_implementation", None) == WIDE_ATTENTION
+    probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(query.dtype, torch.float32) if wide else torch.float32).to(query.dtype)
+    past_len = past_key.shape[2]
+
+    def grouped_rows(p):  # (B, heads, q, k) -> (B, kv_heads, groups * q, k)
+        return p.reshape(batch, kv_heads, groups * q, p.shape[-1])
+
+    out = torch.matmul(grouped_rows(probs[..., :past_len]), past_value) + torch.matmul(grouped_rows(probs[..., past_len:]), value)
+    out = out.reshape(batch, kv_heads * groups, q, head_dim).transpose(1, 2).reshape(batch, q, -1)  # (B, q, heads * hd)
+    return attn.o_proj(out), probs, key, value
 
 
 class _Segment(nn.Module):
@@ -53,28 +83,20 @@ class _Segment(nn.Module):
         self.rotary_emb = lm.rotary_emb
 
     def _run(self, hidden, attention_mask, position_ids, past, score_layer: int | None = None, suffix_rows=None):
-        bias = attention_bias(attention_mask, hidden.shape[1], hidden.dtype)  # (B, 1, q, kv)
+        """`past`: per layer a key and a value cache (B, kv_heads, past, head_dim); `attention_mask` (B, past + q)
+        marks the real tokens of `[cache | this call's tokens]`. Returns hidden, stage-2 scores (at `score_layer`) and
+        per layer this call's key and value."""
+        bias = attention_bias(attention_mask, hidden.shape[1], hidden.dtype)  # (B, 1, q, past + q)
         cos_sin = self.rotary_emb(hidden, position_ids)  # RoPE at each token's own position id
-        cache = _SegmentCache({self.start + i: (past[2 * i], past[2 * i + 1]) for i in range(len(self.layers))})
-        scores = None
-        for i, layer in enumerate(self.layers):
-            if self.start + i != score_layer:
-                hidden = layer(hidden, attention_mask=bias, position_embeddings=cos_sin, past_key_values=cache)
-                continue
-            # LlamaDecoderLayer written out to keep the attention probabilities of the pivot layer.
-            attn_out, probs = layer.self_attn(
-                hidden_states=layer.input_layernorm(hidden),
-                position_embeddings=cos_sin,
-                attention_mask=bias,
-                past_key_values=cache,
-            )  # probs (B, heads, q, kv)
+        scores, new = None, []
+        for i, layer in enumerate(self.layers):  # LlamaDecoderLayer, its attention through `attend`
+            attn_out, probs, key, value = attend(layer.self_attn, layer.input_layernorm(hidden), cos_sin, bias, past[2 * i], past[2 * i + 1])
             hidden = hidden + attn_out
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
-            scores = stage2_scores(probs, suffix_rows)  # (B, kv)
-        present = []
-        for i in range(len(self.layers)):
-            present.extend(cache.present[self.start + i])
-        return hidden, scores, present
+            if self.start + i == score_layer:
+                scores = stage2_scores(probs, suffix_rows)  # (B, past + q)
+            new.extend((key, value))
+        return hidden, scores, new
 
 
 class Segment0(_Segment):
@@ -85,10 +107,8 @@ class Segment0(_Segment):
         self.pivot_layer = pivot_layer
 
     def forward(self, inputs_embeds, attention_mask, position_ids, suffix_rows, *past_key_values):
-        hidden, scores, present = self._run(
-            inputs_embeds, attention_mask, position_ids, past_key_values, self.pivot_layer, suffix_rows
-        )
-        return (hidden, scores, *present)
+        hidden, scores, new = self._run(inputs_embeds, attention_mask, position_ids, past_key_values, self.pivot_layer, suffix_rows)
+        return (hidden, scores, *new)
 
 
 class Pivot(nn.Module):
@@ -127,6 +147,6 @@ class Segment1(_Segment):
         self.lm_head = llava.lm_head
 
     def forward(self, hidden_states, attention_mask, position_ids, *past_key_values):
-        hidden, _, present = self._run(hidden_states, attention_mask, position_ids, past_key_values)
+        hidden, _, new = self._run(hidden_states, attention_mask, position_ids, past_key_values)
         logits = self.lm_head(self.norm(hidden[:, -1:]))  # (B, 1, vocab)
-        return (logits, *present)
+        return (logits, *new)

@@ -4,7 +4,7 @@ One loop serves both backends: the eager reference runs it over `TorchGraph`s, t
 `OrtGraph`s. Positions and caches follow STAR.md: the decoder sees `[prefix | k1 visual | suffix]`
 (n tokens, positions 0..n-1 per row); after the pivot, segment 1 sees n' = n - k1 + keep tokens that
 keep their positions; each generated token takes the next position of the unpruned sequence and is
-appended to both caches.
+appended to both caches. The caches are buffers written in place (kvcache.py): a step copies no cache.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import numpy as np
 
 from ..config import StarSchedule
 from ..errors import UserError
+from .kvcache import NEW, KVCache
 
 
 class InputError(UserError, ValueError):
@@ -70,12 +71,11 @@ class Generation:
 @dataclass(frozen=True)
 class DecodeState:
     """What a batch carries from one decode step to the next: both segments' KV caches (segment 0: n + t, segment 1:
-    n' + t per row, left padded), their attention masks, each row's next position (B, 1) and last logits (B, vocab)."""
+    n' + t slots filled per row, left padded), each row's next position (B, 1) and last logits (B, vocab). A step
+    writes into the caches in place: the state it was given is spent."""
 
-    past0: dict[str, Any]
-    past1: dict[str, Any]
-    mask0: np.ndarray
-    mask1: np.ndarray
+    cache0: KVCache
+    cache1: KVCache
     next_pos: np.ndarray
     logits: np.ndarray
 
@@ -126,12 +126,12 @@ class StarPipeline:
         return {f"past_key_values.{i}.{kind}": empty for i in layers for kind in ("key", "value")}
 
     @staticmethod
-    def _carry(outputs: dict[str, Any]) -> dict[str, Any]:
-        """present.{i}.key -> past_key_values.{i}.key for the next call."""
-        return {"past_key_values." + k[len("present."):]: v for k, v in outputs.items() if k.startswith("present.")}
+    def _new(outputs: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in outputs.items() if k.startswith(NEW)}
 
-    def _kv_bytes(self, graph, past: dict[str, Any]) -> int:
-        return sum(graph.nbytes(v) for v in past.values())
+    def _cache(self, graph, outputs: dict[str, Any], mask: np.ndarray, reserve: int) -> KVCache:
+        device = getattr(graph.device, "type", graph.device)  # torch.device or "cpu" / "cuda"
+        return KVCache.from_prefill(self._new(outputs), mask, reserve, self.np_dtype, device, graph.to_numpy)
 
     def merge(self, input_ids: np.ndarray, attention_mask: np.ndarray, image_features: np.ndarray):
         """Replace each row's span of `num_vision_tokens` image tokens by its k1 stage-1 features.
@@ -161,9 +161,12 @@ class StarPipeline:
         return embeds, mask, starts.astype(np.int64)
 
     # ------------------------------------------------------------ the loop
-    def prefill(self, pixel_values: np.ndarray, input_ids: np.ndarray, attention_mask: np.ndarray, force: Forcing | None = None) -> tuple[DecodeState, Generation]:
+    def prefill(
+        self, pixel_values: np.ndarray, input_ids: np.ndarray, attention_mask: np.ndarray, force: Forcing | None = None, reserve: int = 0
+    ) -> tuple[DecodeState, Generation]:
         """Vision, merge, segment 0, pivot, segment 1 over the prompt. Returns the state the decode steps carry
-        (with the first logits) and a `Generation` holding the kept indices (no tokens yet)."""
+        (with the first logits; its caches have room for `reserve` decode steps) and a `Generation` holding the kept
+        indices (no tokens yet)."""
         g, L, S = self.graphs, self.layout, self.schedule
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
@@ -199,10 +202,8 @@ class StarPipeline:
             | self._empty_past(batch, range(S.pivot_layer + 1, L.num_layers))
         )
         state = DecodeState(
-            past0=self._carry(seg0),
-            past1=self._carry(seg1),
-            mask0=mask0,
-            mask1=mask1,
+            cache0=self._cache(g["segment0"], seg0, mask0, reserve),
+            cache1=self._cache(g["segment1"], seg1, mask1, reserve),
             next_pos=positions.max(-1, keepdims=True) + 1,  # (B, 1): the unpruned length per row
             logits=g["segment1"].to_numpy(seg1["logits"])[:, -1].astype(self.logits_dtype),
         )
@@ -212,30 +213,30 @@ class StarPipeline:
             logits=[],
             stage1_indices=stage1_indices,
             stage2_indices=g["pivot"].to_numpy(pivot["stage2_indices"]),
-            kv_bytes_after_prefill=self._kv_bytes(g["segment0"], state.past0) + self._kv_bytes(g["segment1"], state.past1),
+            kv_bytes_after_prefill=state.cache0.nbytes() + state.cache1.nbytes(),
             seq_lens={"segment0": n, "segment1": mask1.shape[1]},
             timings=timings,
         )
         return state, result
 
     def step(self, state: DecodeState, tokens: np.ndarray) -> DecodeState:
-        """One decode step: each row's token (B,) through both segments at the row's next position, appended to
-        both caches."""
+        """One decode step: each row's token (B,) through both segments at the row's next position, written into
+        both caches in place."""
         g = self.graphs
         batch = len(tokens)
         embeds = self.embed_tokens[np.asarray(tokens)[:, None]].astype(self.np_dtype)  # (B, 1, d)
         ones = np.ones((batch, 1), np.int64)
-        mask0, mask1 = np.concatenate([state.mask0, ones], 1), np.concatenate([state.mask1, ones], 1)
+        c0, c1 = state.cache0, state.cache1
         seg0 = g["segment0"].run(
-            {"inputs_embeds": embeds, "attention_mask": mask0, "position_ids": state.next_pos, "suffix_rows": np.zeros((batch, 1), np.int64)}
-            | state.past0
+            {"inputs_embeds": embeds, "attention_mask": c0.attention_mask(1), "position_ids": state.next_pos, "suffix_rows": np.zeros((batch, 1), np.int64)}
+            | c0.buffers
         )
-        seg1 = g["segment1"].run({"hidden_states": seg0["hidden_states"], "attention_mask": mask1, "position_ids": state.next_pos} | state.past1)
+        seg1 = g["segment1"].run({"hidden_states": seg0["hidden_states"], "attention_mask": c1.attention_mask(1), "position_ids": state.next_pos} | c1.buffers)
+        c0.append(self._new(seg0), ones, g["segment0"].to_numpy)
+        c1.append(self._new(seg1), ones, g["segment1"].to_numpy)
         return DecodeState(
-            past0=self._carry(seg0),
-            past1=self._carry(seg1),
-            mask0=mask0,
-            mask1=mask1,
+            cache0=c0,
+            cache1=c1,
             next_pos=state.next_pos + 1,
             logits=g["segment1"].to_numpy(seg1["logits"])[:, -1].astype(self.logits_dtype),
         )
@@ -246,7 +247,7 @@ class StarPipeline:
         """Yields (tokens of this step (B,), the Generation so far) after prefill and after every step.
         `force`: take these kept indices and tokens instead of choosing (reference graphs only)."""
         L = self.layout
-        state, result = self.prefill(pixel_values, input_ids, attention_mask, force)
+        state, result = self.prefill(pixel_values, input_ids, attention_mask, force, reserve=sampling.max_new_tokens - 1)
         batch = len(state.logits)
         rng = np.random.default_rng(sampling.seed)
         finished = np.zeros(batch, dtype=bool)

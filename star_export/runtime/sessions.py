@@ -107,9 +107,13 @@ def session_options(threads: int | None = None):
     return opts
 
 
+TORCH_TO_NUMPY = {torch.float32: np.float32, torch.float16: np.float16, torch.float64: np.float64, torch.int64: np.int64}
+
+
 class OrtGraph:
-    """An ONNX Runtime session run through IO binding: outputs stay `OrtValue`s on the provider's device
-    and are bound as the next call's inputs, so the KV caches are never copied through numpy."""
+    """An ONNX Runtime session run through IO binding: outputs stay `OrtValue`s on the provider's device, and inputs
+    are bound where they lie (numpy arrays without a copy on the CPU, torch tensors on the GPU), so KV cache buffers
+    are read in place."""
 
     def __init__(self, path: str | Path, providers: Sequence[str] = ("CPUExecutionProvider",), threads: int | None = None):
         import onnxruntime as ort
@@ -129,6 +133,9 @@ class OrtGraph:
             value = feed[name]
             if isinstance(value, self._ort.OrtValue):
                 binding.bind_ortvalue_input(name, value)
+            elif torch.is_tensor(value):  # a KV buffer on the GPU (kvcache.zeros), read where it lies
+                value = value.contiguous()
+                binding.bind_input(name, value.device.type, value.device.index or 0, TORCH_TO_NUMPY[value.dtype], tuple(value.shape), value.data_ptr())
             else:
                 binding.bind_cpu_input(name, np.ascontiguousarray(value))
         for name in self.output_names:

@@ -82,8 +82,6 @@ class Scheduler:
         # fails with "Already borrowed".
         self.tokenizer = copy.deepcopy(engine.processor.tokenizer)
         self.eos = engine.layout.eos_token_id
-        g = self.pipeline.graphs
-        self.to_numpy = (g["segment0"].to_numpy, g["segment1"].to_numpy)
         self.waiting: collections.deque[Job] = collections.deque()
         self.rows: list[Job] = []
         self.state = None  # DecodeState of `rows`
@@ -154,7 +152,9 @@ class Scheduler:
             job.emit(Event("error", error=timeout_error(job)))
             return
         try:
-            state, gen = self.pipeline.prefill(job.inputs["pixel_values"], job.inputs["input_ids"], job.inputs["attention_mask"])
+            state, gen = self.pipeline.prefill(
+                job.inputs["pixel_values"], job.inputs["input_ids"], job.inputs["attention_mask"], reserve=job.sampling.max_new_tokens - 1
+            )
         except Exception as e:
             job.emit(Event("error", error=APIError(500, f"prefill failed ({type(e).__name__}: {str(e)[:200]})")))
             return
@@ -164,8 +164,7 @@ class Scheduler:
         job.rng = np.random.default_rng(job.sampling.seed)
         job.kept = (gen.stage1_indices[0], gen.stage2_indices[0])
         self.metrics.visual_tokens(S.num_vision_tokens, S.stage1_keep, S.keep)
-        state = rows_of.host(state, self.to_numpy)
-        self.state = state if self.state is None else rows_of.concat([rows_of.host(self.state, self.to_numpy), state])
+        self.state = state if self.state is None else rows_of.concat([self.state, state])
         self.rows.append(job)
 
     def _step(self) -> None:
@@ -184,7 +183,7 @@ class Scheduler:
         self.metrics.tokens_generated.inc(len(self.rows))
         if len(keep) < len(self.rows):
             self.rows = [self.rows[i] for i in keep]
-            self.state = rows_of.take(rows_of.host(self.state, self.to_numpy), keep) if keep else None
+            self.state = rows_of.take(self.state, keep) if keep else None
         self.metrics.running.set(len(self.rows))
         if self.rows:
             t = time.perf_counter()

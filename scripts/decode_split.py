@@ -1,0 +1,177 @@
+#!/usr/bin/env python
+"""Where a decode step's time goes, against what its weight reads alone would cost.
+
+One engine (default: float32, keep 58, of a random model at real LLaVA-1.5-7B widths with reduced depth), one prompt,
+then decode steps, each through both segments. Reports per step, as medians over the steps:
+  - wall ms of `StarPipeline.step` (host work included),
+  - from ONNX Runtime's profiler (separate, profiled steps): kernel ms by kind: weight matmuls (one operand an
+    initializer, or MatMulNBits), attention (the other MatMuls, Softmax), KV-cache copies (Concat writing over 1 MiB), other kernels;
+    the rest of the wall time is session overhead and host work,
+  - the weight-read floor: the segments' weight bytes / the bandwidth of a float32 GEMV of 1 GiB measured with ONNX
+    Runtime on the same threads (what "reading the weights once" achieves on this machine), and the step's overhead
+    beyond it ((wall - floor) / floor).
+
+    python scripts/decode_split.py [--engine DIR | --model DIR] [--steps 24] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+
+from star_export.runtime.engine import Engine  # noqa: E402
+from star_export.runtime.inputs import synthetic_image  # noqa: E402
+
+WEIGHT_OPS = {"MatMul", "FusedMatMul", "Gemm", "MatMulNBits", "MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat"}
+
+
+def gemv_bandwidth(threads: int, gib: float = 1.0, repeats: int = 9) -> float:
+    """Bytes/s of x(1, K) @ W(K, N) in ONNX Runtime, W float32 of `gib` GiB held as an initializer: the rate at which
+    a decode step can read float32 weights here."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    k = 4096
+    n = int(gib * 2**30 / 4 / k)
+    w = np.random.default_rng(0).standard_normal((k, n), dtype=np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])], "gemv",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n])],
+        [numpy_helper.from_array(w, "w")],
+    )
+    del w
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    sess = ort.InferenceSession(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9).SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    x = np.ones((1, k), np.float32)
+    times = []
+    for _ in range(repeats + 1):
+        t = time.perf_counter()
+        sess.run(None, {"x": x})
+        times.append(time.perf_counter() - t)
+    return k * n * 4 / statistics.median(times[1:])
+
+
+def kind_of(event: dict) -> str:
+    args = event.get("args", {})
+    op = args.get("op_name", "?")
+    shapes = [list(s.values())[0] for s in args.get("input_type_shape", [])]
+    if op == "MatMulNBits" or (op in WEIGHT_OPS and len(shapes) == 1):  # the profiler lists no initializer inputs
+        return "weights"
+    if op in WEIGHT_OPS or op == "Softmax":
+        return "attention"
+    if op == "Concat":
+        out = [list(s.values())[0] for s in args.get("output_type_shape", [])]
+        if out and int(np.prod(out[0])) * 4 > 2**20:
+            return "cache copy"
+    return "other kernels"
+
+
+def profiled_split(engine: Engine, state, tokens, steps: int, work: Path) -> list[dict[str, float]]:
+    """Kernel ms by kind for each of `steps` decode steps, from sessions created with ONNX Runtime's profiler on."""
+    import onnxruntime as ort
+
+    from star_export.runtime.sessions import OrtGraph, session_options
+
+    saved = dict(engine.pipeline.graphs)
+    sessions = {}
+    for name in ("segment0", "segment1"):
+        opts = session_options()
+        opts.enable_profiling = True
+        opts.profile_file_prefix = str(work / f"profile-{name}")
+        g = OrtGraph.__new__(OrtGraph)
+        g.__dict__.update(saved[name].__dict__)
+        g.session = ort.InferenceSession(str(engine.directory / engine.manifest["graphs"][name]["file"]), sess_options=opts, providers=["CPUExecutionProvider"])
+        engine.pipeline.graphs[name] = sessions[name] = g
+    try:
+        for _ in range(steps):
+            state = engine.pipeline.step(state, tokens)
+    finally:
+        engine.pipeline.graphs.update(saved)
+    runs: dict[str, list[list[dict]]] = {}
+    for name, g in sessions.items():
+        events = json.load(open(g.session.end_profiling()))
+        calls = []
+        for e in events:
+            if e.get("cat") == "Session" and e["name"] == "model_run":
+                calls.append([])
+            elif e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and calls:
+                calls[-1].append(e)
+        runs[name] = calls[-steps:]
+    split = []
+    for i in range(steps):
+        row: dict[str, float] = {}
+        for name in sessions:
+            for e in runs[name][i]:
+                row[kind_of(e)] = row.get(kind_of(e), 0.0) + e["dur"] / 1e3
+        split.append(row)
+    return split
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--engine", default=None, help="an engine directory (default: build one from --model)")
+    p.add_argument("--model", default=None, help="local HF directory (default: random, real widths, --text-layers decoder layers)")
+    p.add_argument("--text-layers", type=int, default=4)
+    p.add_argument("--keep", type=int, default=58)
+    p.add_argument("--steps", type=int, default=24)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--json", default=None)
+    a = p.parse_args(argv)
+    work = Path(tempfile.mkdtemp(prefix="star-split-"))
+    engine_dir = a.engine
+    if engine_dir is None:
+        from star_export.export.build import export_engine
+        from star_export.testing import real_width_spec, save_random_llava
+
+        model = a.model or str(save_random_llava(real_width_spec(text_layers=a.text_layers), work / "model", seed=0, text_init_std=0.02))
+        engine_dir = work / "engine"
+        export_engine(model=model, keep=a.keep, out=engine_dir, validate=False, show_progress=False)
+    engine = Engine.from_dir(engine_dir, provider="cpu")
+    files = [engine.manifest["graphs"][g]["file"] for g in ("segment0", "segment1")]
+    weight_bytes = sum(f.stat().st_size for f in Path(engine_dir).iterdir() if any(f.name.startswith(Path(x).stem) for x in files))
+
+    inputs = engine.prepare([synthetic_image(i) for i in range(a.batch)], ["Describe the picture in detail."] * a.batch)
+    state, _ = engine.pipeline.prefill(inputs["pixel_values"], inputs["input_ids"], inputs["attention_mask"])
+    tokens = state.logits.argmax(-1)
+    walls = []
+    for _ in range(a.steps + 1):
+        t = time.perf_counter()
+        state = engine.pipeline.step(state, tokens)
+        walls.append((time.perf_counter() - t) * 1e3)
+    walls = walls[1:]
+    split = profiled_split(engine, state, tokens, a.steps, work)
+    bandwidth = gemv_bandwidth(a.threads)
+    floor_ms = weight_bytes / bandwidth * 1e3
+    wall = statistics.median(walls)
+    kinds = ("weights", "attention", "cache copy", "other kernels")
+    kernel = {k: statistics.median(r.get(k, 0.0) for r in split) for k in kinds}
+    result = {
+        "engine": str(engine_dir), "batch": a.batch, "steps": a.steps, "threads": a.threads,
+        "step_ms": {"median": wall, "min": min(walls), "max": max(walls)},
+        "kernel_ms": kernel,
+        "host_and_session_ms": wall - sum(kernel.values()),
+        "weight_bytes": weight_bytes, "gemv_bandwidth_gb_s": bandwidth / 1e9, "weight_floor_ms": floor_ms,
+        "overhead_beyond_weights": wall / floor_ms - 1,
+    }
+    print(json.dumps(result, indent=1))
+    if a.json:
+        Path(a.json).write_text(json.dumps(result, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
