@@ -3,8 +3,9 @@
 A segment graph reads every layer's cache as it is, `(B, kv_heads, capacity, head_dim)`, and returns only the keys
 and values of the tokens it was given (`new_key_values.{i}.*`, `(B, kv_heads, q, head_dim)`); `append` writes those
 into the next free slots. A decode step therefore copies one position per layer, not the whole cache. Free slots
-(past `length`) are zeros and masked out, so a graph may read the whole buffer: the capacity is reserved at
-prefill for the tokens a request may generate, and grows (one copy) only when a request outlives it.
+(past `length`) are zeros and masked out, so a graph reads the whole buffer, free slots included: room is therefore
+made `GROWTH` slots at a time (never more than the request may still generate), one copy of the cache per `GROWTH`
+steps instead of one per step, and at most `GROWTH - 1` masked slots read per step.
 
 All rows of a batch share `length`: a shorter row is left padded, its padding slots masked out, as a prefill batch
 already is. Buffers are numpy arrays when the graphs run on the host (zero-copy inputs for ONNX Runtime's CPU
@@ -18,6 +19,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+GROWTH = 64  # slots of room made at a time: a copy of the cache every 64 steps, at most 63 free slots read per step
 PAST = "past_key_values."
 NEW = "new_key_values."
 
@@ -74,9 +76,9 @@ class KVCache:
     @classmethod
     def from_prefill(cls, new: dict[str, Any], mask: np.ndarray, reserve: int, dtype, device: str, to_numpy) -> "KVCache":
         """The cache after a prefill: the graph's `new_key_values.*` (B, kv_heads, n, head_dim) for the n tokens of
-        `mask` (B, n), with room for `reserve` more tokens."""
+        `mask` (B, n), with room for the next `reserve` tokens (up to `GROWTH` of them; more is made as needed)."""
         batch, n = mask.shape
-        capacity = n + max(reserve, 1)
+        capacity = n + min(max(reserve, 1), GROWTH)
         buffers = {}
         for name, value in new.items():
             shape = tuple(int(d) for d in _shape(value, to_numpy))
@@ -102,7 +104,7 @@ class KVCache:
         self.length = end
 
     def _grow(self, needed: int) -> None:
-        capacity = max(needed, 2 * self.capacity)
+        capacity = needed + GROWTH - 1
         for name, buffer in self.buffers.items():
             grown = _zeros_like(buffer, (*buffer.shape[:2], capacity, buffer.shape[3]))
             grown[:, :, : self.length] = buffer[:, :, : self.length]
