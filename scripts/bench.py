@@ -124,27 +124,39 @@ def _graphs(paths: dict, threads: int):
     return {name: OrtGraph(p, threads=threads) for name, p in paths.items()}
 
 
+def build_pipes(a, loaded, layout, work: Path) -> tuple[dict, dict]:
+    """Float32 pipelines per keep: one pair of decoder segments shared by all, vision and pivot graphs per keep.
+    Graphs already exported under `work` (an earlier run with the same --work-dir) are reused."""
+    from star_export.export.onnx_export import export_onnx
+
+    def exported(schedule, where: Path, graphs: list[str]) -> dict:
+        if all((where / f"{g}.onnx").exists() for g in graphs):
+            return {g: where / f"{g}.onnx" for g in graphs}
+        return {n: v.path for n, v in export_onnx(loaded, schedule, where, graphs=graphs).items()}
+
+    schedules = {k: StarSchedule.from_spec(loaded.spec, keep=k, defaults=loaded.defaults) for k in KEEPS}  # keep 576: stage 1 keeps 576 too
+    embed = loaded.model.get_input_embeddings().weight.detach().float().numpy()
+    segments = _graphs(exported(schedules[576], work / "segments", ["segment0", "segment1"]), a.threads)
+    pipes = {}
+    for k in KEEPS:
+        own = exported(schedules[k], work / f"keep{k}", ["vision", "pivot"])
+        pipes[k] = StarPipeline(_graphs(own, a.threads) | segments, embed, schedules[k], layout)
+    return schedules, pipes
+
+
 def build_configs(a, loaded, layout, work: Path) -> tuple[list[Config], dict]:
     from star_export.export.build import export_engine
-    from star_export.export.onnx_export import export_onnx
     from star_export.export.quantize import WeightScheme
     from star_export.reference import reference_pipeline
     from star_export.runtime.engine import Engine
 
-    spec = loaded.spec
-    schedules = {k: StarSchedule.from_spec(spec, keep=k, defaults=loaded.defaults) for k in KEEPS}  # keep 576: stage 1 keeps 576 too
-    embed = loaded.model.get_input_embeddings().weight.detach().float().numpy()
     t = time.perf_counter()
-    shared = {k: v.path for k, v in export_onnx(loaded, schedules[576], work / "segments", graphs=["segment0", "segment1"]).items()}
-    segments = _graphs(shared, a.threads)
-    pipes = {}
-    for k in KEEPS:
-        own = {n: v.path for n, v in export_onnx(loaded, schedules[k], work / f"keep{k}", graphs=["vision", "pivot"]).items()}
-        pipes[k] = StarPipeline(_graphs(own, a.threads) | segments, embed, schedules[k], layout)
+    schedules, pipes = build_pipes(a, loaded, layout, work)
     quantized = {}
     for kind in a.weights:
         out = work / f"{kind}-keep{a.keep}"
-        export_engine(model=a.model, keep=a.keep, out=out, weights=WeightScheme(kind), validate=False, show_progress=False)
+        if not out.exists():
+            export_engine(model=a.model, keep=a.keep, out=out, weights=WeightScheme(kind), validate=False, show_progress=False)
         quantized[kind] = Engine.from_dir(out, provider="cpu")
     print(f"exported engines in {time.perf_counter() - t:.0f} s", file=sys.stderr, flush=True)
 
@@ -218,7 +230,8 @@ def main(argv=None) -> int:
     p.add_argument("--weights", nargs="*", default=["int8", "int4"], help="weight-only engines at --keep (empty: none)")
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--no-eager", action="store_true")
-    p.add_argument("--sweeps", action="store_true", help="also: TTFT vs text tokens and vs batch, decode ms/token vs generated length")
+    p.add_argument("--sweeps", action="store_true", help="instead of the main table: TTFT vs text tokens and vs batch, decode ms/token vs "
+                   "generated length (float32 engines at keep 576 and --keep; writes sweeps.md / .json / .png)")
     p.add_argument("--out", default="docs/benchmarks")
     p.add_argument("--work-dir", default=None)
     a = p.parse_args(argv)
@@ -232,25 +245,37 @@ def main(argv=None) -> int:
     loaded = load_model(a.model).cast("float32")
     loaded.model.eval()
     layout = decoder_layout(loaded)
-    configs, built = build_configs(a, loaded, layout, work)
-    tok = loaded.processor.tokenizer
-    prompt = prompt_of(tok, a.text_tokens)
-    cached = {b: inputs_for(loaded.processor, b, prompt) for b in a.batches}
-    text_tokens = int(cached[1]["attention_mask"][0].sum()) - loaded.spec.num_vision_tokens if 1 in cached else a.text_tokens
-    interleave(configs, lambda c: cached[c.batch], a.rounds, a.tokens, "main")
-
     meta = {
         "command": "python " + " ".join([sys.argv[0], *(argv or sys.argv[1:])]),
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
-        "threads": a.threads, "rounds": a.rounds, "new_tokens": a.tokens, "text_tokens": text_tokens,
+        "threads": a.threads, "rounds": a.rounds, "new_tokens": a.tokens,
         "model": {"path": a.model, "text_layers": loaded.spec.text_layers, "vision_layers": loaded.spec.vision_layers,
-                  "hidden": loaded.spec.hidden_size, "pivot_layer": built["schedules"][a.keep].pivot_layer},
+                  "hidden": loaded.spec.hidden_size},
         "versions": _versions(),
     }
+    tok = loaded.processor.tokenizer
+    if a.sweeps:  # float32 engines only, the torch model freed: batch 8 at keep 576 needs the memory
+        schedules, pipes = build_pipes(a, loaded, layout, work)
+        processor = loaded.processor
+        del loaded
+        import gc
+
+        gc.collect()
+        meta["model"]["pivot_layer"] = schedules[a.keep].pivot_layer
+        sweeps = run_sweeps(a, processor, pipes, tok)
+        write_sweeps(out, meta, sweeps)
+        print((out / "sweeps.md").read_text())
+        return 0
+    configs, built = build_configs(a, loaded, layout, work)
+    prompt = prompt_of(tok, a.text_tokens)
+    cached = {b: inputs_for(loaded.processor, b, prompt) for b in a.batches}
+    text_tokens = int(cached[1]["attention_mask"][0].sum()) - loaded.spec.num_vision_tokens if 1 in cached else a.text_tokens
+    interleave(configs, lambda c: cached[c.batch], a.rounds, a.tokens, "main")
+    meta["text_tokens"] = text_tokens
+    meta["model"]["pivot_layer"] = built["schedules"][a.keep].pivot_layer
     rows = table_rows(configs, loaded.spec, built["schedules"], text_tokens, a.keep)
-    sweeps = run_sweeps(a, loaded, built, tok) if a.sweeps else {}
-    write_outputs(out, meta, rows, configs, sweeps, a.keep)
+    write_outputs(out, meta, rows, configs, a.keep)
     print((out / "bench.md").read_text())
     return 0
 
@@ -286,19 +311,18 @@ def table_rows(configs, spec, schedules, text_tokens, keep) -> list[dict]:
     return rows
 
 
-def run_sweeps(a, loaded, built, tok) -> dict:
+def run_sweeps(a, processor, pipes, tok) -> dict:
     """TTFT vs text tokens and vs batch (keep 576 and --keep, interleaved per point), decode ms/token per step over a
     long generation."""
-    pipes = built["pipes"]
     sweeps = {}
     points = [20, 100, 300, 600, 1000]
     configs = [Config(f"keep {k} @ {n}", 1, pipeline_run(pipes[k]), keep=k) for n in points for k in (576, a.keep)]
-    prompts = {n: inputs_for(loaded.processor, 1, prompt_of(tok, n)) for n in points}
+    prompts = {n: inputs_for(processor, 1, prompt_of(tok, n)) for n in points}
     interleave(configs, lambda c: prompts[int(c.name.split("@ ")[1])], max(2, a.rounds - 1), 2, "sweep text")
     sweeps["text_tokens"] = [{"keep": c.keep, "text_tokens": int(c.name.split("@ ")[1]), "ttft_ms": summary([r["ttft_ms"] for r in c.results])} for c in configs]
     batches = [1, 2, 4, 8]
     prompt = prompt_of(tok, a.text_tokens)
-    feeds = {b: inputs_for(loaded.processor, b, prompt) for b in batches}
+    feeds = {b: inputs_for(processor, b, prompt) for b in batches}
     configs = [Config(f"keep {k} batch {b}", b, pipeline_run(pipes[k]), keep=k) for b in batches for k in (576, a.keep)]
     interleave(configs, lambda c: feeds[c.batch], max(2, a.rounds - 1), 2, "sweep batch")
     sweeps["batch"] = [{"keep": c.keep, "batch": c.batch, "ttft_ms": summary([r["ttft_ms"] for r in c.results]),
@@ -318,8 +342,8 @@ def run_sweeps(a, loaded, built, tok) -> dict:
     return sweeps
 
 
-def write_outputs(out: Path, meta: dict, rows: list[dict], configs, sweeps: dict, keep: int) -> None:
-    (out / "bench.json").write_text(json.dumps({"meta": meta, "rows": rows, "sweeps": sweeps,
+def write_outputs(out: Path, meta: dict, rows: list[dict], configs, keep: int) -> None:
+    (out / "bench.json").write_text(json.dumps({"meta": meta, "rows": rows,
                                                  "raw": {f"{c.name} / batch {c.batch}": c.results for c in configs}}, indent=1, default=str) + "\n")
     with open(out / "bench.csv", "w", newline="") as f:
         w = csv.writer(f)
@@ -339,11 +363,11 @@ def write_outputs(out: Path, meta: dict, rows: list[dict], configs, sweeps: dict
         kv = f"{r['kv_mib']:.1f} ({'yes' if r['kv_equals_plan'] else 'no' if r['kv_equals_plan'] is not None else 'n/a'})"
         lines.append(f"| {r['config']} | {r['batch']} | {fmt(r['ttft_ms'], 0)} | {fmt(r['vision_ms'], 0)} | {fmt(r['prefill_ms'], 0)} | {fmt(r['decode_ms'])} | "
                      f"{fmt(r['tokens_per_s'])} | {fmt(r['peak_rss_gib'], 2)} | {r['flops_g']:.0f} | {kv} | {vs('ttft_vs_hf')} | {vs('decode_vs_hf')} | {ideal} | {vs('decode_vs_576')} |")
-    lines += ["", "Peak RSS is the process's (every model of the run resident) during that call. Plots: " + ", ".join(f"`{p.name}`" for p in plot(out, rows, sweeps, keep))]
+    lines += ["", "Peak RSS is the process's (every model of the run resident) during that call. Plots: " + ", ".join(f"`{p.name}`" for p in plot(out, rows, keep))]
     (out / "bench.md").write_text("\n".join(lines) + "\n")
 
 
-def plot(out: Path, rows: list[dict], sweeps: dict, keep: int) -> list[Path]:
+def plot(out: Path, rows: list[dict], keep: int) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -384,25 +408,50 @@ def plot(out: Path, rows: list[dict], sweeps: dict, keep: int) -> list[Path]:
         files.append(out / "vs_hf.png")
         fig.savefig(files[-1], dpi=110)
         plt.close(fig)
-    if sweeps:
-        fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-        for k in sorted({p["keep"] for p in sweeps["text_tokens"]}, reverse=True):
-            pts = [p for p in sweeps["text_tokens"] if p["keep"] == k]
-            axes[0].plot([p["text_tokens"] for p in pts], [p["ttft_ms"]["median"] for p in pts], marker="o", label=f"keep {k}")
-            pts = [p for p in sweeps["batch"] if p["keep"] == k]
-            axes[1].plot([p["batch"] for p in pts], [p["ttft_ms"]["median"] for p in pts], marker="o", label=f"keep {k}")
-        axes[0].set(xlabel="text tokens in the prompt", ylabel="TTFT ms", title="TTFT vs prompt text")
-        axes[1].set(xlabel="batch", ylabel="TTFT ms", title="TTFT vs batch")
-        for k, times in sweeps["decode_steps"].items():
-            axes[2].plot(range(1, len(times) + 1), times, label=f"keep {k}", lw=0.8)
-        axes[2].set(xlabel="generated tokens", ylabel="ms per step", title="decode step vs generated length")
-        for ax in axes:
-            ax.legend(fontsize=8)
-        fig.tight_layout()
-        files.append(out / "sweeps.png")
-        fig.savefig(files[-1], dpi=110)
-        plt.close(fig)
     return files
+
+
+def write_sweeps(out: Path, meta: dict, sweeps: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    (out / "sweeps.json").write_text(json.dumps({"meta": meta, "sweeps": sweeps}, indent=1, default=str) + "\n")
+    files = []
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for k in sorted({p["keep"] for p in sweeps["text_tokens"]}, reverse=True):
+        pts = [p for p in sweeps["text_tokens"] if p["keep"] == k]
+        axes[0].plot([p["text_tokens"] for p in pts], [p["ttft_ms"]["median"] for p in pts], marker="o", label=f"keep {k}")
+        pts = [p for p in sweeps["batch"] if p["keep"] == k]
+        axes[1].plot([p["batch"] for p in pts], [p["ttft_ms"]["median"] for p in pts], marker="o", label=f"keep {k}")
+    axes[0].set(xlabel="text tokens in the prompt", ylabel="TTFT ms", title="TTFT vs prompt text")
+    axes[1].set(xlabel="batch", ylabel="TTFT ms", title="TTFT vs batch")
+    for k, times in sweeps["decode_steps"].items():
+        axes[2].plot(range(1, len(times) + 1), times, label=f"keep {k}", lw=0.8)
+    axes[2].set(xlabel="generated tokens", ylabel="ms per step", title="decode step vs generated length")
+    for ax in axes:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    files.append(out / "sweeps.png")
+    fig.savefig(files[-1], dpi=110)
+    plt.close(fig)
+    steps = sweeps["decode_steps"]
+    lines = [f"# Scaling sweeps: {meta['date']}", "", f"`{meta['command']}`", "",
+             f"{meta['machine']}; {meta['threads']} threads; " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()), "",
+             f"Model `{meta['model']['path']}`: hidden {meta['model']['hidden']}, {meta['model']['text_layers']} decoder layers (pivot "
+             f"{meta['model']['pivot_layer']}), float32 engines; median (min–max) over interleaved rounds after a warm-up. Plot: `sweeps.png`.", "",
+             "| text tokens | " + " | ".join(f"TTFT ms keep {k}" for k in sorted({p['keep'] for p in sweeps['text_tokens']}, reverse=True)) + " |", "|---|---|---|"]
+    for n in sorted({p["text_tokens"] for p in sweeps["text_tokens"]}):
+        pts = sorted([p for p in sweeps["text_tokens"] if p["text_tokens"] == n], key=lambda p: -p["keep"])
+        lines.append(f"| {n} | " + " | ".join(fmt(p["ttft_ms"], 0) for p in pts) + " |")
+    lines += ["", "| batch | keep | TTFT ms | decode ms/step |", "|---|---|---|---|"]
+    for p in sweeps["batch"]:
+        lines.append(f"| {p['batch']} | {p['keep']} | {fmt(p['ttft_ms'], 0)} | {fmt(p['decode_ms'])} |")
+    lines += ["", "| keep | decode ms/step, steps 1-32 | steps 97-128 | steps 225-256 |", "|---|---|---|---|"]
+    for k, t in steps.items():
+        lines.append(f"| {k} | " + " | ".join(fmt(summary(t[a:b])) for a, b in ((0, 32), (96, 128), (224, 256))) + " |")
+    (out / "sweeps.md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
