@@ -52,12 +52,13 @@ def _same_kind(value, buffer, to_numpy: Callable[[Any], np.ndarray]):
     return torch.from_numpy(np.ascontiguousarray(to_numpy(value))).to(buffer.device)
 
 
-def _rows(buffer, rows: np.ndarray):
+def _rows_from(buffer, rows: np.ndarray, start: int):
+    """Slots `start ..` of rows `rows`: one new contiguous buffer (the row selection copies; nothing else does)."""
     if isinstance(buffer, np.ndarray):
-        return buffer[rows]
+        return np.ascontiguousarray(buffer[rows, :, start:])
     import torch
 
-    return buffer[torch.as_tensor(rows, device=buffer.device)]
+    return buffer[torch.as_tensor(rows, device=buffer.device), :, start:].contiguous()
 
 
 @dataclass
@@ -151,6 +152,5 @@ def take(cache: KVCache, rows: Sequence[int]) -> KVCache:
     rows = np.asarray(rows, dtype=np.int64)
     mask = cache.mask[rows]
     start = int((mask[:, : cache.length] > 0).argmax(-1).min())  # every row holds at least its prompt
-    buffers = {name: _rows(b, rows)[:, :, start:] for name, b in cache.buffers.items()}
-    buffers = {name: b.copy() if isinstance(b, np.ndarray) else b.contiguous() for name, b in buffers.items()}
+    buffers = {name: _rows_from(b, rows, start) for name, b in cache.buffers.items()}
     return KVCache(buffers, np.ascontiguousarray(mask[:, start:]), cache.length - start)
