@@ -30,6 +30,7 @@ from .reference import reference_pipeline
 from .runtime.engine import Engine
 from .runtime.generate import Forcing, Generation, Sampling
 from .runtime.inputs import prompt_length, synthetic_image
+from .runtime.kvcache import NEW
 
 BUILTIN_QUESTIONS = (
     "What is in the image?",
@@ -143,7 +144,7 @@ def compare_outputs(report: ValidationReport, label: str, truth: dict, eager: di
     """Every output of one graph call: exact ones exactly, the rest by budget; `new_key_values.*` in one row (the worst)."""
     groups: dict[str, list[str]] = {}
     for n in truth:
-        groups.setdefault("new_key_values.*" if n.startswith("new_key_values.") else n, []).append(n)
+        groups.setdefault(NEW + "*" if n.startswith(NEW) else n, []).append(n)
     for group, names in groups.items():
         if group in EXACT_OUTPUTS or group in {s for s, _ in SELECTIONS.values()}:
             if group in EXACT_OUTPUTS:
