@@ -35,6 +35,7 @@ import torch  # noqa: E402
 
 from star_export.config import StarSchedule  # noqa: E402
 from star_export.flops import plan  # noqa: E402
+from star_export.manifest import tool_versions  # noqa: E402
 from star_export.models import load_model  # noqa: E402
 from star_export.runtime.generate import Sampling, StarPipeline  # noqa: E402
 from star_export.runtime.inputs import prepare_inputs, synthetic_image  # noqa: E402
@@ -252,7 +253,7 @@ def main(argv=None) -> int:
         "threads": a.threads, "rounds": a.rounds, "new_tokens": a.tokens,
         "model": {"path": a.model, "text_layers": loaded.spec.text_layers, "vision_layers": loaded.spec.vision_layers,
                   "hidden": loaded.spec.hidden_size},
-        "versions": _versions(),
+        "versions": tool_versions() | {"numpy": np.__version__},
     }
     tok = loaded.processor.tokenizer
     if a.sweeps:  # float32 engines only, the torch model freed: batch 8 at keep 576 needs the memory
@@ -280,14 +281,6 @@ def main(argv=None) -> int:
     return 0
 
 
-def _versions() -> dict:
-    import onnxruntime
-    import transformers
-
-    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "onnxruntime": onnxruntime.__version__, "numpy": np.__version__}
-
-
 def table_rows(configs, spec, schedules, text_tokens, keep) -> list[dict]:
     hf = {c.batch: c for c in configs if c.kind == "hf"}
     base = {c.batch: c for c in configs if c.kind == "engine" and c.keep == 576}
@@ -305,7 +298,7 @@ def table_rows(configs, spec, schedules, text_tokens, keep) -> list[dict]:
         row["decode_vs_hf"] = per_round(c, hf[c.batch], "decode_ms") if c.batch in hf else None
         if c.kind == "engine" and c.batch in base:
             row["prefill_vs_576"] = per_round(c, base[c.batch], "prefill_ms")
-            row["flops_ideal_vs_576"] = plan(spec, schedules[576], text_tokens).flops["baseline"] / p.flops["star" if star else "baseline"]
+            row["flops_ideal_vs_576"] = p.flops["baseline"] / p.flops["star" if star else "baseline"]  # baseline: unpruned, any schedule
             row["decode_vs_576"] = per_round(c, base[c.batch], "decode_ms")
         rows.append(row)
     return rows
