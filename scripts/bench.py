@@ -118,6 +118,18 @@ def hf_run(model) -> Callable[[dict, int], dict]:
     return run
 
 
+def cpu_model() -> str:
+    """The CPU's model name and the vector ISAs that decide which kernels ONNX Runtime and torch run (Linux)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), platform.machine())
+    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+    isa = [f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile") if f in flags]
+    return f"{name} ({' '.join(isa) or 'no AVX2'})"
+
+
 # ---------------------------------------------------------------- building the configurations
 def _graphs(paths: dict, threads: int):
     from star_export.runtime.sessions import OrtGraph
@@ -154,11 +166,13 @@ def build_configs(a, loaded, layout, work: Path) -> tuple[list[Config], dict]:
     t = time.perf_counter()
     schedules, pipes = build_pipes(a, loaded, layout, work)
     quantized = {}
-    for kind in a.weights:
-        out = work / f"{kind}-keep{a.keep}"
+    for entry in a.weights:
+        kind, _, level = entry.partition("-acc")
+        scheme = WeightScheme(kind, **({"accuracy_level": int(level)} if level else {}))
+        out = work / f"{kind}-acc{scheme.accuracy_level}-keep{a.keep}"
         if not out.exists():
-            export_engine(model=a.model, keep=a.keep, out=out, weights=WeightScheme(kind), validate=False, show_progress=False)
-        quantized[kind] = Engine.from_dir(out, provider="cpu")
+            export_engine(model=a.model, keep=a.keep, out=out, weights=scheme, validate=False, show_progress=False)
+        quantized[entry] = Engine.from_dir(out, provider="cpu")
     print(f"exported engines in {time.perf_counter() - t:.0f} s", file=sys.stderr, flush=True)
 
     configs = []
@@ -228,7 +242,9 @@ def main(argv=None) -> int:
     p.add_argument("--tokens", type=int, default=8, help="new tokens per call (decode ms/token averages tokens - 1 steps)")
     p.add_argument("--text-tokens", type=int, default=40)
     p.add_argument("--batches", type=int, nargs="+", default=[1, 4])
-    p.add_argument("--weights", nargs="*", default=["int8", "int4"], help="weight-only engines at --keep (empty: none)")
+    p.add_argument("--weights", nargs="*", default=["int8", "int4"],
+                   help="weight-only engines at --keep, KIND or KIND-accN for MatMulNBits accuracy_level N (default: the "
+                        "exporter's, 4); empty: none")
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--no-eager", action="store_true")
     p.add_argument("--sweeps", action="store_true", help="instead of the main table: TTFT vs text tokens and vs batch, decode ms/token vs "
@@ -249,7 +265,7 @@ def main(argv=None) -> int:
     meta = {
         "command": "python " + " ".join([sys.argv[0], *(argv or sys.argv[1:])]),
         "date": time.strftime("%Y-%m-%d %H:%M"),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
+        "machine": f"{cpu_model()}, {os.cpu_count()} cores, {platform.platform()}",
         "threads": a.threads, "rounds": a.rounds, "new_tokens": a.tokens,
         "model": {"path": a.model, "text_layers": loaded.spec.text_layers, "vision_layers": loaded.spec.vision_layers,
                   "hidden": loaded.spec.hidden_size},

@@ -155,8 +155,9 @@ def export_parser() -> argparse.ArgumentParser:
                    help="decoder weights: float (the --dtype), or weight-only int8 / int4 (ONNX Runtime MatMulNBits; vision stays float)")
     g.add_argument("--block-size", type=_positive, default=128, help="int8 / int4: weights per quantization block along K (power of two >= 16)")
     g.add_argument("--asymmetric", action="store_true", help="int8 / int4: per-block zero points (default symmetric)")
-    g.add_argument("--accuracy-level", type=int, default=0, choices=range(5), metavar="{0..4}",
-                   help="int8 / int4: MatMulNBits compute (0: unset, float; 4: int8, faster, less exact)")
+    g.add_argument("--accuracy-level", type=int, default=None, choices=range(5), metavar="{0..4}",
+                   help="int8 / int4: MatMulNBits compute (0: unset, float; 4: int8 where ONNX Runtime's CPU kernels have it, "
+                        "faster, activations quantized per block) (default: 4)")
     g.add_argument("--memory-budget", type=_gib, default=None, metavar="GIB",
                    help="memory the build may use, in GiB (default: what the machine has available); a build that needs more is refused up front")
     g.add_argument("--max-batch-size", type=_positive, default=8, help="most requests per call")
@@ -199,11 +200,12 @@ def _gib(text: str) -> int:
 def _scheme(args):
     from .export.quantize import WeightScheme
 
-    if args.weights == "float" and (args.block_size != 128 or args.asymmetric or args.accuracy_level):
+    if args.weights == "float" and (args.block_size != 128 or args.asymmetric or args.accuracy_level is not None):
         from .export.quantize import SchemeError
 
         raise SchemeError("--block-size / --asymmetric / --accuracy-level apply to --weights int8 / int4 only")
-    return WeightScheme(args.weights, block_size=args.block_size, symmetric=not args.asymmetric, accuracy_level=args.accuracy_level)
+    level = {} if args.accuracy_level is None else {"accuracy_level": args.accuracy_level}
+    return WeightScheme(args.weights, block_size=args.block_size, symmetric=not args.asymmetric, **level)
 
 
 def _export(args) -> int:

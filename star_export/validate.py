@@ -21,7 +21,7 @@ import numpy as np
 
 from . import budget
 from .config import StarSchedule
-from .export.quantize import WeightScheme, quantized_reference
+from .export.quantize import WeightScheme, matmul_compute, quantized_note, quantized_reference
 from .memory import validation_mode
 from .errors import UserError
 from .manifest import EngineError
@@ -198,6 +198,9 @@ def check_tokens(report: ValidationReport, label: str, truth: Generation, eager:
     rows = [[(truth.logits[s][row], eager.logits[s][row], got.logits[s][row]) for s in range(len(tokens))] for row, tokens in enumerate(got.token_ids)]
     lost = sum(int(np.argmax(t)) != int(np.argmax(r)) for steps in rows for t, r, _ in steps)
     attainable = lost == 0
+    # eager's error at a step is at least the RMS of its step errors (budget.py's group rule: one step's error is one
+    # sample; int8-compute engines, whose errors come as rare quantization flips, make it a noisy one)
+    group = float(np.sqrt(np.mean([float(np.abs(r - t).max()) ** 2 for steps in rows for t, r, _ in steps])))
     for row, (tokens, steps) in enumerate(zip(got.token_ids, rows)):
         own = [(int(np.argmax(t)), int(np.argmax(r))) for t, r, _ in steps]
         bad = first = None
@@ -206,7 +209,7 @@ def check_tokens(report: ValidationReport, label: str, truth: Generation, eager:
             if best == token:
                 continue
             gap = float(t[best] - t[token])
-            limit = 2 * (budget.MULTIPLIER * float(np.abs(r - t).max()) + budget.floor(dtype) * float(np.abs(t).max()))
+            limit = 2 * (budget.MULTIPLIER * max(float(np.abs(r - t).max()), group) + budget.floor(dtype) * float(np.abs(t).max()))
             ok = gap <= limit and (not attainable or (token in _top(t) and best in _top(g)))
             first = first or (step, best, token, gap, limit)
             if not ok:
@@ -345,8 +348,9 @@ def validate_engine(
         # The references hold the engine's own quantized weights (the float rule then applies unchanged); what
         # quantization costs against the unquantized model is measured on top (quality_vs_float).
         plain = reference_pipeline(loaded, schedule, device=device, dtype="float64")
-        loaded = quantized_reference(loaded, scheme, dtype)
-        report.notes.append(f"{scheme.kind} weights (block {scheme.block_size}): references use the engine's dequantized weights")
+        compute = matmul_compute(scheme, dtype, engine.providers)
+        loaded = quantized_reference(loaded, scheme, dtype, compute)
+        report.notes.append(quantized_note(scheme, compute, engine.provider))
     eager = reference_pipeline(loaded, schedule, device=device, dtype=dtype)
     truth = reference_pipeline(loaded, schedule, device=device, dtype="float64")
     graphs = {"truth": dict(truth.graphs), "eager": dict(eager.graphs)}  # unwrapped, for scores and per-graph runs

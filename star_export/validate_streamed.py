@@ -14,12 +14,14 @@ rounding-error analysis), which loosens the budget and is said so.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+from functools import partial
 from typing import Any, Sequence
 
 import numpy as np
 
 from .config import StarSchedule
-from .export.quantize import WeightScheme
+from .export.quantize import WeightScheme, int8_activation_hooks, matmul_compute, quantized_modules, quantized_note
 from .runtime.generate import Forcing, Sampling
 from .runtime.inputs import synthetic_image
 from .streaming import Streamer, quantized_transform, scaled_eager, streamed_pipeline
@@ -50,8 +52,12 @@ def validate_streamed(report: ValidationReport, engine, loaded, *, images: Seque
     got = engine.pipeline.generate(*feed)
     force = Forcing(got.stage1_indices, got.stage2_indices, got.token_ids)
 
+    int8 = nullcontext
     if scheme.quantized:
-        report.notes.append(f"{scheme.kind} weights (block {scheme.block_size}): references use the engine's dequantized weights")
+        compute = matmul_compute(scheme, dtype, engine.providers)
+        report.notes.append(quantized_note(scheme, compute, engine.provider))
+        if compute == "int8":
+            int8 = partial(int8_activation_hooks, quantized_modules(loaded.model), scheme.block_size)
     eager_dtype, ratio = eager_dtype_for(dtype)
     label = f"batch 0 ({len(pairs)})"
     with Streamer(loaded.model) as streamer:
@@ -61,9 +67,10 @@ def validate_streamed(report: ValidationReport, engine, loaded, *, images: Seque
             say(f"layer-streamed eager reference, {run_dtype}")
             pipe = streamed_pipeline(loaded, schedule, streamer, run_dtype, transform)
             pivot = pipe.graphs["pivot"] = _Recorder(pipe.graphs["pivot"], keep_calls=1)
-            gen = pipe.generate(*feed, force)
-            s1 = _scores(pipe.graphs["vision"], "vision", {"pixel_values": inputs["pixel_values"]}, np.dtype(run_dtype))
-            s2 = _scores(pivot.graph, "pivot", pivot.calls[0][0], np.dtype(run_dtype))
+            with int8():
+                gen = pipe.generate(*feed, force)
+                s1 = _scores(pipe.graphs["vision"], "vision", {"pixel_values": inputs["pixel_values"]}, np.dtype(run_dtype))
+                s2 = _scores(pivot.graph, "pivot", pivot.calls[0][0], np.dtype(run_dtype))
             runs[kind] = (gen, s1, s2)
         plain = None
         if scheme.quantized:

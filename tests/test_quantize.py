@@ -15,7 +15,8 @@ import pytest
 from onnx import TensorProto, helper
 
 from star_export.config import StarSchedule
-from star_export.export.quantize import SchemeError, WeightScheme, dequantize, quantize_weight
+from star_export.export.quantize import (SchemeError, WeightScheme, dequantize, int8_activations, matmul_compute, matmulnbits_model,
+                                        quantize_weight, quantized_twin)
 from star_export.memory import graph_weights, memory_plan, total_params
 
 
@@ -48,6 +49,45 @@ def test_dequantize_is_what_matmulnbits_computes(kind, symmetric, block):
     step = np.abs(np.repeat(scales.reshape(N, -1), block, axis=1)[:, :K])  # symmetric scales carry a sign
     err = np.abs(ours - w) / step
     assert err.max() <= 1.001 and np.mean(err <= 0.5 * 1.001) > 0.99
+
+
+def _x86_avx2() -> bool:
+    import platform
+    from pathlib import Path
+
+    cpuinfo = Path("/proc/cpuinfo")
+    return platform.machine() in ("x86_64", "AMD64") and cpuinfo.exists() and " avx2" in cpuinfo.read_text()
+
+
+@pytest.mark.parametrize("kind,symmetric,block,K", [("int4", True, 32, 200), ("int4", False, 128, 256), ("int8", True, 64, 200), ("int8", False, 16, 96)])
+@pytest.mark.parametrize("level", [0, 4])
+def test_matmul_compute_names_what_the_kernel_computes(kind, symmetric, block, K, level):
+    """ONNX Runtime's MatMulNBits output is one of our two float64 models of it -- float activations, or
+    `int8_activations` (accuracy_level 4's int8 compute) -- to float32 rounding, and `matmul_compute` names that one.
+    Rows of mixed scales, one all-zero block, K not a multiple of the block. Bounds: float32 summation of K products
+    is ~sqrt(K) x 6e-8 relative (<= 1e-6 here), so 1e-5; the two models differ by the activations' quantization,
+    half a step of amax / 127 per value (~0.5 % relative), so the other model must be >= 1e-3 away."""
+    import onnxruntime as ort
+    import torch
+
+    rng = np.random.default_rng(1)
+    N, M = 24, 6
+    scheme = WeightScheme(kind, block_size=block, symmetric=symmetric, accuracy_level=level)
+    w = (rng.standard_normal((N, K)) * rng.uniform(0.01, 3, (N, 1))).astype(np.float32)
+    a = (rng.standard_normal((M, K)) * rng.uniform(0.01, 30, (M, 1))).astype(np.float32)
+    a[0, :block] = 0
+    session = ort.InferenceSession(matmulnbits_model(scheme, "float32", K, N, w), providers=["CPUExecutionProvider"])
+    y = session.run(None, {"A": a})[0].astype(np.float64)
+    wq = quantized_twin(w, scheme)
+    models = {"float": a.astype(np.float64) @ wq.T, "int8": int8_activations(torch.from_numpy(a), block).double().numpy() @ wq.T}
+    err = {k: np.linalg.norm(y - v) / np.linalg.norm(v) for k, v in models.items()}
+    compute = matmul_compute(scheme, "float32", ["CPUExecutionProvider"])
+    other = "float" if compute == "int8" else "int8"
+    assert err[compute] <= 1e-5 and err[other] >= 1e-3, (compute, err)
+    if level == 0:
+        assert compute == "float"
+    elif kind == "int4" and _x86_avx2():
+        assert compute == "int8"  # MLAS has int8 kernels for 4-bit weights from AVX2 on
 
 
 def test_scheme_rejects_bad_settings():
@@ -92,7 +132,7 @@ def test_int4_engine_passes_the_validator_and_reports_its_cost(tmp_path, tiny):
 
     out = tmp_path / "e4"
     manifest = export_engine(model="tiny-llava", keep=16, out=out, weights=WeightScheme("int4", block_size=32), validate=False, show_progress=False)
-    assert manifest["weights"] == {"kind": "int4", "block_size": 32, "symmetric": True, "accuracy_level": 0}
+    assert manifest["weights"] == {"kind": "int4", "block_size": 32, "symmetric": True, "accuracy_level": 4}
     assert json.loads((out / "star.json").read_text())["weights"]["kind"] == "int4"
     ops = {name: {n.op_type for n in onnx.load(out / f"{name}.onnx", load_external_data=False).graph.node} for name in ("vision", "segment0", "segment1")}
     assert "MatMulNBits" in ops["segment0"] and "MatMulNBits" in ops["segment1"] and "MatMulNBits" not in ops["vision"]
@@ -116,4 +156,27 @@ def test_validator_catches_an_engine_quantized_differently(tmp_path, tiny):
     m["weights"]["block_size"] = 16
     (out / MANIFEST).write_text(json.dumps(m))
     report = validate_engine(out, loaded=tiny, max_new_tokens=4)
+    assert not report.ok, report.table()
+
+
+@pytest.mark.parametrize("kind,symmetric,block", [("int4", True, 32), ("int8", False, 64)])
+def test_int8_compute_engine_passes_and_a_float_reference_fails_it(tmp_path, tiny, monkeypatch, kind, symmetric, block):
+    """accuracy_level 4 (the default): the validator probes the compute and its references quantize their activations
+    as the engine does, so the float rule holds. Planted defect: references with float activations (what the validator
+    did before) must fail the same engine -- the check can tell the two arithmetics apart."""
+    from star_export import validate
+    from star_export.export.build import export_engine
+
+    out = tmp_path / "e"
+    scheme = WeightScheme(kind, block_size=block, symmetric=symmetric)
+    assert scheme.accuracy_level == 4
+    export_engine(model="tiny-llava", keep=16, out=out, weights=scheme, validate=False, show_progress=False)
+    compute = matmul_compute(scheme, "float32", ["CPUExecutionProvider"])
+    report = validate.validate_engine(out, loaded=tiny, max_new_tokens=6)
+    assert report.ok, report.table()
+    assert any(f"computes in {compute}" in n for n in report.notes), report.notes
+    if compute != "int8":
+        pytest.skip(f"this CPU's ONNX Runtime computes {kind} MatMulNBits in float: no int8 arithmetic to tell apart")
+    monkeypatch.setattr(validate, "matmul_compute", lambda *a: "float")
+    report = validate.validate_engine(out, loaded=tiny, max_new_tokens=6)
     assert not report.ok, report.table()

@@ -10,10 +10,16 @@ while the graph is saved, one at a time.
 
 `dequantize` is the op's documented arithmetic (ContribOperators.md, MatMulNBits) in numpy: the reference
 the validator runs for a quantized engine uses exactly the engine's quantized weights.
+
+Activations: with `accuracy_level` 4, ONNX Runtime's CPU kernels (MLAS `CompInt8`, where the build and the CPU have
+one) also quantize A, per block of K, to int8 before the integer dot products; elsewhere (another provider, no
+kernel) the op computes in float whatever the attribute says. Which one a runtime does is measured, not assumed
+(`matmul_compute`, one small op), and the reference then does the same (`int8_activations`).
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -35,7 +41,9 @@ class WeightScheme:
     kind: str = "float"
     block_size: int = 128  # MatMulNBitsQuantizer's default
     symmetric: bool = True  # no zero points: q - 2^(bits-1)
-    accuracy_level: int = 0  # MatMulNBits' attribute; 0: unset (float compute), 4: int8 compute (faster, less exact)
+    # MatMulNBits' attribute. 0: unset (float compute); 4: int8 compute where the runtime has it (ONNX Runtime's CPU
+    # kernels: measured here 6.5x faster at one row, 2x at 622 rows). 4 is onnxruntime-genai's default for CPU.
+    accuracy_level: int = 4
 
     def __post_init__(self):
         if self.kind not in SCHEMES:
@@ -126,8 +134,9 @@ def engine_weight(weight, engine_dtype: str) -> np.ndarray:
     return weight.detach().to(TORCH_DTYPES[engine_dtype]).float().numpy()
 
 
-def quantized_reference(loaded, scheme: WeightScheme, engine_dtype: str):
-    """A float64 copy of `loaded` whose decoder Linears and lm_head hold exactly the engine's quantized weights."""
+def quantized_reference(loaded, scheme: WeightScheme, engine_dtype: str, compute: str = "float"):
+    """A float64 copy of `loaded` whose decoder Linears and lm_head hold exactly the engine's quantized weights and,
+    for `compute` "int8" (`matmul_compute`), quantize their inputs as the engine does (hooks, kept by casts)."""
     import copy
 
     import torch
@@ -138,7 +147,84 @@ def quantized_reference(loaded, scheme: WeightScheme, engine_dtype: str):
     with torch.no_grad():
         for linear in quantized_modules(model):
             linear.weight.copy_(torch.from_numpy(quantized_twin(engine_weight(linear.weight, engine_dtype), scheme, engine_dtype)))
+            if compute == "int8":
+                linear.register_forward_pre_hook(int8_activation_hook(scheme.block_size))
     return LoadedModel(model, loaded.processor, loaded.spec, loaded.defaults, loaded.source)
+
+
+def int8_activations(x, block_size: int):
+    """What MatMulNBits' int8 compute multiplies instead of A (MLAS `QuantizeARow_CompInt8`): each row quantized
+    per block of K, symmetric, `scale = amax / 127`, `q = round_half_even(a * (127 / amax))` (0 where amax is 0),
+    in A's own dtype; returns `q * scale`, which the integer dot products times the scales equal."""
+    import torch
+
+    K = x.shape[-1]
+    blocks = torch.nn.functional.pad(x, (0, -K % block_size)).unflatten(-1, (-1, block_size))
+    amax = blocks.abs().amax(-1, keepdim=True)
+    inverse = torch.where(amax != 0, 127 / amax, torch.zeros_like(amax))
+    return (torch.round(blocks * inverse) * (amax / 127)).flatten(-2)[..., :K]
+
+
+def int8_activation_hook(block_size: int):
+    """A forward pre-hook: the Linear computes on `int8_activations` of its input, as an int8-compute engine does."""
+    return lambda module, args: (int8_activations(args[0], block_size), *args[1:])
+
+
+@contextmanager
+def int8_activation_hooks(modules, block_size: int):
+    """`int8_activation_hook` on `modules` while open."""
+    handles = [m.register_forward_pre_hook(int8_activation_hook(block_size)) for m in modules]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def matmulnbits_model(scheme: WeightScheme, activation_dtype, K: int, N: int, weight_nk: np.ndarray) -> bytes:
+    """One MatMulNBits `A [M, K] -> Y [M, N]` holding `weight_nk` as the engine would (serialized ONNX)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    elem = helper.np_dtype_to_tensor_dtype(np.dtype(activation_dtype))
+    packed, scales, zp = engine_packing(weight_nk, scheme, activation_dtype)
+    inits = [numpy_helper.from_array(packed, "B"), numpy_helper.from_array(scales, "scales")]
+    if zp is not None:
+        inits.append(numpy_helper.from_array(zp, "zero_points"))
+    attrs = {"K": K, "N": N, "bits": scheme.bits, "block_size": scheme.block_size}
+    if scheme.accuracy_level:
+        attrs["accuracy_level"] = scheme.accuracy_level
+    node = helper.make_node("MatMulNBits", ["A", *(t.name for t in inits)], ["Y"], domain="com.microsoft", **attrs)
+    graph = helper.make_graph([node], "probe", [helper.make_tensor_value_info("A", elem, ["M", K])],
+                              [helper.make_tensor_value_info("Y", elem, ["M", N])], inits)
+    opsets = [helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)]
+    return helper.make_model(graph, opset_imports=opsets, ir_version=10).SerializeToString()
+
+
+def matmul_compute(scheme: WeightScheme, activation_dtype: str, providers) -> str:
+    """Which arithmetic MatMulNBits of `scheme` has on this ONNX Runtime and `providers`: "int8" (activations
+    quantized as `int8_activations`) or "float". It depends on the build, the provider and the CPU's ISA, so it is
+    measured: one random op (8 x 2 blocks x 16), compared with both float64 models of it; the nearer one is the
+    answer (the two differ by the activations' quantization, ~1e-2 relative, far above float rounding)."""
+    import onnxruntime as ort
+    import torch
+
+    K, N = 2 * scheme.block_size, 16
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal((N, K)).astype(np.float32)
+    a = rng.standard_normal((8, K)).astype(activation_dtype)
+    session = ort.InferenceSession(matmulnbits_model(scheme, activation_dtype, K, N, weight), providers=list(providers))
+    y = session.run(None, {"A": a})[0].astype(np.float64)
+    w = quantized_twin(weight, scheme, activation_dtype)
+    models = {"float": a.astype(np.float64) @ w.T,
+              "int8": int8_activations(torch.from_numpy(a), scheme.block_size).double().numpy() @ w.T}
+    return min(models, key=lambda k: np.linalg.norm(y - models[k]))
+
+
+def quantized_note(scheme: WeightScheme, compute: str, provider: str) -> str:
+    """The validator's note on what its references do for a quantized engine."""
+    what = "and quantize their activations to int8 per block as the engine does" if compute == "int8" else "and float activations"
+    return (f"{scheme.kind} weights (block {scheme.block_size}, accuracy_level {scheme.accuracy_level}): MatMulNBits computes "
+            f"in {compute} on {provider} (probed); references use the engine's dequantized weights {what}")
 
 
 def _linear_weight(node):
