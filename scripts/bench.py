@@ -130,6 +130,38 @@ def cpu_model() -> str:
     return f"{name} ({' '.join(isa) or 'no AVX2'})"
 
 
+def gemm_rates(threads: int, rounds: int = 5, m: int = 622, k: int = 4096, n: int = 11008) -> dict:
+    """GFLOP/s (2 per multiply-add) of one prefill-sized product, the MLP's up projection at keep 576, per kernel, best
+    of `rounds` interleaved calls: torch float32 (what HF runs), ONNX Runtime's float32 MatMul, and MatMulNBits int4
+    with float compute (accuracy_level 0) and with the default accuracy_level 4. Bounds what a prefill can gain from
+    kernels alone."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from star_export.export.quantize import WeightScheme, matmulnbits_model
+    from star_export.runtime.sessions import session_options
+
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((n, k)) * 0.02).astype(np.float32)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["A", "W"], ["Y"])], "gemm", [helper.make_tensor_value_info("A", TensorProto.FLOAT, [m, k])],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [m, n])], [numpy_helper.from_array(np.ascontiguousarray(w.T), "W")])
+    models = {"ORT float32 MatMul": helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10).SerializeToString()}
+    for level in (0, 4):
+        models[f"ORT int4 MatMulNBits accuracy_level {level}"] = matmulnbits_model(WeightScheme("int4", accuracy_level=level), "float32", k, n, w)
+    runs = {name: (lambda s: lambda: s.run(None, {"A": x}))(ort.InferenceSession(b, session_options(threads), providers=["CPUExecutionProvider"]))
+            for name, b in models.items()}
+    tw, tx = torch.from_numpy(w), torch.from_numpy(x)
+    runs = {"torch float32 matmul": lambda: tx @ tw.T} | runs
+    best = {name: float("inf") for name in runs}
+    for _ in range(rounds + 1):
+        for name, run in runs.items():
+            t = time.perf_counter()
+            run()
+            best[name] = min(best[name], time.perf_counter() - t)
+    return {"shape": [m, k, n], "gflops": {name: round(2 * m * k * n / t / 1e9, 1) for name, t in best.items()}}
+
+
 # ---------------------------------------------------------------- building the configurations
 def _graphs(paths: dict, threads: int):
     from star_export.runtime.sessions import OrtGraph
@@ -249,6 +281,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-eager", action="store_true")
     p.add_argument("--sweeps", action="store_true", help="instead of the main table: TTFT vs text tokens and vs batch, decode ms/token vs "
                    "generated length (float32 engines at keep 576 and --keep; writes sweeps.md / .json / .png)")
+    p.add_argument("--decode-ab", action="store_true", help="instead of the main table: decode ms/step at keep 576 and --keep, "
+                   "alternated step by step, per --batches (writes decode_ab.md / .json)")
     p.add_argument("--out", default="docs/benchmarks")
     p.add_argument("--work-dir", default=None)
     a = p.parse_args(argv)
@@ -272,6 +306,11 @@ def main(argv=None) -> int:
         "versions": tool_versions() | {"numpy": np.__version__},
     }
     tok = loaded.processor.tokenizer
+    if a.decode_ab:
+        schedules, pipes = build_pipes(a, loaded, layout, work)
+        write_decode_ab(out, meta, run_decode_ab(a, loaded.processor, pipes, tok), a.keep)
+        print((out / "decode_ab.md").read_text())
+        return 0
     if a.sweeps:  # float32 engines only, the torch model freed: batch 8 at keep 576 needs the memory
         schedules, pipes = build_pipes(a, loaded, layout, work)
         processor = loaded.processor
@@ -284,6 +323,7 @@ def main(argv=None) -> int:
         write_sweeps(out, meta, sweeps)
         print((out / "sweeps.md").read_text())
         return 0
+    meta["gemm"] = gemm_rates(a.threads)
     configs, built = build_configs(a, loaded, layout, work)
     prompt = prompt_of(tok, a.text_tokens)
     cached = {b: inputs_for(loaded.processor, b, prompt) for b in a.batches}
@@ -351,6 +391,40 @@ def run_sweeps(a, processor, pipes, tok) -> dict:
     return sweeps
 
 
+def run_decode_ab(a, processor, pipes, tok, steps: int = 48) -> dict:
+    """Decode ms/step at keep 576 and at --keep, alternated step by step (A B B A A B ...) from one prefill each, per
+    batch: the finest interleaving, for the one ratio that per-call rounds blur (their decode runs are 7 steps
+    between prefills of seconds, and single calls here fall into a fast or a slow mode ~25 % apart)."""
+    prompt = prompt_of(tok, a.text_tokens)
+    result = {}
+    for b in a.batches:
+        feed = inputs_for(processor, b, prompt)
+        keeps = (576, a.keep)
+        states, times = {}, {k: [] for k in keeps}
+        for k in keeps:
+            states[k], _ = pipes[k].prefill(feed["pixel_values"], feed["input_ids"], feed["attention_mask"], reserve=steps)
+        for i in range(steps):
+            for k in keeps if i % 2 == 0 else keeps[::-1]:
+                tokens = states[k].logits.argmax(-1)
+                t = time.perf_counter()
+                states[k] = pipes[k].step(states[k], tokens)
+                times[k].append((time.perf_counter() - t) * 1e3)
+        ratios = [x / y for x, y in zip(times[576][1:], times[a.keep][1:])]  # the first step of each left out
+        result[b] = {"steps": steps - 1, "keep576_ms": summary(times[576][1:]), "keep_ms": summary(times[a.keep][1:]),
+                     "ratio_576_over_keep": summary(ratios)}
+    return result
+
+
+def write_decode_ab(out: Path, meta: dict, ab: dict, keep: int) -> None:
+    (out / "decode_ab.json").write_text(json.dumps({"meta": meta, "batches": ab}, indent=1))
+    lines = [f"# Decode keep 576 vs keep {keep}, step-interleaved: {meta['date']}", "", f"`{meta['command']}`", "",
+             f"{meta['machine']}; {meta['threads']} threads", "",
+             f"| batch | steps | keep 576 ms/step | keep {keep} ms/step | keep 576 / keep {keep} per step pair |", "|---|---|---|---|---|"]
+    for b, r in ab.items():
+        lines.append(f"| {b} | {r['steps']} | {fmt(r['keep576_ms'])} | {fmt(r['keep_ms'])} | {fmt(r['ratio_576_over_keep'], 3)} |")
+    (out / "decode_ab.md").write_text("\n".join(lines) + "\n")
+
+
 def write_outputs(out: Path, meta: dict, rows: list[dict], configs, keep: int) -> None:
     (out / "bench.json").write_text(json.dumps({"meta": meta, "rows": rows,
                                                  "raw": {f"{c.name} / batch {c.batch}": c.results for c in configs}}, indent=1, default=str) + "\n")
@@ -364,6 +438,8 @@ def write_outputs(out: Path, meta: dict, rows: list[dict], configs, keep: int) -
              f"Model `{meta['model']['path']}`: hidden {meta['model']['hidden']}, {meta['model']['text_layers']} decoder layers (pivot {meta['model']['pivot_layer']}), "
              f"{meta['model']['vision_layers']} CLIP layers; {meta['text_tokens']} text tokens; {meta['new_tokens']} new tokens per call; "
              f"median (min–max) over {meta['rounds']} interleaved rounds after a warm-up; ratios are taken per round.", "",
+             f"Kernel rates, one {' x '.join(map(str, meta['gemm']['shape']))} product (M x K x N), best of 5: "
+             + ", ".join(f"{k} {v} GFLOP/s" for k, v in meta["gemm"]["gflops"].items()), "",
              "| config | batch | TTFT ms | vision ms | prefill ms | decode ms/token | tokens/s | peak RSS GiB | GFLOP | KV MiB (= plan) | TTFT vs HF | decode vs HF | prefill vs 576 (FLOPs ideal) | decode vs 576 |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:

@@ -20,6 +20,7 @@ kernel) the op computes in float whatever the attribute says. Which one a runtim
 from __future__ import annotations
 
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -27,6 +28,7 @@ import numpy as np
 from ..errors import UserError
 
 SCHEMES = ("float", "int8", "int4")
+_JITTER: ContextVar = ContextVar("int8_activation_jitter", default=None)  # (relative, torch.Generator) or None
 QUANTIZED_GRAPHS = ("segment0", "segment1")  # a quantized --weights scheme applies to these; vision stays float
 
 
@@ -158,11 +160,29 @@ def int8_activations(x, block_size: int):
     in A's own dtype; returns `q * scale`, which the integer dot products times the scales equal."""
     import torch
 
+    jitter = _JITTER.get()
+    if jitter is not None:
+        relative, generator = jitter
+        x = x * (1 + relative * (2 * torch.rand(x.shape, generator=generator, dtype=x.dtype) - 1))
     K = x.shape[-1]
-    blocks = torch.nn.functional.pad(x, (0, -K % block_size)).unflatten(-1, (-1, block_size))
+    blocks = (torch.nn.functional.pad(x, (0, -K % block_size)) if K % block_size else x).unflatten(-1, (-1, block_size))
     amax = blocks.abs().amax(-1, keepdim=True)
     inverse = torch.where(amax != 0, 127 / amax, torch.zeros_like(amax))
-    return (torch.round(blocks * inverse) * (amax / 127)).flatten(-2)[..., :K]
+    q = (blocks * inverse).round_().mul_(amax / 127).flatten(-2)  # in place: a prefill's activations are large
+    return q if K % block_size == 0 else q[..., :K]
+
+
+@contextmanager
+def activation_jitter(relative: float, seed: int):
+    """While open, `int8_activations` quantizes each value times (1 + u), u ~ U(-relative, relative) (seeded): an
+    implementation whose activations before the quantization differ from this one's by up to `relative`."""
+    import torch
+
+    token = _JITTER.set((relative, torch.Generator().manual_seed(seed)))
+    try:
+        yield
+    finally:
+        _JITTER.reset(token)
 
 
 def int8_activation_hook(block_size: int):
