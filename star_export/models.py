@@ -82,6 +82,15 @@ def cast_module(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     return model
 
 
+def cast_copy(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """A deep copy of `model` whose floating parameters are made in `dtype` one at a time, never as a full-width copy
+    first (`copy.deepcopy(...).to(dtype)` holds one for a moment: 4 bytes per parameter more when the self-check casts
+    its float64 quantized reference to float32). Buffers, hooks and tied parameters copy as deepcopy copies them."""
+    memo = {id(p): torch.nn.Parameter(p.detach().to(dtype) if p.is_floating_point() else p.detach().clone(), requires_grad=p.requires_grad)
+            for p in model.parameters()}
+    return copy.deepcopy(model, memo)
+
+
 @dataclass
 class LoadedModel:
     model: Any  # LlavaForConditionalGeneration, eval mode, eager attention
@@ -100,7 +109,7 @@ class LoadedModel:
         if dtype == self.dtype:
             return self
         if dtype not in self._casts:
-            model = cast_module(copy.deepcopy(self.model), TORCH_DTYPES[dtype])
+            model = cast_module(cast_copy(self.model, TORCH_DTYPES[dtype]), TORCH_DTYPES[dtype])
             self._casts[dtype] = LoadedModel(model, self.processor, self.spec, self.defaults, self.source)
         return self._casts[dtype]
 

@@ -413,6 +413,9 @@ def test_models_health_metrics(server):
     assert status == 200 and json.loads(body) == {"status": "ok"}
     status, _, _ = _post(port, b"", {"Authorization": ""}, "/v1/models", "GET")
     assert status == 401
+    # one request of each status here: under pytest-xdist this test may be the first of its worker's server
+    assert ask(port, synthetic_image(0), QUESTIONS[0], n=2).choices[0].finish_reason in ("stop", "length")
+    assert _post(port, b'{"model": "tiny-llava", "messages": [', {})[0] == 400
     status, headers, body = _post(port, b"", {"Authorization": ""}, "/metrics", "GET")
     text = body.decode()
     assert status == 200 and headers["content-type"].startswith("text/plain")

@@ -139,13 +139,11 @@ def engine_weight(weight, engine_dtype: str) -> np.ndarray:
 def quantized_reference(loaded, scheme: WeightScheme, engine_dtype: str, compute: str = "float"):
     """A float64 copy of `loaded` whose decoder Linears and lm_head hold exactly the engine's quantized weights and,
     for `compute` "int8" (`matmul_compute`), quantize their inputs as the engine does (hooks, kept by casts)."""
-    import copy
-
     import torch
 
-    from ..models import LoadedModel
+    from ..models import LoadedModel, cast_copy
 
-    model = copy.deepcopy(loaded.model).to(torch.float64)
+    model = cast_copy(loaded.model, torch.float64).to(torch.float64)  # .to: the buffers too, as before
     with torch.no_grad():
         for linear in quantized_modules(model):
             linear.weight.copy_(torch.from_numpy(quantized_twin(engine_weight(linear.weight, engine_dtype), scheme, engine_dtype)))
