@@ -161,17 +161,20 @@ def compare_outputs(report: ValidationReport, label: str, truth: dict, eager: di
 
 def sampled_eager(eager_graph, feed: dict, truth: dict, first: dict, samples: int, dtype) -> dict:
     """Eager's error for an int8-compute engine: the RMS over `samples` runs, the first as it is, the others with
-    every activation perturbed before its int8 quantization by up to the rule's own slack for two implementations'
-    rounding, MULTIPLIER x eps of the dtype (`activation_jitter`): the engine's kernels differ from eager's by several
-    roundings before each quantization (a MatMulNBits output lies ~4 eps from its exact value, measured). One eps
-    was too little: the real-width int4 self-check then still found a decode step where eager's perturbed runs drew
-    cascades 18x smaller than the engine's. Such an engine's error is not a smooth function
-    of rounding: a value that lands on the other side of a rounding boundary moves by a whole quantization step, and
-    that perturbs the next layers enough to flip many more, so a run either draws no first flip (error at float
-    rounding) or a cascade. At a decode step (a few rows) eager may draw none and the engine one (the real-width int4
-    self-check: logits 6e-7 vs 1e-2 from float64); the perturbed runs give the first flip more chances and so measure
-    the cascades' size on this model and input. Returned as the worst run rescaled to that RMS, so the budget rule
-    reads it unchanged."""
+    every activation perturbed before its int8 quantization (`activation_jitter`), returned as the worst run rescaled
+    to that RMS so that the budget rule reads it unchanged.
+
+    Why: such an engine's error is not a smooth function of rounding. A value that lands on the other side of a
+    rounding boundary moves by a whole quantization step, which perturbs the next layers enough to flip many more
+    (a cascade), so one run either draws no first flip (error at float rounding) or a cascade. At a decode step (a
+    few rows) eager may draw none and the engine one (the real-width int4 self-check: logits 6e-7 vs 1e-2 from
+    float64); the perturbed runs give the first flip more chances and so measure the cascades' size on this model
+    and input.
+
+    How much: up to the rule's own slack for two implementations' rounding, MULTIPLIER x eps of the dtype. The
+    engine's kernels differ from eager's by several roundings before each quantization (a MatMulNBits output lies
+    ~4 eps from its exact value, measured); with 1 eps the real-width int4 self-check still found a decode step
+    where eager's cascades were 18x smaller than the engine's."""
     runs = [first]
     for seed in range(1, samples):
         with activation_jitter(budget.MULTIPLIER * float(np.finfo(dtype).eps), seed):

@@ -28,8 +28,8 @@ import numpy as np
 from ..errors import UserError
 
 SCHEMES = ("float", "int8", "int4")
-_JITTER: ContextVar = ContextVar("int8_activation_jitter", default=None)  # (relative, torch.Generator) or None
 QUANTIZED_GRAPHS = ("segment0", "segment1")  # a quantized --weights scheme applies to these; vision stays float
+_JITTER: ContextVar = ContextVar("int8_activation_jitter", default=None)  # (relative, torch.Generator) or None
 
 
 class SchemeError(UserError, ValueError):
