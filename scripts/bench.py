@@ -503,7 +503,6 @@ def write_sweeps(out: Path, meta: dict, sweeps: dict) -> None:
     import matplotlib.pyplot as plt
 
     (out / "sweeps.json").write_text(json.dumps({"meta": meta, "sweeps": sweeps}, indent=1, default=str) + "\n")
-    files = []
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for k in sorted({p["keep"] for p in sweeps["text_tokens"]}, reverse=True):
         pts = [p for p in sweeps["text_tokens"] if p["keep"] == k]
@@ -518,8 +517,7 @@ def write_sweeps(out: Path, meta: dict, sweeps: dict) -> None:
     for ax in axes:
         ax.legend(fontsize=8)
     fig.tight_layout()
-    files.append(out / "sweeps.png")
-    fig.savefig(files[-1], dpi=110)
+    fig.savefig(out / "sweeps.png", dpi=110)
     plt.close(fig)
     steps = sweeps["decode_steps"]
     lines = [f"# Scaling sweeps: {meta['date']}", "", f"`{meta['command']}`", "",
