@@ -74,6 +74,14 @@ class Budget:
         return self.error / self.eager_error if self.eager_error > 0 else (0.0 if self.error == 0 else np.inf)
 
 
+def at_least_rms(eager_errors: np.ndarray) -> np.ndarray:
+    """Each eager error raised to the RMS of them all where it is lower. One row's (or tensor's, or step's) eager
+    error is one sample of what the dtype costs; where eager was lucky on one, the level the dtype shows over all of
+    them stands in, so the budget does not hinge on a lucky sample."""
+    eager_errors = np.asarray(eager_errors, dtype=np.float64)
+    return np.maximum(eager_errors, np.sqrt(np.mean(eager_errors**2)))
+
+
 def error_budget(truth: np.ndarray, eager: np.ndarray, engine: np.ndarray, dtype: str, *, rows: bool = False) -> Budget:
     """Judge `engine` against `truth` (float64) with the error `eager` (the engine's dtype) makes on it."""
     return group_budget({"": (truth, eager, engine)}, dtype, rows=rows)
@@ -96,10 +104,8 @@ def group_budget(tensors: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], 
         if engine_finite:
             max_abs = max(max_abs, float(np.abs(engine.astype(np.float64) - truth.astype(np.float64)).max(initial=0.0)))
     e, r = np.concatenate(e), np.concatenate(r)
-    # One row's (or tensor's) eager error is one sample of what the dtype costs; where eager was lucky on one, the
-    # level the dtype shows over all of them (their RMS) stands in, so the budget does not hinge on a lucky sample.
     if len(r) > 1 and np.isfinite(r).all():
-        r = np.maximum(r, np.sqrt(np.mean(r**2)))
+        r = at_least_rms(r)
     limit = MULTIPLIER * r + floor(dtype)
     worst = int(np.argmax(np.where(np.isfinite(limit), e / limit, np.inf)))
     cause = ""
