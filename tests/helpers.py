@@ -21,12 +21,17 @@ def assert_graph_parity(loaded, schedule, name: str, engine_graph, feed: dict, d
     return report
 
 
-def make_checkpoint_script():
-    """scripts/make_checkpoint.py as a module (it is a script, not part of the package)."""
+def script(name: str):
+    """scripts/NAME.py as a module (a script, not part of the package)."""
     import importlib.util
 
-    path = Path(__file__).resolve().parent.parent / "scripts" / "make_checkpoint.py"
-    spec = importlib.util.spec_from_file_location("make_checkpoint", path)
+    path = Path(__file__).resolve().parent.parent / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def make_checkpoint_script():
+    """scripts/make_checkpoint.py as a module."""
+    return script("make_checkpoint")
