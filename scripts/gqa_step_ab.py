@@ -1,0 +1,186 @@
+#!/usr/bin/env python
+"""Whole decode steps of an engine against a copy whose attention is ONNX Runtime's `GroupQueryAttention`.
+
+A measurement for choosing the next step of issue 13, not a path of the product: it answers "what would an ORT-specific
+decode graph with GQA save per step", which `attention_ab.py` estimates per layer.
+- The copy: in both segment graphs, every layer but the pivot (whose probabilities feed the stage-2 scores) has its
+  attention block (found as in `attention_ab.attention_block`) replaced by one GQA node: RoPE inside, at the graph's
+  `position_ids`; the layer's cache buffer shared as past and present (`present.{i}.*` bound to the buffer, the new key
+  and value written at slot `length`); three new inputs (`gqa_seqlens_k`, `gqa_total`, `gqa_bias`: the filled slots'
+  mask); the layer's `new_key_values.{i}.*` outputs dropped; then dead nodes removed. Weights are copied, not linked
+  (ONNX Runtime refuses external data outside the model's folder).
+- The run: one prefill by the engine, its state copied; then decode steps alternate between the engine and the copy
+  (both greedy on the engine's first token), each timed; the logits' largest difference relative to their largest
+  magnitude is reported per step. For an engine with float compute it is float32 rounding (2.9e-6 on the real-width int4
+  engine with `accuracy_level` 0); with int8 compute (level 4) the two attentions' rounding differences flip
+  activations across quantization steps, and the difference is that of the validator's flip cascades (~2e-2).
+
+    python scripts/gqa_step_ab.py --engine ENGINE --work DIR [--batch 1] [--steps 40] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from attention_ab import attention_block  # noqa: E402 - scripts/ is the script's own folder on sys.path
+
+
+def rewrite(engine: Path, out: Path) -> dict[str, list[int]]:
+    """Write the GQA copy of `engine` into `out`; returns the layers rewritten per segment."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    manifest = json.loads((engine / "star.json").read_text())
+    model = manifest["model"]
+    max_pos = manifest["limits"]["max_input_len"] + manifest["limits"]["max_new_tokens"] + 1
+    pivot = manifest["schedule"]["pivot_layer"]
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    rewritten = {}
+    for segment in ("segment0", "segment1"):
+        path = engine / manifest["graphs"][segment]["file"]
+        proto = onnx.load(str(path), load_external_data=False)
+        graph = proto.graph
+        layers = len([i for i in graph.input if i.name.startswith("past_key_values.")]) // 2
+        done = []
+        for layer in range(layers):
+            block, names, absolute, inv_freq = attention_block(path, layer)
+            if absolute == pivot:
+                continue
+            output = block.graph.output[0].name
+            index, node = next((i, n) for i, n in enumerate(graph.node) if output in n.output)
+            graph.node.remove(node)
+            graph.node.insert(index, helper.make_node(
+                "GroupQueryAttention",
+                [names["q"], names["k"], names["v"], names["past_key"], names["past_value"], "gqa_seqlens_k", "gqa_total",
+                 "gqa_cos_cache", "gqa_sin_cache", "position_ids", "gqa_bias"],
+                [output, f"present.{absolute}.key", f"present.{absolute}.value"], domain="com.microsoft", name=f"gqa_{absolute}",
+                num_heads=model["num_attention_heads"], kv_num_heads=model["num_key_value_heads"], do_rotary=1))
+            for o in [o for o in graph.output if o.name in (f"new_key_values.{absolute}.key", f"new_key_values.{absolute}.value")]:
+                graph.output.remove(o)
+            graph.output.extend(helper.make_tensor_value_info(f"present.{absolute}.{kv}", TensorProto.FLOAT, None) for kv in ("key", "value"))
+            done.append(absolute)
+        angles = np.arange(max_pos)[:, None] * inv_freq[None].astype(np.float64)
+        graph.initializer.extend([numpy_helper.from_array(np.cos(angles).astype(np.float32), "gqa_cos_cache"),
+                                  numpy_helper.from_array(np.sin(angles).astype(np.float32), "gqa_sin_cache")])
+        graph.input.extend([helper.make_tensor_value_info("gqa_seqlens_k", TensorProto.INT32, ["batch"]),
+                            helper.make_tensor_value_info("gqa_total", TensorProto.INT32, []),
+                            helper.make_tensor_value_info("gqa_bias", TensorProto.FLOAT, ["batch", 1, "q", "total"])])
+        needed, live = {o.name for o in graph.output}, []
+        for node in reversed(list(graph.node)):  # dead nodes: the replaced blocks
+            if any(o in needed for o in node.output):
+                live.append(node)
+                needed.update(node.input)
+        del graph.node[:]
+        graph.node.extend(reversed(live))
+        if not any(o.domain == "com.microsoft" for o in proto.opset_import):
+            proto.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+        onnx.save(proto, str(out / f"{segment}.onnx"))
+        for data in engine.glob(f"{path.name}.data"):
+            shutil.copyfile(data, out / data.name)
+        rewritten[segment] = done
+    return rewritten
+
+
+class GqaSteps:
+    """Decode steps through the rewritten segments, on a `StarPipeline`'s state (its embedding table, its caches)."""
+
+    def __init__(self, pipeline, out: Path):
+        from star_export.runtime.sessions import OrtGraph
+
+        self.pipeline = pipeline
+        self.graphs = {name: OrtGraph(out / f"{name}.onnx") for name in ("segment0", "segment1")}
+
+    @staticmethod
+    def _gqa_inputs(cache, batch: int) -> dict:
+        filled = cache.length
+        if filled + 1 > cache.capacity:
+            raise SystemExit("the cache is full: prefill with more reserve (GQA writes the new slot itself)")
+        mask = np.concatenate([cache.mask[:, :filled], np.ones((batch, 1), np.int64)], 1)
+        return {"gqa_seqlens_k": np.full(batch, filled, np.int32), "gqa_total": np.array(filled + 1, np.int32),
+                "gqa_bias": np.where(mask > 0, 0, np.finfo(np.float32).min).astype(np.float32)[:, None, None, :]}
+
+    def _run(self, name: str, feed: dict, cache) -> dict:
+        graph = self.graphs[name]
+        binding = graph.session.io_binding()
+        for n in graph.input_names:
+            binding.bind_cpu_input(n, np.ascontiguousarray(feed[n]))
+        for n in graph.output_names:
+            if n.startswith("present."):  # the cache buffer itself: GQA writes the new slot in place
+                buffer = cache.buffers["past_key_values." + n[len("present."):]]
+                binding.bind_output(n, "cpu", 0, buffer.dtype, buffer.shape, buffer.ctypes.data)
+            else:
+                binding.bind_output(n, "cpu")
+        graph.session.run_with_iobinding(binding)
+        return {n: v for n, v in zip(graph.output_names, binding.get_outputs()) if not n.startswith("present.")}
+
+    def step(self, state, tokens):
+        from star_export.runtime.generate import DecodeState
+
+        pipe, batch = self.pipeline, len(tokens)
+        embeds = pipe.embed_tokens[np.asarray(tokens)[:, None]].astype(pipe.np_dtype)
+        ones = np.ones((batch, 1), np.int64)
+        c0, c1 = state.cache0, state.cache1
+        seg0 = self._run("segment0", {"inputs_embeds": embeds, "attention_mask": c0.attention_mask(1), "position_ids": state.next_pos,
+                                      "suffix_rows": np.zeros((batch, 1), np.int64)} | c0.buffers | self._gqa_inputs(c0, batch), c0)
+        seg1 = self._run("segment1", {"hidden_states": seg0["hidden_states"].numpy(), "attention_mask": c1.attention_mask(1),
+                                      "position_ids": state.next_pos} | c1.buffers | self._gqa_inputs(c1, batch), c1)
+        c0.append(pipe._new(seg0), ones, lambda v: v.numpy())  # the pivot layer's new key/value; the GQA layers wrote theirs
+        c1.append(pipe._new(seg1), ones, lambda v: v.numpy())
+        return DecodeState(cache0=c0, cache1=c1, next_pos=state.next_pos + 1, logits=seg1["logits"].numpy()[:, -1].astype(pipe.logits_dtype))
+
+
+def main(argv=None) -> int:
+    from star_export.runtime.engine import Engine
+    from star_export.runtime.inputs import synthetic_image
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--engine", required=True, help="an engine directory (float32 activations)")
+    p.add_argument("--work", required=True, help="where to write the rewritten copy (replaced)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--json", default=None)
+    a = p.parse_args(argv)
+    rewritten = rewrite(Path(a.engine), Path(a.work))
+    engine = Engine.from_dir(a.engine, provider="cpu")
+    gqa = GqaSteps(engine.pipeline, Path(a.work))
+    inputs = engine.prepare([synthetic_image(i) for i in range(a.batch)], ["Describe the picture in detail."] * a.batch)
+    state, _ = engine.pipeline.prefill(inputs["pixel_values"], inputs["input_ids"], inputs["attention_mask"], reserve=a.steps + 4)
+    other = copy.deepcopy(state)
+    tokens = state.logits.argmax(-1)
+    base_ms, gqa_ms, differences = [], [], []
+    for _ in range(a.steps + 4):
+        t = time.perf_counter()
+        state = engine.pipeline.step(state, tokens)
+        base_ms.append((time.perf_counter() - t) * 1e3)
+        t = time.perf_counter()
+        other = gqa.step(other, tokens)
+        gqa_ms.append((time.perf_counter() - t) * 1e3)
+        differences.append(float(np.abs(state.logits - other.logits).max() / np.abs(state.logits).max()))
+    base_ms, gqa_ms = base_ms[4:], gqa_ms[4:]  # warm-up
+    ratios = [b / g for b, g in zip(base_ms, gqa_ms)]
+
+    def summary(xs):
+        return {"median": statistics.median(xs), "min": min(xs), "max": max(xs)}
+
+    result = {"engine": a.engine, "batch": a.batch, "steps": a.steps, "gqa_layers": rewritten, "weights": engine.manifest.get("weights"),
+              "step_ms": {"engine": summary(base_ms), "gqa": summary(gqa_ms)}, "engine_over_gqa": summary(ratios),
+              "logits_relative_difference": summary(differences)}
+    print(json.dumps(result, indent=1))
+    if a.json:
+        Path(a.json).write_text(json.dumps(result, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
