@@ -31,7 +31,9 @@ from pathlib import Path
 
 import numpy as np
 
-from attention_ab import attention_block  # noqa: E402 - scripts/ is the script's own folder on sys.path
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # attention_ab.py beside it, also when loaded as a module
+
+from attention_ab import attention_block  # noqa: E402
 
 
 def rewrite(engine: Path, out: Path) -> dict[str, list[int]]:
