@@ -9,8 +9,8 @@ then decode steps, each through both segments. Reports per step, as medians over
     the rest of the wall time is session overhead and host work,
   - the weight-read floor: the segments' weight bytes / the bandwidth of a float32 GEMV of 1 GiB in ONNX Runtime on the
     same threads (what "reading the weights once" achieves on this machine), measured right before each step, so that
-    each step is compared with the bandwidth of its own moment (on shared machines it drifts: 25 to 45 GB/s within an
-    hour on 2 cores); the step's overhead beyond it ((wall - floor) / floor) is taken per step, then summarised as
+    each step is compared with the bandwidth of its own moment (on shared machines it drifts: 15 to 49 GB/s within one
+    run of this script on 2 cores, 2026-11-22); the step's overhead beyond it ((wall - floor) / floor) is taken per step, then summarised as
     median (min-max). Also reported: the overhead against the best bandwidth seen (what this script reported before it
     interleaved), and the weight kernels' own profiled time against the floor (what no graph change can remove).
 
