@@ -30,6 +30,11 @@ import numpy as np
 WEIGHT_OPS = ("MatMul", "MatMulNBits")
 
 
+def summary(xs) -> dict:
+    """Median (min-max) of a list of per-round figures."""
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs)}
+
+
 def attention_block(path: Path, layer: int):
     """(the extracted block as an ONNX model, the names of its q, k, v, cos, sin, bias, past key and value inputs, the
     layer's absolute index, RoPE's inv_freq), found by the graph's structure around the layer's cache inputs (the names
@@ -206,9 +211,6 @@ def compare(block_session, names: dict, manifest: dict, inv_freq: np.ndarray, le
             runs.append((time.perf_counter() - t) / copies * 1e3)
         clear()
     ratios = [a / b for a, b in zip(block_ms, gqa_ms)]
-
-    def summary(xs):
-        return {"median": statistics.median(xs), "min": min(xs), "max": max(xs)}
 
     return {"length": length, "capacity": capacity, "max_abs_difference": difference, "rounding_bound": bound, "max_abs_output": float(np.abs(reference).max()),
             "block_ms": summary(block_ms), "gqa_ms": summary(gqa_ms), "block_over_gqa": summary(ratios),

@@ -24,7 +24,6 @@ import argparse
 import copy
 import json
 import shutil
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -33,7 +32,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # attention_ab.py beside it, also when loaded as a module
 
-from attention_ab import attention_block  # noqa: E402
+from attention_ab import attention_block, summary  # noqa: E402
 
 
 def rewrite(engine: Path, out: Path) -> dict[str, list[int]]:
@@ -171,9 +170,6 @@ def main(argv=None) -> int:
         differences.append(float(np.abs(state.logits - other.logits).max() / np.abs(state.logits).max()))
     base_ms, gqa_ms = base_ms[4:], gqa_ms[4:]  # warm-up
     ratios = [b / g for b, g in zip(base_ms, gqa_ms)]
-
-    def summary(xs):
-        return {"median": statistics.median(xs), "min": min(xs), "max": max(xs)}
 
     result = {"engine": a.engine, "batch": a.batch, "steps": a.steps, "gqa_layers": rewritten, "weights": engine.manifest.get("weights"),
               "step_ms": {"engine": summary(base_ms), "gqa": summary(gqa_ms)}, "engine_over_gqa": summary(ratios),
