@@ -10,12 +10,15 @@ decode graph with GQA save per step", which `attention_ab.py` estimates per laye
   mask); the layer's `new_key_values.{i}.*` outputs dropped; then dead nodes removed. Weights are copied, not linked
   (ONNX Runtime refuses external data outside the model's folder).
 - The run: one prefill by the engine, its state copied; then decode steps alternate between the engine and the copy
-  (both greedy on the engine's first token), each timed; the logits' largest difference relative to their largest
-  magnitude is reported per step. For an engine with float compute it is float32 rounding (2.9e-6 on the real-width int4
-  engine with `accuracy_level` 0); with int8 compute (level 4) the two attentions' rounding differences flip
-  activations across quantization steps, and the difference is that of the validator's flip cascades (~2e-2).
+  (both greedy on the engine's first token; which goes first alternates per round), each timed.
+- Sessions created first in a process can run slower (seen with two engines in one process, in either order), so
+  `--gqa-first` creates the copy's sessions before the engine's: run it both ways.
+- Per step, the logits' largest difference relative to their largest magnitude. For an engine with float compute it is
+  float32 rounding (2.7e-6 on the real-width int4 engine with `accuracy_level` 0); with int8 compute (level 4) the two
+  attentions' rounding differences flip activations across quantization steps, and the difference is that of the
+  validator's flip cascades (~2e-2).
 
-    python scripts/gqa_step_ab.py --engine ENGINE --work DIR [--batch 1] [--steps 40] [--json out.json]
+    python scripts/gqa_step_ab.py --engine ENGINE --work DIR [--batch 1] [--steps 40] [--gqa-first] [--json out.json]
 """
 
 from __future__ import annotations
@@ -96,10 +99,9 @@ def rewrite(engine: Path, out: Path) -> dict[str, list[int]]:
 class GqaSteps:
     """Decode steps through the rewritten segments, on a `StarPipeline`'s state (its embedding table, its caches)."""
 
-    def __init__(self, pipeline, out: Path):
+    def __init__(self, out: Path):
         from star_export.runtime.sessions import OrtGraph
 
-        self.pipeline = pipeline
         self.graphs = {name: OrtGraph(out / f"{name}.onnx") for name in ("segment0", "segment1")}
 
     @staticmethod
@@ -125,10 +127,10 @@ class GqaSteps:
         graph.session.run_with_iobinding(binding)
         return {n: v for n, v in zip(graph.output_names, binding.get_outputs()) if not n.startswith("present.")}
 
-    def step(self, state, tokens):
+    def step(self, pipe, state, tokens):
         from star_export.runtime.generate import DecodeState
 
-        pipe, batch = self.pipeline, len(tokens)
+        batch = len(tokens)
         embeds = pipe.embed_tokens[np.asarray(tokens)[:, None]].astype(pipe.np_dtype)
         ones = np.ones((batch, 1), np.int64)
         c0, c1 = state.cache0, state.cache1
@@ -150,28 +152,32 @@ def main(argv=None) -> int:
     p.add_argument("--work", required=True, help="where to write the rewritten copy (replaced)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--gqa-first", action="store_true", help="create the copy's sessions before the engine's (the first can be slower)")
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
     rewritten = rewrite(Path(a.engine), Path(a.work))
+    gqa = GqaSteps(Path(a.work)) if a.gqa_first else None
     engine = Engine.from_dir(a.engine, provider="cpu")
-    gqa = GqaSteps(engine.pipeline, Path(a.work))
+    gqa = gqa or GqaSteps(Path(a.work))
     inputs = engine.prepare([synthetic_image(i) for i in range(a.batch)], ["Describe the picture in detail."] * a.batch)
     state, _ = engine.pipeline.prefill(inputs["pixel_values"], inputs["input_ids"], inputs["attention_mask"], reserve=a.steps + 4)
     other = copy.deepcopy(state)
     tokens = state.logits.argmax(-1)
     base_ms, gqa_ms, differences = [], [], []
-    for _ in range(a.steps + 4):
-        t = time.perf_counter()
-        state = engine.pipeline.step(state, tokens)
-        base_ms.append((time.perf_counter() - t) * 1e3)
-        t = time.perf_counter()
-        other = gqa.step(other, tokens)
-        gqa_ms.append((time.perf_counter() - t) * 1e3)
+    for i in range(a.steps + 4):  # in each round, the engine's step first, then the copy's, or the other way (ABBA)
+        for which in ("engine", "gqa") if i % 2 == 0 else ("gqa", "engine"):
+            t = time.perf_counter()
+            if which == "engine":
+                state = engine.pipeline.step(state, tokens)
+                base_ms.append((time.perf_counter() - t) * 1e3)
+            else:
+                other = gqa.step(engine.pipeline, other, tokens)
+                gqa_ms.append((time.perf_counter() - t) * 1e3)
         differences.append(float(np.abs(state.logits - other.logits).max() / np.abs(state.logits).max()))
     base_ms, gqa_ms = base_ms[4:], gqa_ms[4:]  # warm-up
     ratios = [b / g for b, g in zip(base_ms, gqa_ms)]
 
-    result = {"engine": a.engine, "batch": a.batch, "steps": a.steps, "gqa_layers": rewritten, "weights": engine.manifest.get("weights"),
+    result = {"engine": a.engine, "batch": a.batch, "steps": a.steps, "gqa_first": a.gqa_first, "gqa_layers": rewritten, "weights": engine.manifest.get("weights"),
               "step_ms": {"engine": summary(base_ms), "gqa": summary(gqa_ms)}, "engine_over_gqa": summary(ratios),
               "logits_relative_difference": summary(differences)}
     print(json.dumps(result, indent=1))
