@@ -47,6 +47,8 @@ class Gemv:
         import onnxruntime as ort
         from onnx import TensorProto, helper, numpy_helper
 
+        from star_export.runtime.sessions import session_options
+
         k = 4096
         n = int(gib * 2**30 / 4 / k)
         w = np.random.default_rng(0).standard_normal((k, n), dtype=np.float32)
@@ -56,10 +58,8 @@ class Gemv:
             [numpy_helper.from_array(w, "w")],
         )
         del w
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9).SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9).SerializeToString()
+        self.session = ort.InferenceSession(model, session_options(threads), providers=["CPUExecutionProvider"])  # as the engine's
         self.x, self.nbytes = np.ones((1, k), np.float32), k * n * 4
         self.bandwidth()  # warm-up
 
