@@ -19,20 +19,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
+from bench import summary
+
 
 WEIGHT_OPS = ("MatMul", "MatMulNBits")
-
-
-def summary(xs) -> dict:
-    """Median (min-max) of a list of per-round figures."""
-    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs)}
 
 
 def attention_block(path: Path, layer: int):

@@ -33,6 +33,7 @@ import numpy as np
 
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
+from bench import summary  # noqa: E402
 from star_export.runtime.engine import Engine  # noqa: E402
 from star_export.runtime.inputs import synthetic_image  # noqa: E402
 
@@ -170,13 +171,13 @@ def main(argv=None) -> int:
     kernel = {k: statistics.median(r.get(k, 0.0) for r in split) for k in kinds}
     result = {
         "engine": str(engine_dir), "batch": a.batch, "steps": a.steps, "threads": a.threads,
-        "step_ms": {"median": wall, "min": min(walls), "max": max(walls)},
+        "step_ms": summary(walls),
         "kernel_ms": kernel,
         "host_and_session_ms": wall - sum(kernel.values()),
         "weight_bytes": weight_bytes,
-        "gemv_bandwidth_gb_s": {"median": statistics.median(rates) / 1e9, "min": min(rates) / 1e9, "max": best / 1e9},
-        "weight_floor_ms": {"median": floor_ms, "min": min(floors), "max": max(floors)},
-        "overhead_beyond_weights": {"median": statistics.median(overheads), "min": min(overheads), "max": max(overheads)},
+        "gemv_bandwidth_gb_s": summary([r / 1e9 for r in rates]),
+        "weight_floor_ms": summary(floors),
+        "overhead_beyond_weights": summary(overheads),
         "overhead_vs_best_bandwidth": wall / (weight_bytes / best * 1e3) - 1,
         "weight_kernels_over_floor": kernel["weights"] / floor_ms - 1,
     }

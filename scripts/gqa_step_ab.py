@@ -33,9 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # attention_ab.py beside it, also when loaded as a module
-
-from attention_ab import attention_block, summary  # noqa: E402
+from attention_ab import attention_block
+from bench import summary
 
 
 def rewrite(engine: Path, out: Path) -> dict[str, list[int]]:

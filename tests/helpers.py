@@ -22,10 +22,15 @@ def assert_graph_parity(loaded, schedule, name: str, engine_graph, feed: dict, d
 
 
 def script(name: str):
-    """scripts/NAME.py as a module (a script, not part of the package)."""
+    """scripts/NAME.py as a module (a script, not part of the package), with scripts/ on sys.path as when it is run,
+    so that it imports its neighbours."""
     import importlib.util
+    import sys
 
-    path = Path(__file__).resolve().parent.parent / "scripts" / f"{name}.py"
+    folder = str(Path(__file__).resolve().parent.parent / "scripts")
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    path = Path(folder) / f"{name}.py"
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
