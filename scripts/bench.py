@@ -130,13 +130,22 @@ def cpu_model() -> str:
     return f"{name} ({' '.join(isa) or 'no AVX2'})"
 
 
+def matmul_model(m: int, weight_kn: np.ndarray) -> bytes:
+    """One float32 MatMul `A [m, K] @ W [K, N] -> Y`, W an initializer (serialized ONNX)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    k, n = weight_kn.shape
+    graph = helper.make_graph([helper.make_node("MatMul", ["A", "W"], ["Y"])], "matmul", [helper.make_tensor_value_info("A", TensorProto.FLOAT, [m, k])],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [m, n])], [numpy_helper.from_array(weight_kn, "W")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10).SerializeToString()
+
+
 def gemm_rates(threads: int, rounds: int = 5, m: int = 622, k: int = 4096, n: int = 11008) -> dict:
     """GFLOP/s (2 per multiply-add) of one prefill-sized product, the MLP's up projection at keep 576, per kernel, best
     of `rounds` interleaved calls: torch float32 (what HF runs), ONNX Runtime's float32 MatMul, and MatMulNBits int4
     with float compute (accuracy_level 0) and with the default accuracy_level 4. Bounds what a prefill can gain from
     kernels alone."""
     import onnxruntime as ort
-    from onnx import TensorProto, helper, numpy_helper
 
     from star_export.export.quantize import WeightScheme, matmulnbits_model
     from star_export.runtime.sessions import session_options
@@ -144,9 +153,7 @@ def gemm_rates(threads: int, rounds: int = 5, m: int = 622, k: int = 4096, n: in
     rng = np.random.default_rng(0)
     w = (rng.standard_normal((n, k)) * 0.02).astype(np.float32)
     x = rng.standard_normal((m, k)).astype(np.float32)
-    graph = helper.make_graph([helper.make_node("MatMul", ["A", "W"], ["Y"])], "gemm", [helper.make_tensor_value_info("A", TensorProto.FLOAT, [m, k])],
-                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [m, n])], [numpy_helper.from_array(np.ascontiguousarray(w.T), "W")])
-    models = {"ORT float32 MatMul": helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10).SerializeToString()}
+    models = {"ORT float32 MatMul": matmul_model(m, np.ascontiguousarray(w.T))}
     for level in (0, 4):
         models[f"ORT int4 MatMulNBits accuracy_level {level}"] = matmulnbits_model(WeightScheme("int4", accuracy_level=level), "float32", k, n, w)
     runs = {name: (lambda s: lambda: s.run(None, {"A": x}))(ort.InferenceSession(b, session_options(threads), providers=["CPUExecutionProvider"]))

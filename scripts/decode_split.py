@@ -33,7 +33,7 @@ import numpy as np
 
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
-from bench import summary  # noqa: E402
+from bench import matmul_model, summary  # noqa: E402
 from star_export.runtime.engine import Engine  # noqa: E402
 from star_export.runtime.inputs import synthetic_image  # noqa: E402
 
@@ -46,28 +46,21 @@ class Gemv:
 
     def __init__(self, threads: int, gib: float = 1.0):
         import onnxruntime as ort
-        from onnx import TensorProto, helper, numpy_helper
 
         from star_export.runtime.sessions import session_options
 
         k = 4096
         n = int(gib * 2**30 / 4 / k)
-        w = np.random.default_rng(0).standard_normal((k, n), dtype=np.float32)
-        graph = helper.make_graph(
-            [helper.make_node("MatMul", ["x", "w"], ["y"])], "gemv",
-            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n])],
-            [numpy_helper.from_array(w, "w")],
-        )
-        del w
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9).SerializeToString()
+        model = matmul_model(1, np.random.default_rng(0).standard_normal((k, n), dtype=np.float32))
         self.session = ort.InferenceSession(model, session_options(threads), providers=["CPUExecutionProvider"])  # as the engine's
+        del model
         self.x, self.nbytes = np.ones((1, k), np.float32), k * n * 4
         self.bandwidth()  # warm-up
 
     def bandwidth(self) -> float:
         """Bytes/s of one call, now."""
         t = time.perf_counter()
-        self.session.run(None, {"x": self.x})
+        self.session.run(None, {"A": self.x})
         return self.nbytes / (time.perf_counter() - t)
 
 
