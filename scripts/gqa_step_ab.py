@@ -35,6 +35,7 @@ import numpy as np
 
 from attention_ab import attention_block
 from bench import summary
+from star_export.runtime.sessions import OrtGraph
 
 
 def rewrite(engine: Path, out: Path) -> dict[str, list[int]]:
@@ -95,51 +96,40 @@ def rewrite(engine: Path, out: Path) -> dict[str, list[int]]:
     return rewritten
 
 
-class GqaSteps:
-    """Decode steps through the rewritten segments, on a `StarPipeline`'s state (its embedding table, its caches)."""
+class GqaGraph(OrtGraph):
+    """A rewritten segment as `StarPipeline.step` runs it: the GQA inputs derived from the step's feed (the filled slots
+    are those any row's mask marks: free slots are zeros in every row), and each `present.{i}.*` bound to the cache
+    buffer fed as `past_key_values.{i}.*`, where GQA writes the new slot itself. Decode steps only."""
 
-    def __init__(self, out: Path):
-        from star_export.runtime.sessions import OrtGraph
-
-        self.graphs = {name: OrtGraph(out / f"{name}.onnx") for name in ("segment0", "segment1")}
-
-    @staticmethod
-    def _gqa_inputs(cache, batch: int) -> dict:
-        filled = cache.length
-        if filled + 1 > cache.capacity:
+    def run(self, feed: dict) -> dict:
+        mask = np.asarray(feed["attention_mask"])
+        if np.asarray(feed["position_ids"]).shape[1] != 1:
+            raise SystemExit("GqaGraph runs decode steps only (one new token)")
+        slots = mask[:, :-1]
+        filled = int(np.flatnonzero(slots.any(0)).max()) + 1
+        if filled + 1 > slots.shape[1]:
             raise SystemExit("the cache is full: prefill with more reserve (GQA writes the new slot itself)")
-        mask = np.concatenate([cache.mask[:, :filled], np.ones((batch, 1), np.int64)], 1)
-        return {"gqa_seqlens_k": np.full(batch, filled, np.int32), "gqa_total": np.array(filled + 1, np.int32),
-                "gqa_bias": np.where(mask > 0, 0, np.finfo(np.float32).min).astype(np.float32)[:, None, None, :]}
+        own = np.concatenate([slots[:, :filled], mask[:, -1:]], 1)
+        return super().run(feed | {"gqa_seqlens_k": np.full(len(mask), filled, np.int32), "gqa_total": np.array(filled + 1, np.int32),
+                                   "gqa_bias": np.where(own > 0, 0, np.finfo(np.float32).min).astype(np.float32)[:, None, None, :]})
 
-    def _run(self, name: str, feed: dict, cache) -> dict:
-        graph = self.graphs[name]
-        binding = graph.session.io_binding()
-        for n in graph.input_names:
-            binding.bind_cpu_input(n, np.ascontiguousarray(feed[n]))
-        for n in graph.output_names:
-            if n.startswith("present."):  # the cache buffer itself: GQA writes the new slot in place
-                buffer = cache.buffers["past_key_values." + n[len("present."):]]
-                binding.bind_output(n, "cpu", 0, buffer.dtype, buffer.shape, buffer.ctypes.data)
-            else:
-                binding.bind_output(n, "cpu")
-        graph.session.run_with_iobinding(binding)
-        return {n: v for n, v in zip(graph.output_names, binding.get_outputs()) if not n.startswith("present.")}
+    def _bind_output(self, binding, name: str, feed: dict) -> None:
+        if name.startswith("present."):
+            buffer = feed["past_key_values." + name[len("present."):]]
+            binding.bind_output(name, "cpu", 0, buffer.dtype, buffer.shape, buffer.ctypes.data)
+        else:
+            super()._bind_output(binding, name, feed)
 
-    def step(self, pipe, state, tokens):
-        from star_export.runtime.generate import DecodeState
 
-        batch = len(tokens)
-        embeds = pipe.embed_tokens[np.asarray(tokens)[:, None]].astype(pipe.np_dtype)
-        ones = np.ones((batch, 1), np.int64)
-        c0, c1 = state.cache0, state.cache1
-        seg0 = self._run("segment0", {"inputs_embeds": embeds, "attention_mask": c0.attention_mask(1), "position_ids": state.next_pos,
-                                      "suffix_rows": np.zeros((batch, 1), np.int64)} | c0.buffers | self._gqa_inputs(c0, batch), c0)
-        seg1 = self._run("segment1", {"hidden_states": seg0["hidden_states"].numpy(), "attention_mask": c1.attention_mask(1),
-                                      "position_ids": state.next_pos} | c1.buffers | self._gqa_inputs(c1, batch), c1)
-        c0.append(pipe._new(seg0), ones, lambda v: v.numpy())  # the pivot layer's new key/value; the GQA layers wrote theirs
-        c1.append(pipe._new(seg1), ones, lambda v: v.numpy())
-        return DecodeState(cache0=c0, cache1=c1, next_pos=state.next_pos + 1, logits=seg1["logits"].numpy()[:, -1].astype(pipe.logits_dtype))
+def gqa_segments(out: Path) -> dict:
+    return {name: GqaGraph(out / f"{name}.onnx") for name in ("segment0", "segment1")}
+
+
+def gqa_pipeline(pipeline, segments: dict):
+    """`pipeline` with the rewritten `segments` in place of its own (its prefill is not run: it has no GQA inputs)."""
+    twin = copy.copy(pipeline)
+    twin.graphs = dict(pipeline.graphs) | segments
+    return twin
 
 
 def main(argv=None) -> int:
@@ -155,9 +145,9 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
     rewritten = rewrite(Path(a.engine), Path(a.work))
-    gqa = GqaSteps(Path(a.work)) if a.gqa_first else None
+    first = gqa_segments(Path(a.work)) if a.gqa_first else None
     engine = Engine.from_dir(a.engine, provider="cpu")
-    gqa = gqa or GqaSteps(Path(a.work))
+    gqa = gqa_pipeline(engine.pipeline, first or gqa_segments(Path(a.work)))
     inputs = engine.prepare([synthetic_image(i) for i in range(a.batch)], ["Describe the picture in detail."] * a.batch)
     state, _ = engine.pipeline.prefill(inputs["pixel_values"], inputs["input_ids"], inputs["attention_mask"], reserve=a.steps + 4)
     other = copy.deepcopy(state)
@@ -170,7 +160,7 @@ def main(argv=None) -> int:
                 state = engine.pipeline.step(state, tokens)
                 base_ms.append((time.perf_counter() - t) * 1e3)
             else:
-                other = gqa.step(engine.pipeline, other, tokens)
+                other = gqa.step(other, tokens)
                 gqa_ms.append((time.perf_counter() - t) * 1e3)
         differences.append(float(np.abs(state.logits - other.logits).max() / np.abs(state.logits).max()))
     base_ms, gqa_ms = base_ms[4:], gqa_ms[4:]  # warm-up

@@ -139,9 +139,13 @@ class OrtGraph:
             else:
                 binding.bind_cpu_input(name, np.ascontiguousarray(value))
         for name in self.output_names:
-            binding.bind_output(name, self.device)
+            self._bind_output(binding, name, feed)
         self.session.run_with_iobinding(binding)
         return dict(zip(self.output_names, binding.get_outputs()))
+
+    def _bind_output(self, binding, name: str, feed: dict[str, Any]) -> None:
+        """Where output `name` goes: a new value on the provider's device."""
+        binding.bind_output(name, self.device)
 
     def to_numpy(self, value) -> np.ndarray:
         return value.numpy() if isinstance(value, self._ort.OrtValue) else np.asarray(value)
