@@ -13,6 +13,11 @@ then decode steps, each through both segments. Reports per step, as medians over
     run of this script on 2 cores, 2026-11-22); the step's overhead beyond it ((wall - floor) / floor) is taken per step, then summarised as
     median (min-max). Also reported: the overhead against the best bandwidth seen (what this script reported before it
     interleaved), and the weight kernels' own profiled time against the floor (what no graph change can remove).
+  - the KV-cache reads: the bytes of both caches' buffers that each step's graphs read (the whole buffers: filled
+    slots and the masked free ones), at the same moment's bandwidth, against the floor; with the weight kernels',
+    the overhead that would remain if every other kernel, the attention arithmetic and the host cost nothing
+    (`weight_kernels_and_kv_reads_over_floor`): a lower bound, for these kernels and this cache dtype, of what any
+    change to the rest of the graph can reach.
 
     python scripts/decode_split.py [--engine DIR | --model DIR] [--steps 24] [--json out.json]
 """
@@ -149,16 +154,18 @@ def main(argv=None) -> int:
     state, _ = engine.pipeline.prefill(inputs["pixel_values"], inputs["input_ids"], inputs["attention_mask"], **room)
     tokens = state.logits.argmax(-1)
     gemv = Gemv(a.threads)
-    walls, rates = [], []
+    walls, rates, kv_reads = [], [], []
     for _ in range(a.steps + 1):  # the bandwidth of the moment, then the step
         rates.append(gemv.bandwidth())
+        kv_reads.append(sum(b.nbytes for c in (state.cache0, state.cache1) for b in c.buffers.values()))
         t = time.perf_counter()
         state = engine.pipeline.step(state, tokens)
         walls.append((time.perf_counter() - t) * 1e3)
-    walls, rates = walls[1:], rates[1:]
+    walls, rates, kv_reads = walls[1:], rates[1:], kv_reads[1:]
     split = profiled_split(engine, state, tokens, a.steps, work)
     floors = [weight_bytes / r * 1e3 for r in rates]
     overheads = [w / f - 1 for w, f in zip(walls, floors)]
+    kv_over_floor = [kv / weight_bytes for kv in kv_reads]  # same bandwidth for both reads
     wall, floor_ms, best = statistics.median(walls), statistics.median(floors), max(rates)
     kinds = ("weights", "attention", "cache copy", "other kernels")
     kernel = {k: statistics.median(r.get(k, 0.0) for r in split) for k in kinds}
@@ -173,6 +180,9 @@ def main(argv=None) -> int:
         "overhead_beyond_weights": summary(overheads),
         "overhead_vs_best_bandwidth": wall / (weight_bytes / best * 1e3) - 1,
         "weight_kernels_over_floor": kernel["weights"] / floor_ms - 1,
+        "kv_read_bytes": summary(kv_reads),
+        "kv_reads_over_floor": summary(kv_over_floor),
+        "weight_kernels_and_kv_reads_over_floor": kernel["weights"] / floor_ms - 1 + statistics.median(kv_over_floor),
     }
     print(json.dumps(result, indent=1))
     if a.json:
