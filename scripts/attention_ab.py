@@ -101,19 +101,30 @@ def attention_block(path: Path, layer: int):
     return block, dict(zip(("q", "k", "v", "cos", "sin", "bias", "past_key", "past_value"), cut)), absolute, inv_freq
 
 
-def gqa_model(heads: int, kv_heads: int, head_dim: int, capacity: int, max_pos: int) -> bytes:
+CACHE_TYPES = {"float32": "FLOAT", "float16": "FLOAT16", "int8": "INT8"}
+
+
+def gqa_model(heads: int, kv_heads: int, head_dim: int, capacity: int, max_pos: int, cache: str = "float32") -> bytes:
+    """One decode step's `GroupQueryAttention` (float32 activations) over a cache of `cache` type: int8 is ONNX
+    Runtime's quantized cache (`kv_cache_bit_width` 8, one float32 scale per tensor: `k_scale`, `v_scale` inputs)."""
     from onnx import TensorProto as T
     from onnx import helper
 
+    cache_type = getattr(T, CACHE_TYPES[cache])
     inputs = [("query", T.FLOAT, [1, 1, heads * head_dim]), ("key", T.FLOAT, [1, 1, kv_heads * head_dim]), ("value", T.FLOAT, [1, 1, kv_heads * head_dim]),
-              ("past_key", T.FLOAT, [1, kv_heads, capacity, head_dim]), ("past_value", T.FLOAT, [1, kv_heads, capacity, head_dim]),
+              ("past_key", cache_type, [1, kv_heads, capacity, head_dim]), ("past_value", cache_type, [1, kv_heads, capacity, head_dim]),
               ("seqlens_k", T.INT32, [1]), ("total_sequence_length", T.INT32, []),
               ("cos_cache", T.FLOAT, [max_pos, head_dim // 2]), ("sin_cache", T.FLOAT, [max_pos, head_dim // 2]),
               ("position_ids", T.INT64, [1, 1]), ("attention_bias", T.FLOAT, [1, 1, 1, "total"])]
-    node = helper.make_node("GroupQueryAttention", [n for n, _, _ in inputs], ["output", "present_key", "present_value"], domain="com.microsoft",
-                            num_heads=heads, kv_num_heads=kv_heads, do_rotary=1)
-    graph = helper.make_graph([node], "gqa", [helper.make_tensor_value_info(n, t, s) for n, t, s in inputs],
-                              [helper.make_tensor_value_info(n, T.FLOAT, None) for n in node.output])
+    names, attributes = [n for n, _, _ in inputs], {}
+    if cache == "int8":
+        inputs += [("k_scale", T.FLOAT, [1]), ("v_scale", T.FLOAT, [1])]
+        names += ["", "k_scale", "v_scale"]  # no head_sink
+        attributes = {"kv_cache_bit_width": 8, "k_quant_type": "PER_TENSOR", "v_quant_type": "PER_TENSOR"}
+    node = helper.make_node("GroupQueryAttention", names, ["output", "present_key", "present_value"], domain="com.microsoft",
+                            num_heads=heads, kv_num_heads=kv_heads, do_rotary=1, **attributes)
+    outputs = [helper.make_tensor_value_info("output", T.FLOAT, None)] + [helper.make_tensor_value_info(n, cache_type, None) for n in node.output[1:]]
+    graph = helper.make_graph([node], "gqa", [helper.make_tensor_value_info(n, t, s) for n, t, s in inputs], outputs)
     opsets = [helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)]
     return helper.make_model(graph, opset_imports=opsets, ir_version=10).SerializeToString()
 

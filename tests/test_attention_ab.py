@@ -34,3 +34,32 @@ def test_gqa_copy_decodes_like_the_engine(tiny_engine, tmp_path):
     result = json.loads(out.read_text())
     assert sum(len(v) for v in result["gqa_layers"].values()) >= 1
     assert result["logits_relative_difference"]["max"] < 1e-3, result
+
+
+def test_kv_cache_types_compute_the_attention_they_hold(monkeypatch):
+    """scripts/kv_cache_ab.py times GroupQueryAttention over float32 / float16 / int8 caches; what it times must be that
+    attention: each output equals a float64 attention over the kernel's own buffers after the step (dequantized with the
+    scale the script passes) within float32 rounding, and the new token is written within half a quantization step.
+    A wrong model of the kernel's scale convention must fail both checks, and the int8 cache must differ from the float32
+    one more than float16."""
+    import numpy as np
+
+    ab = script("kv_cache_ab")
+    shape = dict(heads=4, kv_heads=2, head_dim=16, max_pos=128, caches=["float32", "float16", "int8"], rounds=1, cache_mb=0.1)
+    for length in (30, 5):
+        run = ab.measure(length=length, **shape)
+        for cache, check in run["checks"].items():
+            assert check["max_abs_difference"] <= check["rounding_bound"], (cache, check)
+            # the check can tell a wrong output (a fraction of max |v|) from rounding: float32 arithmetic; float16 roundings
+            # of |q| |k| ~ 36 here make its first-order bound ~0.1 of the output, still below a wrong slot or scale
+            assert check["rounding_bound"] < (1e-3 if cache != "float16" else 0.25) * run["max_abs_output"], (cache, check)
+            for kv, written in check["new_token_written"].items():
+                assert written["max_abs_difference"] <= written["bound"], (cache, kv, written)
+        assert run["checks"]["int8"]["difference_from_float32_cache"] > run["checks"]["float16"]["difference_from_float32_cache"] > 0
+        assert set(run["ms"]) == {"float32", "float16", "int8"} and all(v["median"] > 0 for v in run["ms"].values())
+
+    # a script whose model of the kernel is off (here: dequantizing with 1.25 x the scale the kernel was given) fails
+    monkeypatch.setattr(ab, "decode", lambda x, scale: x.astype(np.float64) * (1.25 * scale if x.dtype == np.int8 else 1.0))
+    check = ab.measure(length=30, **(shape | {"caches": ["float32", "int8"]}))["checks"]["int8"]
+    assert check["max_abs_difference"] > check["rounding_bound"], check
+    assert check["new_token_written"]["value"]["max_abs_difference"] > check["new_token_written"]["value"]["bound"], check
