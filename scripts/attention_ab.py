@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench import summary
+from bench import emit, summary
 
 
 WEIGHT_OPS = ("MatMul", "MatMulNBits")
@@ -245,10 +245,7 @@ def main(argv=None) -> int:
     result = {"engine": str(engine), "segment": a.segment, "layer": absolute, "block_nodes": len(block.graph.node),
               "block_ops": sorted({n.op_type for n in block.graph.node}), "ort": ort.__version__,
               "runs": [compare(session, names, manifest, inv_freq, int(n), a.rounds, a.cache_mb) for n in a.lengths.split(",")]}
-    print(json.dumps(result, indent=1))
-    if a.json:
-        Path(a.json).write_text(json.dumps(result, indent=1) + "\n")
-    return 0
+    return emit(result, a.json)
 
 
 if __name__ == "__main__":

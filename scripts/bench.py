@@ -261,6 +261,15 @@ def summary(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
+def emit(result: dict, path: str | None) -> int:
+    """A measurement script's ending: its result as JSON on stdout and, when `path` is given, in that file; exit 0."""
+    text = json.dumps(result, indent=1)
+    print(text)
+    if path:
+        Path(path).write_text(text + "\n")
+    return 0
+
+
 def per_round(a: Config, b: Config, figure: str) -> dict:
     """b's figure / a's figure in each round: how many times faster `a` is."""
     return summary([rb[figure] / ra[figure] for ra, rb in zip(a.results, b.results)])

@@ -38,7 +38,7 @@ import numpy as np
 
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
-from bench import matmul_model, summary  # noqa: E402
+from bench import emit, matmul_model, summary  # noqa: E402
 from star_export.runtime.engine import Engine  # noqa: E402
 from star_export.runtime.inputs import synthetic_image  # noqa: E402
 
@@ -184,10 +184,7 @@ def main(argv=None) -> int:
         "kv_reads_over_floor": summary(kv_over_floor),
         "weight_kernels_and_kv_reads_over_floor": kernel["weights"] / floor_ms - 1 + statistics.median(kv_over_floor),
     }
-    print(json.dumps(result, indent=1))
-    if a.json:
-        Path(a.json).write_text(json.dumps(result, indent=1) + "\n")
-    return 0
+    return emit(result, a.json)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from attention_ab import attention_block
-from bench import summary
+from bench import emit, summary
 from star_export.runtime.sessions import OrtGraph
 
 
@@ -169,10 +169,7 @@ def main(argv=None) -> int:
     result = {"engine": a.engine, "batch": a.batch, "steps": a.steps, "gqa_first": a.gqa_first, "gqa_layers": rewritten, "weights": engine.manifest.get("weights"),
               "step_ms": {"engine": summary(base_ms), "gqa": summary(gqa_ms)}, "engine_over_gqa": summary(ratios),
               "logits_relative_difference": summary(differences)}
-    print(json.dumps(result, indent=1))
-    if a.json:
-        Path(a.json).write_text(json.dumps(result, indent=1) + "\n")
-    return 0
+    return emit(result, a.json)
 
 
 if __name__ == "__main__":

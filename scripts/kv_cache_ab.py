@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from attention_ab import gqa_model
-from bench import summary
+from bench import emit, summary
 
 NUMPY = {"float32": np.float32, "float16": np.float16, "int8": np.int8}
 
@@ -176,10 +176,7 @@ def main(argv=None) -> int:
     caches = a.caches.split(",")
     result = {"heads": heads, "kv_heads": kv_heads, "head_dim": head_dim, "ort": ort.__version__,
               "runs": [measure(heads, kv_heads, head_dim, max_pos, int(n), caches, a.rounds, a.cache_mb) for n in a.lengths.split(",")]}
-    print(json.dumps(result, indent=1))
-    if a.json:
-        Path(a.json).write_text(json.dumps(result, indent=1) + "\n")
-    return 0
+    return emit(result, a.json)
 
 
 if __name__ == "__main__":
