@@ -8,7 +8,7 @@ score and value matmuls over `[cache | new]`, softmax; out: the input of o_proj 
 q/k/v: RoPE inside (cos/sin cache from the graph's `inv_freq`, at the token's position id), the cache buffer shared as
 past and present (the new key/value written in place at slot `length`), only the `length` filled slots read, the mask
 as `attention_bias`. For each cache length: the two outputs' difference, against what float32 rounding allows two
-implementations of the same attention (`rounding_bound`, derived in `compare`): a check that both compute the same; then
+implementations of the same attention (`rounding_bound`): a check that both compute the same; then
 the two timed alternately, each over enough distinct cache buffers (400 MB by default) that none is cache-resident, as a decode
 step finds them. The block reads the whole buffer, `length + 32` slots (half of `kvcache.GROWTH` free, on average).
 
@@ -129,6 +129,19 @@ def gqa_model(heads: int, kv_heads: int, head_dim: int, capacity: int, max_pos: 
     return helper.make_model(graph, opset_imports=opsets, ir_version=10).SerializeToString()
 
 
+def rounding_bound(q_norm: float, k_norm: float, v_max: float, head_dim: int, length: int, u_low: float = 0.0) -> float:
+    """What two float32 evaluations of the same attention over `length` + 1 slots may differ by, to first order in the
+    unit roundoff u: each score q.k / sqrt(d) within (d + 4) u |q| |k| / sqrt(d) (a d-term dot product after RoPE,
+    which keeps norms), each probability within 2 that + (2 n + 3) u relatively (exp, the n-term sum, the division),
+    so the output within that times max |v|; twice, for two implementations. `u_low`: the unit roundoff of a lower
+    precision that a kernel may round q, k, the probabilities and v to (ONNX Runtime's CPU kernel over a float16 cache
+    differs from float32 arithmetic by more than float32 rounding): each score then moves by
+    `(2 u_low + (d + 4) u) |q| |k| / sqrt(d)`, each probability by `2 u_low` more, each value by `u_low`."""
+    u = float(np.finfo(np.float32).eps) / 2
+    score_error = (2 * u_low + (head_dim + 4) * u) * q_norm * k_norm / np.sqrt(head_dim)
+    return 2 * (2 * score_error + (2 * (length + 1) + 3) * u + 3 * u_low) * v_max
+
+
 def compare(block_session, names: dict, manifest: dict, inv_freq: np.ndarray, length: int, rounds: int, cache_mb: float = 400, seed: int = 0) -> dict:
     import onnxruntime as ort
 
@@ -196,16 +209,10 @@ def compare(block_session, names: dict, manifest: dict, inv_freq: np.ndarray, le
         gqa.run_with_iobinding(binding)
         return binding.get_outputs()[0].numpy()
 
-    # What two float32 evaluations of the same attention may differ by, to first order in the unit roundoff u: each
-    # score q.k / sqrt(d) within (d + 4) u |q| |k| / sqrt(d) (a d-term dot product after RoPE, which keeps norms),
-    # each probability within 2 that + (2 n + 3) u relatively (exp, the n-term sum, the division), so the output
-    # within that times max |v|; twice, for two implementations.
-    u = float(np.finfo(np.float32).eps) / 2
     q_norm = float(np.linalg.norm(q.reshape(heads, head_dim), axis=-1).max())
     k_norm = max(float(np.linalg.norm(keys[0][:, :, :length], axis=-1).max()), float(np.linalg.norm(k.reshape(kv_heads, head_dim), axis=-1).max()))
     v_max = max(float(np.abs(values[0][:, :, :length]).max()), float(np.abs(v).max()))
-    score_error = (head_dim + 4) * u * q_norm * k_norm / np.sqrt(head_dim)
-    bound = 2 * (2 * score_error + (2 * (length + 1) + 3) * u) * v_max
+    bound = rounding_bound(q_norm, k_norm, v_max, head_dim, length)
     reference = run_block(0).reshape(-1)
     difference = float(np.abs(reference - run_gqa(0).reshape(-1)).max())
     clear()

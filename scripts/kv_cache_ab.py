@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from attention_ab import gqa_model
+from attention_ab import gqa_model, rounding_bound
 from bench import emit, summary
 
 NUMPY = {"float32": np.float32, "float16": np.float16, "int8": np.int8}
@@ -44,16 +44,6 @@ def encode(x: np.ndarray, cache: str, scale: float) -> np.ndarray:
 
 def decode(x: np.ndarray, scale: float) -> np.ndarray:
     return x.astype(np.float64) * (scale if x.dtype == np.int8 else 1.0)
-
-
-def rounding_bound(q_norm: float, k_norm: float, v_max: float, head_dim: int, length: int, u_low: float = 0.0) -> float:
-    """attention_ab.compare's first-order float32 bound for two evaluations of one attention, with `u_low` the unit
-    roundoff of a lower precision that the kernel may round q, k, the probabilities and v to (ONNX Runtime's CPU kernel
-    over a float16 cache differs from float32 arithmetic by more than float32 rounding): each score then moves by
-    `(2 u_low + (d + 4) u) |q| |k| / sqrt(d)`, each probability by `2 u_low` more, each value by `u_low`."""
-    u = float(np.finfo(np.float32).eps) / 2
-    score_error = (2 * u_low + (head_dim + 4) * u) * q_norm * k_norm / np.sqrt(head_dim)
-    return 2 * (2 * score_error + (2 * (length + 1) + 3) * u + 3 * u_low) * v_max
 
 
 def measure(heads: int, kv_heads: int, head_dim: int, max_pos: int, length: int, caches: list[str], rounds: int, cache_mb: float = 400,
