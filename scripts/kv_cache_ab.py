@@ -46,11 +46,15 @@ def decode(x: np.ndarray, scale: float) -> np.ndarray:
     return x.astype(np.float64) * (scale if x.dtype == np.int8 else 1.0)
 
 
+def half_step(cache: str, scale: float, x: np.ndarray) -> float:
+    """The largest error of `x` as the cache holds it, rounded to nearest: int8 half its scale, float16 2^-11 of |x|."""
+    return {"int8": scale / 2, "float16": 2.0**-11 * float(np.abs(x).max()), "float32": 0.0}[cache]
+
+
 def measure(heads: int, kv_heads: int, head_dim: int, max_pos: int, length: int, caches: list[str], rounds: int, cache_mb: float = 400,
-            seed: int = 0, scales: dict[str, float] | None = None) -> dict:
+            seed: int = 0) -> dict:
     """Times of each cache type at `length` filled slots, and their outputs' differences from the float32 cache's
-    (`caches` starts with float32: the reference and the base of the ratios). `scales`: the k/v scales to pass instead
-    of the right ones (a check that the bound can fail)."""
+    (`caches` starts with float32: the reference and the base of the ratios)."""
     if caches[0] != "float32":
         raise ValueError(f"caches {caches}: the first must be float32")
     import onnxruntime as ort
@@ -79,7 +83,6 @@ def measure(heads: int, kv_heads: int, head_dim: int, max_pos: int, length: int,
     k_new = rope(new["key"].reshape(kv_heads, head_dim))  # the key the kernel writes
     v_new = new["value"].reshape(kv_heads, head_dim).astype(np.float64)
     scale = {kv: max(float(np.abs(floats[kv][0]).max()), float(np.abs(x).max())) / 127 for kv, x in (("key", k_new), ("value", v_new))}
-    passed = scales or scale
 
     sessions, buffers = {}, {}
     for cache in caches:
@@ -92,7 +95,7 @@ def measure(heads: int, kv_heads: int, head_dim: int, max_pos: int, length: int,
                 "total_sequence_length": np.array(length + 1, np.int32), "cos_cache": cos_cache, "sin_cache": sin_cache,
                 "position_ids": np.array([[position]], np.int64), "attention_bias": np.zeros((1, 1, 1, length + 1), np.float32)}
         if cache == "int8":
-            feed |= {"k_scale": np.array([passed["key"]], np.float32), "v_scale": np.array([passed["value"]], np.float32)}
+            feed |= {"k_scale": np.array([scale["key"]], np.float32), "v_scale": np.array([scale["value"]], np.float32)}
         for name, value in feed.items():
             binding.bind_cpu_input(name, value)
         binding.bind_cpu_input("past_key", buffers[cache]["key"][i])
@@ -104,25 +107,23 @@ def measure(heads: int, kv_heads: int, head_dim: int, max_pos: int, length: int,
         return binding.get_outputs()[0].numpy().reshape(-1)
 
     u = float(np.finfo(np.float32).eps) / 2
+    q_norm, group = float(np.linalg.norm(q_heads, axis=-1).max()), heads // kv_heads
     checks, reference = {}, None
     for cache in caches:
         output = run(cache, 0).astype(np.float64)
         reference = output if reference is None else reference
         # what the kernel now holds: slots 0..length of the buffers it wrote in place, dequantized
-        keys = decode(buffers[cache]["key"][0][0, :, : length + 1], passed["key"])  # (kv_heads, length + 1, head_dim)
-        values = decode(buffers[cache]["value"][0][0, :, : length + 1], passed["value"])
-        group = heads // kv_heads
+        keys = decode(buffers[cache]["key"][0][0, :, : length + 1], scale["key"])  # (kv_heads, length + 1, head_dim)
+        values = decode(buffers[cache]["value"][0][0, :, : length + 1], scale["value"])
         scores = np.einsum("hd,hnd->hn", q_heads, np.repeat(keys, group, 0)) / np.sqrt(head_dim)
         weights = np.exp(scores - scores.max(-1, keepdims=True))
         expected = np.einsum("hn,hnd->hd", weights / weights.sum(-1, keepdims=True), np.repeat(values, group, 0)).reshape(-1)
-        q_norm = float(np.linalg.norm(q_heads, axis=-1).max())
         bound = rounding_bound(q_norm, float(np.linalg.norm(keys, axis=-1).max()), float(np.abs(values).max()), head_dim, length,
                                2.0**-11 if cache == "float16" else 0.0)
-        # the new token as written: within half a step of its rotated key / value (int8: scale / 2; float16: 2^-11
-        # relative), plus float32 rounding of the rotation
-        step = {"int8": lambda kv, x: passed[kv] / 2, "float16": lambda kv, x: 2.0**-11 * np.abs(x).max(), "float32": lambda kv, x: 0.0}[cache]
+        # the new token as written: within half a step of its rotated key / value, plus float32 rounding of the rotation
         written = {"key": (keys[:, length], k_new), "value": (values[:, length], v_new)}
-        write = {kv: {"max_abs_difference": float(np.abs(got - want).max()), "bound": float(step(kv, want) * (1 + 1e-3) + 8 * u * np.abs(want).max())}
+        write = {kv: {"max_abs_difference": float(np.abs(got - want).max()),
+                      "bound": half_step(cache, scale[kv], want) * (1 + 1e-3) + 8 * u * float(np.abs(want).max())}
                  for kv, (got, want) in written.items()}
         checks[cache] = {"max_abs_difference": float(np.abs(output - expected).max()), "rounding_bound": bound, "new_token_written": write,
                          "difference_from_float32_cache": float(np.abs(output - reference).max())}
