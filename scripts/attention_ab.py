@@ -129,6 +129,17 @@ def gqa_model(heads: int, kv_heads: int, head_dim: int, capacity: int, max_pos: 
     return helper.make_model(graph, opset_imports=opsets, ir_version=10).SerializeToString()
 
 
+def max_positions(manifest: dict) -> int:
+    """Rows of GQA's cos/sin caches an engine needs: every position a request may reach."""
+    return manifest["limits"]["max_input_len"] + manifest["limits"]["max_new_tokens"] + 1
+
+
+def rope_caches(inv_freq: np.ndarray, max_pos: int) -> tuple[np.ndarray, np.ndarray]:
+    """GQA's `cos_cache`, `sin_cache` (max_pos, head_dim / 2) float32, angles in float64."""
+    angles = np.arange(max_pos)[:, None] * inv_freq[None].astype(np.float64)
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
 def rounding_bound(q_norm: float, k_norm: float, v_max: float, head_dim: int, length: int, u_low: float = 0.0) -> float:
     """What two float32 evaluations of the same attention over `length` + 1 slots may differ by, to first order in the
     unit roundoff u: each score q.k / sqrt(d) within (d + 4) u |q| |k| / sqrt(d) (a d-term dot product after RoPE,
@@ -150,7 +161,7 @@ def compare(block_session, names: dict, manifest: dict, inv_freq: np.ndarray, le
     model = manifest["model"]
     heads, kv_heads, head_dim = model["num_attention_heads"], model["num_key_value_heads"], model["head_dim"]
     capacity = length + 32
-    max_pos = manifest["limits"]["max_input_len"] + manifest["limits"]["max_new_tokens"] + 1
+    max_pos = max_positions(manifest)
     gqa = ort.InferenceSession(gqa_model(heads, kv_heads, head_dim, capacity, max_pos), session_options(), providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(seed)
     copies = max(4, int(cache_mb * 1e6 // (2 * kv_heads * capacity * head_dim * 4)))
@@ -165,8 +176,7 @@ def compare(block_session, names: dict, manifest: dict, inv_freq: np.ndarray, le
     q = rng.standard_normal((1, 1, heads * head_dim), dtype=np.float32)
     k, v = (rng.standard_normal((1, 1, kv_heads * head_dim), dtype=np.float32) for _ in range(2))
     position = length + 70  # a pruned segment's positions run ahead of its slots
-    angles = np.arange(max_pos)[:, None] * inv_freq[None].astype(np.float64)
-    cos_cache, sin_cache = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+    cos_cache, sin_cache = rope_caches(inv_freq, max_pos)
     cos = np.concatenate([cos_cache[position]] * 2)[None, None]
     sin = np.concatenate([sin_cache[position]] * 2)[None, None]
     mask = np.concatenate([np.ones(length), np.zeros(capacity - length), np.ones(1)])

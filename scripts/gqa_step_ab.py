@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from attention_ab import attention_block
+from attention_ab import attention_block, max_positions, rope_caches
 from bench import emit, summary
 from star_export.runtime.sessions import OrtGraph
 
@@ -45,7 +45,7 @@ def rewrite(engine: Path, out: Path) -> dict[str, list[int]]:
 
     manifest = json.loads((engine / "star.json").read_text())
     model = manifest["model"]
-    max_pos = manifest["limits"]["max_input_len"] + manifest["limits"]["max_new_tokens"] + 1
+    max_pos = max_positions(manifest)
     pivot = manifest["schedule"]["pivot_layer"]
     if out.exists():
         shutil.rmtree(out)
@@ -74,9 +74,8 @@ def rewrite(engine: Path, out: Path) -> dict[str, list[int]]:
                 graph.output.remove(o)
             graph.output.extend(helper.make_tensor_value_info(f"present.{absolute}.{kv}", TensorProto.FLOAT, None) for kv in ("key", "value"))
             done.append(absolute)
-        angles = np.arange(max_pos)[:, None] * inv_freq[None].astype(np.float64)
-        graph.initializer.extend([numpy_helper.from_array(np.cos(angles).astype(np.float32), "gqa_cos_cache"),
-                                  numpy_helper.from_array(np.sin(angles).astype(np.float32), "gqa_sin_cache")])
+        cos_cache, sin_cache = rope_caches(inv_freq, max_pos)
+        graph.initializer.extend([numpy_helper.from_array(cos_cache, "gqa_cos_cache"), numpy_helper.from_array(sin_cache, "gqa_sin_cache")])
         graph.input.extend([helper.make_tensor_value_info("gqa_seqlens_k", TensorProto.INT32, ["batch"]),
                             helper.make_tensor_value_info("gqa_total", TensorProto.INT32, []),
                             helper.make_tensor_value_info("gqa_bias", TensorProto.FLOAT, ["batch", 1, "q", "total"])])

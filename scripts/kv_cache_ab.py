@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from attention_ab import gqa_model, rounding_bound
+from attention_ab import gqa_model, max_positions, rope_caches, rounding_bound
 from bench import emit, summary
 
 NUMPY = {"float32": np.float32, "float16": np.float16, "int8": np.int8}
@@ -69,8 +69,7 @@ def measure(heads: int, kv_heads: int, head_dim: int, max_pos: int, length: int,
         a[:, :, length:] = 0  # free slots are zeros, as in kvcache.KVCache
     q = rng.standard_normal((1, 1, heads * head_dim), dtype=np.float32)
     new = {kv: rng.standard_normal((1, 1, kv_heads * head_dim), dtype=np.float32) for kv in ("key", "value")}
-    angles = np.arange(max_pos)[:, None] * (10000.0 ** (-np.arange(0, head_dim, 2) / head_dim))[None]
-    cos_cache, sin_cache = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+    cos_cache, sin_cache = rope_caches(10000.0 ** (-np.arange(0, head_dim, 2) / head_dim), max_pos)  # LLaMA's RoPE base
     position = length + 70  # a pruned segment's positions run ahead of its slots
     half = head_dim // 2
     cos, sin = cos_cache[position].astype(np.float64), sin_cache[position].astype(np.float64)
@@ -161,9 +160,8 @@ def main(argv=None) -> int:
     heads, kv_heads, head_dim, max_pos = a.heads, a.kv_heads, a.head_dim, a.max_positions
     if a.engine:
         manifest = json.loads((Path(a.engine) / "star.json").read_text())
-        model, limits = manifest["model"], manifest["limits"]
-        heads, kv_heads, head_dim = model["num_attention_heads"], model["num_key_value_heads"], model["head_dim"]
-        max_pos = limits["max_input_len"] + limits["max_new_tokens"] + 1
+        model = manifest["model"]
+        heads, kv_heads, head_dim, max_pos = model["num_attention_heads"], model["num_key_value_heads"], model["head_dim"], max_positions(manifest)
     caches = a.caches.split(",")
     result = {"heads": heads, "kv_heads": kv_heads, "head_dim": head_dim, "ort": ort.__version__,
               "runs": [measure(heads, kv_heads, head_dim, max_pos, int(n), caches, a.rounds, a.cache_mb) for n in a.lengths.split(",")]}
