@@ -124,16 +124,41 @@ def gqa_segments(out: Path) -> dict:
     return {name: GqaGraph(out / f"{name}.onnx") for name in ("segment0", "segment1")}
 
 
-def gqa_pipeline(pipeline, segments: dict):
-    """`pipeline` with the rewritten `segments` in place of its own (its prefill is not run: it has no GQA inputs)."""
+def twin_pipeline(pipeline, segments: dict):
+    """`pipeline` with the rewritten `segments` in place of its own, for decode steps (`alternate` never runs its prefill:
+    a GQA copy has no prefill inputs)."""
     twin = copy.copy(pipeline)
     twin.graphs = dict(pipeline.graphs) | segments
     return twin
 
 
+def alternate(engine, twin, batch: int, steps: int) -> tuple[list[float], list[float], list[float]]:
+    """One prefill by `engine`, its state copied; then `steps` decode steps (after 4 of warm-up) alternating between the
+    engine's pipeline and `twin` (the same pipeline with other segment graphs), both greedy on the engine's first token,
+    which goes first alternating per round (ABBA). Returns each one's step ms and, per step, the logits' largest
+    difference relative to their largest magnitude."""
+    from star_export.runtime.inputs import synthetic_image
+
+    inputs = engine.prepare([synthetic_image(i) for i in range(batch)], ["Describe the picture in detail."] * batch)
+    state, _ = engine.pipeline.prefill(inputs["pixel_values"], inputs["input_ids"], inputs["attention_mask"], reserve=steps + 4)
+    other = copy.deepcopy(state)
+    tokens = state.logits.argmax(-1)
+    base_ms, twin_ms, differences = [], [], []
+    for i in range(steps + 4):
+        for which in ("engine", "twin") if i % 2 == 0 else ("twin", "engine"):
+            t = time.perf_counter()
+            if which == "engine":
+                state = engine.pipeline.step(state, tokens)
+                base_ms.append((time.perf_counter() - t) * 1e3)
+            else:
+                other = twin.step(other, tokens)
+                twin_ms.append((time.perf_counter() - t) * 1e3)
+        differences.append(float(np.abs(state.logits - other.logits).max() / np.abs(state.logits).max()))
+    return base_ms[4:], twin_ms[4:], differences
+
+
 def main(argv=None) -> int:
     from star_export.runtime.engine import Engine
-    from star_export.runtime.inputs import synthetic_image
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--engine", required=True, help="an engine directory (float32 activations)")
@@ -146,23 +171,8 @@ def main(argv=None) -> int:
     rewritten = rewrite(Path(a.engine), Path(a.work))
     first = gqa_segments(Path(a.work)) if a.gqa_first else None
     engine = Engine.from_dir(a.engine, provider="cpu")
-    gqa = gqa_pipeline(engine.pipeline, first or gqa_segments(Path(a.work)))
-    inputs = engine.prepare([synthetic_image(i) for i in range(a.batch)], ["Describe the picture in detail."] * a.batch)
-    state, _ = engine.pipeline.prefill(inputs["pixel_values"], inputs["input_ids"], inputs["attention_mask"], reserve=a.steps + 4)
-    other = copy.deepcopy(state)
-    tokens = state.logits.argmax(-1)
-    base_ms, gqa_ms, differences = [], [], []
-    for i in range(a.steps + 4):  # in each round, the engine's step first, then the copy's, or the other way (ABBA)
-        for which in ("engine", "gqa") if i % 2 == 0 else ("gqa", "engine"):
-            t = time.perf_counter()
-            if which == "engine":
-                state = engine.pipeline.step(state, tokens)
-                base_ms.append((time.perf_counter() - t) * 1e3)
-            else:
-                other = gqa.step(other, tokens)
-                gqa_ms.append((time.perf_counter() - t) * 1e3)
-        differences.append(float(np.abs(state.logits - other.logits).max() / np.abs(state.logits).max()))
-    base_ms, gqa_ms = base_ms[4:], gqa_ms[4:]  # warm-up
+    gqa = twin_pipeline(engine.pipeline, first or gqa_segments(Path(a.work)))
+    base_ms, gqa_ms, differences = alternate(engine, gqa, a.batch, a.steps)
     ratios = [b / g for b, g in zip(base_ms, gqa_ms)]
 
     result = {"engine": a.engine, "batch": a.batch, "steps": a.steps, "gqa_first": a.gqa_first, "gqa_layers": rewritten, "weights": engine.manifest.get("weights"),

@@ -36,6 +36,24 @@ def test_gqa_copy_decodes_like_the_engine(tiny_engine, tmp_path):
     assert result["logits_relative_difference"]["max"] < 1e-3, result
 
 
+def test_fused_copy_is_an_engine_that_decodes_like_the_original(tiny_engine, tmp_path):
+    """scripts/fusions_ab.py's copy carries ORT's RMSNorm fusions, decodes the engine's logits within 1e-3 of
+    their scale (float32 rounding is ~1e-6; a wrong rotation or norm moves them by a large fraction), and is a whole engine
+    directory that the validator, against its float64 reference, passes."""
+    import json
+
+    from star_export.cli import validate_main
+
+    ab = script("fusions_ab")
+    out, copy = tmp_path / "ab.json", tmp_path / "fused"
+    assert ab.main(["--engine", str(tiny_engine), "--work", str(copy), "--steps", "4", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    for segment in ("segment0", "segment1"):
+        assert result["fusions"][segment].get("SkipSimplifiedLayerNormalization", 0) >= 1, result
+    assert result["logits_relative_difference"]["max"] < 1e-3, result
+    assert validate_main([str(copy), "--quiet"]) == 0
+
+
 def test_kv_cache_types_compute_the_attention_they_hold(monkeypatch):
     """scripts/kv_cache_ab.py times GroupQueryAttention over float32 / float16 / int8 caches; what it times must be that
     attention: each output equals a float64 attention over the kernel's own buffers after the step (dequantized with the

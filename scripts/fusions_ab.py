@@ -1,0 +1,96 @@
+#!/usr/bin/env python
+"""Whole decode steps of an engine against a copy whose segment graphs carry ONNX Runtime's transformer fusions.
+
+Issue 13 lists ORT's transformer fusions among the ways to a cheaper decode step. ONNX Runtime fuses some patterns by
+itself when it creates a session, but not the ones the exporter writes for LLaMA's RMSNorm (Pow, ReduceMean, Add, Sqrt,
+Reciprocal, Mul) and rotary embedding (Slice, Neg, Concat, Mul, Add): its profiler still lists those kernels in every
+layer. onnxscript's `optimize_for_ort` rewrites them into `SimplifiedLayerNormalization`,
+`SkipSimplifiedLayerNormalization` (with the residual add before it); its rotary rule matches the engine's RoPE but a
+later stage (`cos_sin_cache`) does not, so the rotary ops stay (onnxscript 0.7.2). The engine's attention (two parts over
+a cache buffer it only reads) is not a pattern it knows; `gqa_step_ab.py` measures GroupQueryAttention.
+- The copy: a whole engine directory (`--work`, replaced), its segment graphs rewritten, every other file linked (or
+  copied) from the engine, its star.json's file table rewritten and `tensorrt_parsable` false (the fused ops are ONNX
+  Runtime's). So `star-run` and `decode_split.py` run on it too: the per-step split after the fusions.
+- The run: `gqa_step_ab.alternate`: one prefill by the engine, its state copied; decode steps alternate between the
+  engine and the copy (ABBA), each timed; per step, the logits' largest difference relative to their largest
+  magnitude. The fusions change float32 rounding only (1e-6 of the logits' scale with float compute); with int8 compute
+  (`accuracy_level` 4) those differences flip activations across quantization steps, as in `gqa_step_ab.py` (~2e-2).
+- `--fused-first` creates the copy's sessions before the engine's (the first created can run slower): run it both ways.
+
+    python scripts/fusions_ab.py --engine ENGINE --work DIR [--batch 1] [--steps 40] [--fused-first] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from collections import Counter
+from pathlib import Path
+
+from bench import emit, summary
+from gqa_step_ab import alternate, twin_pipeline
+
+SEGMENTS = ("segment0", "segment1")
+
+
+def fuse(engine: Path, out: Path) -> dict[str, dict[str, int]]:
+    """Write the fused copy of `engine` into `out`; returns, per segment, the ops the rewrite introduced, counted in the
+    graph it wrote."""
+    import onnx_ir as ir
+    from onnxscript.rewriter.ort_fusions import optimize_for_ort
+
+    from star_export.manifest import MANIFEST, file_table
+
+    manifest = json.loads((engine / MANIFEST).read_text())
+    files = {manifest["graphs"][s]["file"]: s for s in SEGMENTS}
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    counts = {}
+    for path in engine.rglob("*"):
+        relative = path.relative_to(engine)
+        if path.is_dir() or path.name == MANIFEST or relative.as_posix() in files or any(path.name == f"{f}.data" for f in files):
+            continue
+        (out / relative).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(path, out / relative)
+        except OSError:  # another file system
+            shutil.copyfile(path, out / relative)
+    for file, segment in files.items():
+        model = ir.load(str(engine / file))
+        before = {node.op_type for node in model.graph}
+        model, _ = optimize_for_ort(model)  # its counts include rules whose result a later stage undid (rotary_embedding)
+        ir.save(model, str(out / file), external_data=f"{Path(file).name}.data")
+        counts[segment] = dict(Counter(node.op_type for node in model.graph if node.op_type not in before))
+    manifest |= {"tensorrt_parsable": False, "fusions": counts, "files": file_table(out)}
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return counts
+
+
+def main(argv=None) -> int:
+    from star_export.runtime.engine import Engine
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--engine", required=True, help="an engine directory")
+    p.add_argument("--work", required=True, help="where to write the fused copy, a whole engine directory (replaced)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--fused-first", action="store_true", help="create the copy's sessions before the engine's (the first can be slower)")
+    p.add_argument("--json", default=None)
+    a = p.parse_args(argv)
+    counts = fuse(Path(a.engine), Path(a.work))
+    first = Engine.from_dir(a.work, provider="cpu") if a.fused_first else None
+    engine = Engine.from_dir(a.engine, provider="cpu")
+    fused = first or Engine.from_dir(a.work, provider="cpu")
+    base_ms, fused_ms, differences = alternate(engine, twin_pipeline(engine.pipeline, {s: fused.pipeline.graphs[s] for s in SEGMENTS}), a.batch, a.steps)
+    result = {"engine": a.engine, "copy": a.work, "batch": a.batch, "steps": a.steps, "fused_first": a.fused_first, "fusions": counts,
+              "weights": engine.manifest.get("weights"), "step_ms": {"engine": summary(base_ms), "fused": summary(fused_ms)},
+              "engine_over_fused": summary([b / f for b, f in zip(base_ms, fused_ms)]), "logits_relative_difference": summary(differences)}
+    return emit(result, a.json)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
