@@ -22,7 +22,6 @@ a cache buffer it only reads) is not a pattern it knows; `gqa_step_ab.py` measur
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -31,7 +30,7 @@ from collections import Counter
 from pathlib import Path
 
 from bench import emit, summary
-from gqa_step_ab import alternate, twin_pipeline
+from gqa_step_ab import alternate, step_ab_parser, twin_pipeline
 
 SEGMENTS = ("segment0", "segment1")
 
@@ -73,14 +72,7 @@ def fuse(engine: Path, out: Path) -> dict[str, dict[str, int]]:
 def main(argv=None) -> int:
     from star_export.runtime.engine import Engine
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--engine", required=True, help="an engine directory")
-    p.add_argument("--work", required=True, help="where to write the fused copy, a whole engine directory (replaced)")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--steps", type=int, default=40)
-    p.add_argument("--fused-first", action="store_true", help="create the copy's sessions before the engine's (the first can be slower)")
-    p.add_argument("--json", default=None)
-    a = p.parse_args(argv)
+    a = step_ab_parser(__doc__, "fused", "an engine directory", "where to write the fused copy, a whole engine directory (replaced)").parse_args(argv)
     counts = fuse(Path(a.engine), Path(a.work))
     first = Engine.from_dir(a.work, provider="cpu") if a.fused_first else None
     engine = Engine.from_dir(a.engine, provider="cpu")

@@ -157,17 +157,23 @@ def alternate(engine, twin, batch: int, steps: int) -> tuple[list[float], list[f
     return base_ms[4:], twin_ms[4:], differences
 
 
+def step_ab_parser(doc: str, copy: str, engine_help: str, work_help: str) -> argparse.ArgumentParser:
+    """The command line of the whole-step A/B scripts (this one, fusions_ab.py): `--{copy}-first` creates the copy's
+    sessions before the engine's."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("--engine", required=True, help=engine_help)
+    p.add_argument("--work", required=True, help=work_help)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument(f"--{copy}-first", action="store_true", help="create the copy's sessions before the engine's (the first can be slower)")
+    p.add_argument("--json", default=None)
+    return p
+
+
 def main(argv=None) -> int:
     from star_export.runtime.engine import Engine
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--engine", required=True, help="an engine directory (float32 activations)")
-    p.add_argument("--work", required=True, help="where to write the rewritten copy (replaced)")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--steps", type=int, default=40)
-    p.add_argument("--gqa-first", action="store_true", help="create the copy's sessions before the engine's (the first can be slower)")
-    p.add_argument("--json", default=None)
-    a = p.parse_args(argv)
+    a = step_ab_parser(__doc__, "gqa", "an engine directory (float32 activations)", "where to write the rewritten copy (replaced)").parse_args(argv)
     rewritten = rewrite(Path(a.engine), Path(a.work))
     first = gqa_segments(Path(a.work)) if a.gqa_first else None
     engine = Engine.from_dir(a.engine, provider="cpu")
