@@ -48,10 +48,10 @@ def fuse(engine: Path, out: Path) -> dict[str, dict[str, int]]:
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    counts = {}
+    counts, rewritten = {}, {MANIFEST, *files, *(f"{f}.data" for f in files)}
     for path in engine.rglob("*"):
         relative = path.relative_to(engine)
-        if path.is_dir() or path.name == MANIFEST or relative.as_posix() in files or any(path.name == f"{f}.data" for f in files):
+        if path.is_dir() or relative.as_posix() in rewritten:
             continue
         (out / relative).parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -69,15 +69,25 @@ def fuse(engine: Path, out: Path) -> dict[str, dict[str, int]]:
     return counts
 
 
+def fused_segments(out: Path) -> dict:
+    """The copy's segment graphs, the only ones the A/B runs (not the whole copy: its vision graph would be loaded, and
+    every file hashed, for nothing)."""
+    from star_export.manifest import MANIFEST
+    from star_export.runtime.sessions import OrtGraph
+
+    files = json.loads((out / MANIFEST).read_text())["graphs"]
+    return {s: OrtGraph(out / files[s]["file"]) for s in SEGMENTS}
+
+
 def main(argv=None) -> int:
     from star_export.runtime.engine import Engine
 
     a = step_ab_parser(__doc__, "fused", "an engine directory", "where to write the fused copy, a whole engine directory (replaced)").parse_args(argv)
     counts = fuse(Path(a.engine), Path(a.work))
-    first = Engine.from_dir(a.work, provider="cpu") if a.fused_first else None
+    first = fused_segments(Path(a.work)) if a.fused_first else None
     engine = Engine.from_dir(a.engine, provider="cpu")
-    fused = first or Engine.from_dir(a.work, provider="cpu")
-    base_ms, fused_ms, differences = alternate(engine, twin_pipeline(engine.pipeline, {s: fused.pipeline.graphs[s] for s in SEGMENTS}), a.batch, a.steps)
+    fused = twin_pipeline(engine.pipeline, first or fused_segments(Path(a.work)))
+    base_ms, fused_ms, differences = alternate(engine, fused, a.batch, a.steps)
     result = {"engine": a.engine, "copy": a.work, "batch": a.batch, "steps": a.steps, "fused_first": a.fused_first, "fusions": counts,
               "weights": engine.manifest.get("weights"), "step_ms": {"engine": summary(base_ms), "fused": summary(fused_ms)},
               "engine_over_fused": summary([b / f for b, f in zip(base_ms, fused_ms)]), "logits_relative_difference": summary(differences)}
