@@ -30,7 +30,7 @@ from collections import Counter
 from pathlib import Path
 
 from bench import emit, summary
-from gqa_step_ab import alternate, step_ab_parser, twin_pipeline
+from gqa_step_ab import alternate, step_ab_parser
 
 SEGMENTS = ("segment0", "segment1")
 
@@ -80,14 +80,9 @@ def fused_segments(out: Path) -> dict:
 
 
 def main(argv=None) -> int:
-    from star_export.runtime.engine import Engine
-
     a = step_ab_parser(__doc__, "fused", "an engine directory", "where to write the fused copy, a whole engine directory (replaced)").parse_args(argv)
     counts = fuse(Path(a.engine), Path(a.work))
-    first = fused_segments(Path(a.work)) if a.fused_first else None
-    engine = Engine.from_dir(a.engine, provider="cpu")
-    fused = twin_pipeline(engine.pipeline, first or fused_segments(Path(a.work)))
-    base_ms, fused_ms, differences = alternate(engine, fused, a.batch, a.steps)
+    engine, base_ms, fused_ms, differences = alternate(a.engine, lambda: fused_segments(Path(a.work)), a.fused_first, a.batch, a.steps)
     result = {"engine": a.engine, "copy": a.work, "batch": a.batch, "steps": a.steps, "fused_first": a.fused_first, "fusions": counts,
               "weights": engine.manifest.get("weights"), "step_ms": {"engine": summary(base_ms), "fused": summary(fused_ms)},
               "engine_over_fused": summary([b / f for b, f in zip(base_ms, fused_ms)]), "logits_relative_difference": summary(differences)}

@@ -132,13 +132,18 @@ def twin_pipeline(pipeline, segments: dict):
     return twin
 
 
-def alternate(engine, twin, batch: int, steps: int) -> tuple[list[float], list[float], list[float]]:
-    """One prefill by `engine`, its state copied; then `steps` decode steps (after 4 of warm-up) alternating between the
-    engine's pipeline and `twin` (the same pipeline with other segment graphs), both greedy on the engine's first token,
-    which goes first alternating per round (ABBA). Returns each one's step ms and, per step, the logits' largest
-    difference relative to their largest magnitude."""
+def alternate(engine_dir: str, segments, copy_first: bool, batch: int, steps: int) -> tuple:
+    """The engine at `engine_dir` against a twin of its pipeline whose segment graphs `segments()` creates (before the
+    engine's sessions when `copy_first`: the first created can run slower). One prefill by the engine, its state copied;
+    then `steps` decode steps (after 4 of warm-up) alternating between the two, both greedy on the engine's first token,
+    which goes first alternating per round (ABBA). Returns the engine, each one's step ms and, per step, the logits'
+    largest difference relative to their largest magnitude."""
+    from star_export.runtime.engine import Engine
     from star_export.runtime.inputs import synthetic_image
 
+    first = segments() if copy_first else None
+    engine = Engine.from_dir(engine_dir, provider="cpu")
+    twin = twin_pipeline(engine.pipeline, first or segments())
     inputs = engine.prepare([synthetic_image(i) for i in range(batch)], ["Describe the picture in detail."] * batch)
     state, _ = engine.pipeline.prefill(inputs["pixel_values"], inputs["input_ids"], inputs["attention_mask"], reserve=steps + 4)
     other = copy.deepcopy(state)
@@ -154,7 +159,7 @@ def alternate(engine, twin, batch: int, steps: int) -> tuple[list[float], list[f
                 other = twin.step(other, tokens)
                 twin_ms.append((time.perf_counter() - t) * 1e3)
         differences.append(float(np.abs(state.logits - other.logits).max() / np.abs(state.logits).max()))
-    return base_ms[4:], twin_ms[4:], differences
+    return engine, base_ms[4:], twin_ms[4:], differences
 
 
 def step_ab_parser(doc: str, copy: str, engine_help: str, work_help: str) -> argparse.ArgumentParser:
@@ -171,14 +176,9 @@ def step_ab_parser(doc: str, copy: str, engine_help: str, work_help: str) -> arg
 
 
 def main(argv=None) -> int:
-    from star_export.runtime.engine import Engine
-
     a = step_ab_parser(__doc__, "gqa", "an engine directory (float32 activations)", "where to write the rewritten copy (replaced)").parse_args(argv)
     rewritten = rewrite(Path(a.engine), Path(a.work))
-    first = gqa_segments(Path(a.work)) if a.gqa_first else None
-    engine = Engine.from_dir(a.engine, provider="cpu")
-    gqa = twin_pipeline(engine.pipeline, first or gqa_segments(Path(a.work)))
-    base_ms, gqa_ms, differences = alternate(engine, gqa, a.batch, a.steps)
+    engine, base_ms, gqa_ms, differences = alternate(a.engine, lambda: gqa_segments(Path(a.work)), a.gqa_first, a.batch, a.steps)
     ratios = [b / g for b, g in zip(base_ms, gqa_ms)]
 
     result = {"engine": a.engine, "batch": a.batch, "steps": a.steps, "gqa_first": a.gqa_first, "gqa_layers": rewritten, "weights": engine.manifest.get("weights"),
