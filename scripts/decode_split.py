@@ -5,7 +5,7 @@ One engine (default: float32, keep 58, of a random model at real LLaVA-1.5-7B wi
 then decode steps, each through both segments. Reports per step, as medians over the steps:
   - wall ms of `StarPipeline.step` (host work included),
   - from ONNX Runtime's profiler (separate, profiled steps): kernel ms by kind: weight matmuls (one operand an
-    initializer, or MatMulNBits), attention (the other MatMuls, Softmax), KV-cache copies (Concat writing over 1 MiB), other kernels;
+    initializer, or MatMulNBits), attention (the other MatMuls, Softmax, GroupQueryAttention), KV-cache copies (Concat writing over 1 MiB), other kernels;
     the rest of the wall time is session overhead and host work,
   - the weight-read floor: the segments' weight bytes / the bandwidth of a float32 GEMV of 1 GiB in ONNX Runtime on the
     same threads (what "reading the weights once" achieves on this machine), measured right before each step, so that
@@ -17,14 +17,19 @@ then decode steps, each through both segments. Reports per step, as medians over
     slots and the masked free ones), at the same moment's bandwidth, against the floor; with the weight kernels',
     the overhead that would remain if every other kernel, the attention arithmetic and the host cost nothing
     (`weight_kernels_and_kv_reads_over_floor`): a lower bound, for these kernels and this cache dtype, of what any
-    change to the rest of the graph can reach.
+    change to the rest of the graph can reach. (A GQA copy's kernels read the filled slots and the new one only.)
+With `--decode-copy DIR` (a decode-only copy written by `gqa_step_ab.py --work DIR`, e.g. with `--pivot-too --fuse`:
+every layer's attention one GroupQueryAttention, ORT's fusions), the copy is measured in the same run: one prefill by the
+engine, its state copied, then decode steps of the two alternating (ABBA), each after its own bandwidth measurement, both
+fed the same tokens; reported under `copy`, with the per-step ratio and the logits' difference.
 
-    python scripts/decode_split.py [--engine DIR | --model DIR] [--steps 24] [--json out.json]
+    python scripts/decode_split.py [--engine DIR | --model DIR] [--steps 24] [--decode-copy DIR [--fused]] [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import inspect
 import json
 import os
@@ -75,7 +80,7 @@ def kind_of(event: dict) -> str:
     shapes = [list(s.values())[0] for s in args.get("input_type_shape", [])]
     if op == "MatMulNBits" or (op in WEIGHT_OPS and len(shapes) == 1):  # the profiler lists no initializer inputs
         return "weights"
-    if op in WEIGHT_OPS or op == "Softmax":
+    if op in WEIGHT_OPS or op in ("Softmax", "GroupQueryAttention"):
         return "attention"
     if op == "Concat":
         out = [list(s.values())[0] for s in args.get("output_type_shape", [])]
@@ -84,27 +89,29 @@ def kind_of(event: dict) -> str:
     return "other kernels"
 
 
-def profiled_split(engine: Engine, state, tokens, steps: int, work: Path) -> list[dict[str, float]]:
-    """Kernel ms by kind for each of `steps` decode steps, from sessions created with ONNX Runtime's profiler on."""
+def profiled_split(pipeline, paths: dict[str, Path], state, tokens, steps: int, work: Path) -> list[dict[str, float]]:
+    """Kernel ms by kind for each of `steps` decode steps of `pipeline`, its segment graphs replaced by sessions of
+    `paths` (their own files) created with ONNX Runtime's profiler on."""
     import onnxruntime as ort
 
-    from star_export.runtime.sessions import OrtGraph, session_options
+    from star_export.runtime.sessions import session_options
 
-    saved = dict(engine.pipeline.graphs)
+    saved = dict(pipeline.graphs)
     sessions = {}
-    for name in ("segment0", "segment1"):
+    for name, path in paths.items():
         opts = session_options()
         opts.enable_profiling = True
         opts.profile_file_prefix = str(work / f"profile-{name}")
-        g = OrtGraph.__new__(OrtGraph)
-        g.__dict__.update(saved[name].__dict__)
-        g.session = ort.InferenceSession(str(engine.directory / engine.manifest["graphs"][name]["file"]), sess_options=opts, providers=["CPUExecutionProvider"])
-        engine.pipeline.graphs[name] = sessions[name] = g
+        graph = saved[name]
+        g = type(graph).__new__(type(graph))  # the same graph class (its feeds and bindings), a profiled session
+        g.__dict__.update(graph.__dict__)
+        g.session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+        pipeline.graphs[name] = sessions[name] = g
     try:
         for _ in range(steps):
-            state = engine.pipeline.step(state, tokens)
+            state = pipeline.step(state, tokens)
     finally:
-        engine.pipeline.graphs.update(saved)
+        pipeline.graphs.update(saved)
     runs: dict[str, list[list[dict]]] = {}
     for name, g in sessions.items():
         events = json.load(open(g.session.end_profiling()))
@@ -125,6 +132,32 @@ def profiled_split(engine: Engine, state, tokens, steps: int, work: Path) -> lis
     return split
 
 
+def figures(walls, rates, kv_reads, split, weight_bytes: int) -> dict:
+    """One configuration's step figures (see the module's docstring) from its steps' wall ms, the bandwidth measured
+    right before each, the cache bytes each read, and its profiled split."""
+    floors = [weight_bytes / r * 1e3 for r in rates]
+    overheads = [w / f - 1 for w, f in zip(walls, floors)]
+    kv_over_floor = [kv / weight_bytes for kv in kv_reads]  # same bandwidth for both reads
+    wall, floor_ms, best = statistics.median(walls), statistics.median(floors), max(rates)
+    kinds = ("weights", "attention", "cache copy", "other kernels")
+    kernel = {k: statistics.median(r.get(k, 0.0) for r in split) for k in kinds}
+    kernels_over_floor = kernel["weights"] / floor_ms - 1
+    return {
+        "step_ms": summary(walls),
+        "kernel_ms": kernel,
+        "host_and_session_ms": wall - sum(kernel.values()),
+        "weight_bytes": weight_bytes,
+        "gemv_bandwidth_gb_s": summary([r / 1e9 for r in rates]),
+        "weight_floor_ms": summary(floors),
+        "overhead_beyond_weights": summary(overheads),
+        "overhead_vs_best_bandwidth": wall / (weight_bytes / best * 1e3) - 1,
+        "weight_kernels_over_floor": kernels_over_floor,
+        "kv_read_bytes": summary(kv_reads),
+        "kv_reads_over_floor": summary(kv_over_floor),
+        "weight_kernels_and_kv_reads_over_floor": kernels_over_floor + statistics.median(kv_over_floor),
+    }
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--engine", default=None, help="an engine directory (default: build one from --model)")
@@ -134,6 +167,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=24)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--decode-copy", default=None, help="a decode-only copy written by gqa_step_ab.py (--work): measured too, its steps interleaved with the engine's")
+    p.add_argument("--fused", action="store_true", help="the copy's fused segments (gqa_step_ab.py --fuse)")
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="star-split-"))
@@ -153,38 +188,40 @@ def main(argv=None) -> int:
     room = {"reserve": 3 * a.steps} if "reserve" in inspect.signature(engine.pipeline.prefill).parameters else {}  # older releases: none
     state, _ = engine.pipeline.prefill(inputs["pixel_values"], inputs["input_ids"], inputs["attention_mask"], **room)
     tokens = state.logits.argmax(-1)
+    paths = {g: Path(engine_dir) / f for g, f in zip(("segment0", "segment1"), files)}
+    runs = {"engine": (engine.pipeline, paths, state)}
+    if a.decode_copy:  # its decode steps start from a copy of the engine's prefill
+        from gqa_step_ab import copy_paths, gqa_segments, twin_pipeline
+
+        twin = twin_pipeline(engine.pipeline, gqa_segments(Path(a.decode_copy), a.fused))
+        runs["copy"] = (twin, copy_paths(Path(a.decode_copy), a.fused), copy.deepcopy(state))
     gemv = Gemv(a.threads)
-    walls, rates, kv_reads = [], [], []
-    for _ in range(a.steps + 1):  # the bandwidth of the moment, then the step
-        rates.append(gemv.bandwidth())
-        kv_reads.append(sum(b.nbytes for c in (state.cache0, state.cache1) for b in c.buffers.values()))
-        t = time.perf_counter()
-        state = engine.pipeline.step(state, tokens)
-        walls.append((time.perf_counter() - t) * 1e3)
-    walls, rates, kv_reads = walls[1:], rates[1:], kv_reads[1:]
-    split = profiled_split(engine, state, tokens, a.steps, work)
-    floors = [weight_bytes / r * 1e3 for r in rates]
-    overheads = [w / f - 1 for w, f in zip(walls, floors)]
-    kv_over_floor = [kv / weight_bytes for kv in kv_reads]  # same bandwidth for both reads
-    wall, floor_ms, best = statistics.median(walls), statistics.median(floors), max(rates)
-    kinds = ("weights", "attention", "cache copy", "other kernels")
-    kernel = {k: statistics.median(r.get(k, 0.0) for r in split) for k in kinds}
-    kernels_over_floor = kernel["weights"] / floor_ms - 1
-    result = {
-        "engine": str(engine_dir), "batch": a.batch, "steps": a.steps, "threads": a.threads,
-        "step_ms": summary(walls),
-        "kernel_ms": kernel,
-        "host_and_session_ms": wall - sum(kernel.values()),
-        "weight_bytes": weight_bytes,
-        "gemv_bandwidth_gb_s": summary([r / 1e9 for r in rates]),
-        "weight_floor_ms": summary(floors),
-        "overhead_beyond_weights": summary(overheads),
-        "overhead_vs_best_bandwidth": wall / (weight_bytes / best * 1e3) - 1,
-        "weight_kernels_over_floor": kernels_over_floor,
-        "kv_read_bytes": summary(kv_reads),
-        "kv_reads_over_floor": summary(kv_over_floor),
-        "weight_kernels_and_kv_reads_over_floor": kernels_over_floor + statistics.median(kv_over_floor),
-    }
+    measured = {name: ([], [], []) for name in runs}  # walls, rates, kv_reads
+    differences = []
+    states = {name: run[2] for name, run in runs.items()}
+    for i in range(a.steps + 1):  # per configuration, the bandwidth of the moment, then the step; the order alternates
+        for name in list(runs)[:: 1 if i % 2 == 0 else -1]:
+            walls, rates, kv_reads = measured[name]
+            rates.append(gemv.bandwidth())
+            caches = (states[name].cache0, states[name].cache1)  # the engine's graphs read whole buffers, GQA the filled slots
+            kv_reads.append(sum(b.nbytes * (1 if name == "engine" else (c.length + 1) / c.capacity) for c in caches for b in c.buffers.values()))
+            t = time.perf_counter()
+            states[name] = runs[name][0].step(states[name], tokens)
+            walls.append((time.perf_counter() - t) * 1e3)
+        if "copy" in states:  # both fed the same tokens: the same logits up to rounding
+            base = states["engine"].logits
+            differences.append(float(np.abs(states["copy"].logits - base).max() / np.abs(base).max()))
+    per_config = {}
+    for name, (pipeline, graph_paths, _) in runs.items():
+        walls, rates, kv_reads = (m[1:] for m in measured[name])
+        split = profiled_split(pipeline, graph_paths, states[name], tokens, a.steps, work)
+        per_config[name] = figures(walls, rates, kv_reads, split, weight_bytes)
+    result = {"engine": str(engine_dir), "batch": a.batch, "steps": a.steps, "threads": a.threads} | per_config.pop("engine")
+    if per_config:
+        engine_walls, copy_walls = measured["engine"][0][1:], measured["copy"][0][1:]
+        result |= {"decode_copy": a.decode_copy, "fused": a.fused, "copy": per_config["copy"],
+                   "engine_over_copy": summary([e / c for e, c in zip(engine_walls, copy_walls)]),
+                   "logits_relative_difference": summary(differences)}
     return emit(result, a.json)
 
 

@@ -26,11 +26,10 @@ import json
 import os
 import shutil
 import sys
-from collections import Counter
 from pathlib import Path
 
 from bench import emit, summary
-from gqa_step_ab import alternate, step_ab_parser
+from gqa_step_ab import alternate, ort_fusions, step_ab_parser
 
 SEGMENTS = ("segment0", "segment1")
 
@@ -38,9 +37,6 @@ SEGMENTS = ("segment0", "segment1")
 def fuse(engine: Path, out: Path) -> dict[str, dict[str, int]]:
     """Write the fused copy of `engine` into `out`; returns, per segment, the ops the rewrite introduced, counted in the
     graph it wrote."""
-    import onnx_ir as ir
-    from onnxscript.rewriter.ort_fusions import optimize_for_ort
-
     from star_export.manifest import MANIFEST, file_table
 
     manifest = json.loads((engine / MANIFEST).read_text())
@@ -59,11 +55,7 @@ def fuse(engine: Path, out: Path) -> dict[str, dict[str, int]]:
         except OSError:  # another file system
             shutil.copyfile(path, out / relative)
     for file, segment in files.items():
-        model = ir.load(str(engine / file))
-        before = {node.op_type for node in model.graph}
-        model, _ = optimize_for_ort(model)  # its counts include rules whose result a later stage undid (rotary_embedding)
-        ir.save(model, str(out / file), external_data=f"{Path(file).name}.data")
-        counts[segment] = dict(Counter(node.op_type for node in model.graph if node.op_type not in before))
+        counts[segment] = ort_fusions(engine / file, out / file)
     manifest |= {"tensorrt_parsable": False, "fusions": counts, "files": file_table(out)}
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return counts

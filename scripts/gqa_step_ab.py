@@ -9,6 +9,9 @@ decode graph with GQA save per step", which `attention_ab.py` estimates per laye
   and value written at slot `length`); three new inputs (`gqa_seqlens_k`, `gqa_total`, `gqa_bias`: the filled slots'
   mask); the layer's `new_key_values.{i}.*` outputs dropped; then dead nodes removed. Weights are copied, not linked
   (ONNX Runtime refuses external data outside the model's folder).
+- `--pivot-too`: the pivot layer too, and segment 0's stage-2 scores output dropped (only a prefill reads it): a
+  decode-only copy with no attention block left. `--fuse`: then onnxscript's `optimize_for_ort` (as `fusions_ab.py`)
+  over the copy. `decode_split.py --decode-copy` splits such a copy's step against the weight-read floor.
 - The run: one prefill by the engine, its state copied; then decode steps alternate between the engine and the copy
   (both greedy on the engine's first token; which goes first alternates per round), each timed.
 - Sessions created first in a process can run slower (seen with two engines in one process, in either order), so
@@ -18,7 +21,7 @@ decode graph with GQA save per step", which `attention_ab.py` estimates per laye
   attentions' rounding differences flip activations across quantization steps, and the difference is that of the
   validator's flip cascades (~2e-2).
 
-    python scripts/gqa_step_ab.py --engine ENGINE --work DIR [--batch 1] [--steps 40] [--gqa-first] [--json out.json]
+    python scripts/gqa_step_ab.py --engine ENGINE --work DIR [--batch 1] [--steps 40] [--gqa-first] [--pivot-too] [--fuse] [--json out.json]
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import json
 import shutil
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -38,8 +42,9 @@ from bench import emit, summary
 from star_export.runtime.sessions import OrtGraph
 
 
-def rewrite(engine: Path, out: Path) -> dict[str, list[int]]:
-    """Write the GQA copy of `engine` into `out`; returns the layers rewritten per segment."""
+def rewrite(engine: Path, out: Path, pivot_too: bool = False) -> dict[str, list[int]]:
+    """Write the GQA copy of `engine` into `out`; returns the layers rewritten per segment. `pivot_too`: the pivot layer
+    too, and segment 0's stage-2 scores (which only a prefill uses) dropped: a decode-only graph."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -59,7 +64,7 @@ def rewrite(engine: Path, out: Path) -> dict[str, list[int]]:
         done = []
         for layer in range(layers):
             block, names, absolute, inv_freq = attention_block(path, layer)
-            if absolute == pivot:
+            if absolute == pivot and not pivot_too:
                 continue
             output = block.graph.output[0].name
             index, node = next((i, n) for i, n in enumerate(graph.node) if output in n.output)
@@ -74,6 +79,9 @@ def rewrite(engine: Path, out: Path) -> dict[str, list[int]]:
                 graph.output.remove(o)
             graph.output.extend(helper.make_tensor_value_info(f"present.{absolute}.{kv}", TensorProto.FLOAT, None) for kv in ("key", "value"))
             done.append(absolute)
+        if pivot_too:
+            for o in [o for o in graph.output if o.name.startswith("stage2")]:
+                graph.output.remove(o)
         cos_cache, sin_cache = rope_caches(inv_freq, max_pos)
         graph.initializer.extend([numpy_helper.from_array(cos_cache, "gqa_cos_cache"), numpy_helper.from_array(sin_cache, "gqa_sin_cache")])
         graph.input.extend([helper.make_tensor_value_info("gqa_seqlens_k", TensorProto.INT32, ["batch"]),
@@ -107,7 +115,7 @@ class GqaGraph(OrtGraph):
         slots = mask[:, :-1]
         filled = int(np.flatnonzero(slots.any(0)).max()) + 1
         if filled + 1 > slots.shape[1]:
-            raise SystemExit("the cache is full: prefill with more reserve (GQA writes the new slot itself)")
+            raise SystemExit("the cache is full: GQA writes the new slot itself (twin_pipeline makes room first)")
         own = np.concatenate([slots[:, :filled], mask[:, -1:]], 1)
         return super().run(feed | {"gqa_seqlens_k": np.full(len(mask), filled, np.int32), "gqa_total": np.array(filled + 1, np.int32),
                                    "gqa_bias": np.where(own > 0, 0, np.finfo(np.float32).min).astype(np.float32)[:, None, None, :]})
@@ -120,15 +128,47 @@ class GqaGraph(OrtGraph):
             super()._bind_output(binding, name, feed)
 
 
-def gqa_segments(out: Path) -> dict:
-    return {name: GqaGraph(out / f"{name}.onnx") for name in ("segment0", "segment1")}
+def ort_fusions(source: Path, target: Path) -> dict[str, int]:
+    """Write graph `source` through onnxscript's `optimize_for_ort` as `target` (weights in `{target}.data`); returns
+    the ops it introduced, counted in the graph written (its own counts include rules a later stage undid: it reported
+    "rotary_embedding: 4" for a graph with no RotaryEmbedding node, onnxscript 0.7.2)."""
+    import onnx_ir as ir
+    from onnxscript.rewriter.ort_fusions import optimize_for_ort
+
+    model = ir.load(str(source))
+    before = {node.op_type for node in model.graph}
+    model, _ = optimize_for_ort(model)
+    ir.save(model, str(target), external_data=f"{target.name}.data")
+    return dict(Counter(node.op_type for node in model.graph if node.op_type not in before))
+
+
+def fuse_copy(out: Path) -> dict[str, dict[str, int]]:
+    """`ort_fusions` over the copy's segments, written as `{segment}.fused.onnx`."""
+    return {name: ort_fusions(out / f"{name}.onnx", out / f"{name}.fused.onnx") for name in ("segment0", "segment1")}
+
+
+def copy_paths(out: Path, fused: bool = False) -> dict[str, Path]:
+    """The copy's segment graphs (`--fuse`: the fused ones)."""
+    return {name: out / f"{name}{'.fused' if fused else ''}.onnx" for name in ("segment0", "segment1")}
+
+
+def gqa_segments(out: Path, fused: bool = False) -> dict:
+    return {name: GqaGraph(path) for name, path in copy_paths(out, fused).items()}
 
 
 def twin_pipeline(pipeline, segments: dict):
     """`pipeline` with the rewritten `segments` in place of its own, for decode steps (`alternate` never runs its prefill:
-    a GQA copy has no prefill inputs)."""
+    a GQA copy has no prefill inputs); its steps first make room for the slot GQA writes."""
     twin = copy.copy(pipeline)
     twin.graphs = dict(pipeline.graphs) | segments
+    step = twin.step
+
+    def step_with_room(state, tokens):
+        state.cache0.make_room(1)
+        state.cache1.make_room(1)
+        return step(state, tokens)
+
+    twin.step = step_with_room
     return twin
 
 
@@ -176,12 +216,16 @@ def step_ab_parser(doc: str, copy: str, engine_help: str, work_help: str) -> arg
 
 
 def main(argv=None) -> int:
-    a = step_ab_parser(__doc__, "gqa", "an engine directory (float32 activations)", "where to write the rewritten copy (replaced)").parse_args(argv)
-    rewritten = rewrite(Path(a.engine), Path(a.work))
-    engine, base_ms, gqa_ms, differences = alternate(a.engine, lambda: gqa_segments(Path(a.work)), a.gqa_first, a.batch, a.steps)
+    p = step_ab_parser(__doc__, "gqa", "an engine directory (float32 activations)", "where to write the rewritten copy (replaced)")
+    p.add_argument("--pivot-too", action="store_true", help="rewrite the pivot layer too and drop the stage-2 scores (decode-only copy)")
+    p.add_argument("--fuse", action="store_true", help="then apply onnxscript's optimize_for_ort to the copy (as fusions_ab.py)")
+    a = p.parse_args(argv)
+    rewritten = rewrite(Path(a.engine), Path(a.work), a.pivot_too)
+    fusions = fuse_copy(Path(a.work)) if a.fuse else None
+    engine, base_ms, gqa_ms, differences = alternate(a.engine, lambda: gqa_segments(Path(a.work), a.fuse), a.gqa_first, a.batch, a.steps)
     ratios = [b / g for b, g in zip(base_ms, gqa_ms)]
 
-    result = {"engine": a.engine, "batch": a.batch, "steps": a.steps, "gqa_first": a.gqa_first, "gqa_layers": rewritten, "weights": engine.manifest.get("weights"),
+    result = {"engine": a.engine, "batch": a.batch, "steps": a.steps, "gqa_first": a.gqa_first, "gqa_layers": rewritten, "fusions": fusions, "weights": engine.manifest.get("weights"),
               "step_ms": {"engine": summary(base_ms), "gqa": summary(gqa_ms)}, "engine_over_gqa": summary(ratios),
               "logits_relative_difference": summary(differences)}
     return emit(result, a.json)

@@ -22,18 +22,51 @@ def test_block_and_group_query_attention_agree(tiny_engine, segment, tmp_path):
         assert run["rounding_bound"] < 1e-3 * run["max_abs_output"], run  # the check can tell a wrong output from rounding
 
 
-def test_gqa_copy_decodes_like_the_engine(tiny_engine, tmp_path):
+@pytest.mark.parametrize("flags", [[], ["--pivot-too", "--fuse"]], ids=["pivot-kept", "decode-only-fused"])
+def test_gqa_copy_decodes_like_the_engine(tiny_engine, tmp_path, flags):
     """scripts/gqa_step_ab.py's rewritten copy decodes the same logits as the engine: float32 rounding differences are
     ~1e-6 of the logits' scale (2e-6 here, 2.7e-6 at real widths), while a wrong cache slot, mask or RoPE position moves
-    attention outputs by a large fraction of max |v| (0.25 for a position off by one, test above); 1e-3 lies between."""
+    attention outputs by a large fraction of max |v| (0.25 for a position off by one, test above); 1e-3 lies between.
+    With `--pivot-too --fuse` every layer is rewritten (no Softmax left: no attention block of the exporter's) and the
+    fusions are in the graphs that ran."""
     import json
 
+    import onnx
+
     ab = script("gqa_step_ab")
-    out = tmp_path / "ab.json"
-    assert ab.main(["--engine", str(tiny_engine), "--work", str(tmp_path / "copy"), "--steps", "4", "--json", str(out)]) == 0
+    out, copy = tmp_path / "ab.json", tmp_path / "copy"
+    # 70 steps: past the 64 slots of room the prefill leaves (kvcache.GROWTH), so the copy's caches grow once
+    assert ab.main(["--engine", str(tiny_engine), "--work", str(copy), "--steps", "70", "--json", str(out), *flags]) == 0
     result = json.loads(out.read_text())
-    assert sum(len(v) for v in result["gqa_layers"].values()) >= 1
+    layers = json.loads((tiny_engine / "star.json").read_text())["schedule"]["num_layers"]
+    assert sum(len(v) for v in result["gqa_layers"].values()) == (layers if flags else layers - 1), result
     assert result["logits_relative_difference"]["max"] < 1e-3, result
+    if flags:
+        for segment in ("segment0", "segment1"):
+            ops = {n.op_type for n in onnx.load(str(copy / f"{segment}.fused.onnx"), load_external_data=False).graph.node}
+            assert "Softmax" not in ops and "GroupQueryAttention" in ops, ops
+            assert result["fusions"][segment].get("SkipSimplifiedLayerNormalization", 0) >= 1, result
+
+
+def test_decode_split_measures_a_decode_copy_beside_the_engine(tiny_engine, tmp_path, monkeypatch):
+    """scripts/decode_split.py --decode-copy: the copy's steps are measured in the same run as the engine's, against the
+    same floor, fed the same tokens (its logits equal the engine's within the bound above), its GQA kernels counted as
+    attention and no cache copy in either."""
+    import json
+
+    split, ab = script("decode_split"), script("gqa_step_ab")
+    gemv = split.Gemv
+    monkeypatch.setattr(split, "Gemv", lambda threads: gemv(threads, gib=1 / 64))  # a 16 MiB GEMV: the floor's figure, not its accuracy
+    copy, out = tmp_path / "copy", tmp_path / "split.json"
+    ab.rewrite(tiny_engine, copy, pivot_too=True)
+    ab.fuse_copy(copy)
+    assert split.main(["--engine", str(tiny_engine), "--decode-copy", str(copy), "--fused", "--steps", "3", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["logits_relative_difference"]["max"] < 1e-3, result
+    assert result["copy"]["weight_bytes"] == result["weight_bytes"] > 0
+    assert result["copy"]["kernel_ms"]["attention"] > 0 and result["copy"]["kernel_ms"]["cache copy"] == 0, result
+    for config in (result, result["copy"]):
+        assert config["step_ms"]["median"] > 0 and config["overhead_beyond_weights"]["median"] is not None
 
 
 def test_fused_copy_is_an_engine_that_decodes_like_the_original(tiny_engine, tmp_path):

@@ -95,14 +95,18 @@ class KVCache:
     def append(self, new: dict[str, Any], mask: np.ndarray, to_numpy) -> None:
         """Write a call's `new_key_values.*` (q positions) into slots `length .. length + q - 1`."""
         q = mask.shape[1]
-        if self.length + q > self.capacity:
-            self._grow(self.length + q)
+        self.make_room(q)
         end = self.length + q
         for name, value in new.items():
             buffer = self.buffers[PAST + name[len(NEW):]]
             buffer[:, :, self.length : end] = _same_kind(value, buffer, to_numpy)
         self.mask[:, self.length : end] = mask
         self.length = end
+
+    def make_room(self, q: int) -> None:
+        """At least `q` free slots: for a graph that writes its new slots into the buffers itself."""
+        if self.length + q > self.capacity:
+            self._grow(self.length + q)
 
     def _grow(self, needed: int) -> None:
         capacity = needed + GROWTH - 1
