@@ -50,8 +50,12 @@ def attention_block(path: Path, layer: int):
         for i in n.input:
             consumers.setdefault(i, []).append(n)
 
+    def is_weight(name):  # an initializer, or one the exporter left behind a Transpose (it folds only small ones)
+        node = producers.get(name)
+        return name in weights or (node is not None and node.op_type == "Transpose" and node.input[0] in weights)
+
     def is_weight_matmul(node):
-        return node.op_type in WEIGHT_OPS and node.input[1] in weights
+        return node.op_type in WEIGHT_OPS and is_weight(node.input[1])
 
     def projection(tensor):  # the nearest weight matmul upstream of `tensor`, breadth first
         queue, seen = [tensor], set()

@@ -22,6 +22,31 @@ def test_block_and_group_query_attention_agree(tiny_engine, segment, tmp_path):
         assert run["rounding_bound"] < 1e-3 * run["max_abs_output"], run  # the check can tell a wrong output from rounding
 
 
+def test_attention_block_is_found_behind_transposed_weights(tiny_engine, tmp_path):
+    """The exporter folds the Transpose of small weights only: at other sizes (hidden 128, float32) a projection's MatMul
+    reads Transpose(weight). The block finder names the same projections whether the weights are folded or not."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    ab = script("attention_ab")
+    path = tiny_engine / "segment0.onnx"
+    model = onnx.load(str(path))
+    graph = model.graph
+    weights = {t.name: t for t in graph.initializer}
+    for node in [n for n in graph.node if n.op_type == "MatMul" and n.input[1] in weights and len(weights[n.input[1]].dims) == 2]:
+        name = node.input[1]
+        unfolded = numpy_helper.from_array(numpy_helper.to_array(weights[name]).T.copy(), f"{name}.unfolded")
+        graph.initializer.append(unfolded)
+        graph.node.insert(list(graph.node).index(node), helper.make_node("Transpose", [unfolded.name], [f"{name}.t"], perm=[1, 0]))
+        node.input[1] = f"{name}.t"
+    onnx.save(model, str(tmp_path / "segment0.onnx"))
+    assert any(n.op_type == "Transpose" and n.input[0].endswith(".unfolded") for n in onnx.load(str(tmp_path / "segment0.onnx")).graph.node)
+    for layer in range(2):
+        _, folded, absolute, _ = ab.attention_block(path, layer)
+        _, behind, absolute_behind, _ = ab.attention_block(tmp_path / "segment0.onnx", layer)
+        assert (behind, absolute_behind) == (folded, absolute)
+
+
 @pytest.mark.parametrize("flags", [[], ["--pivot-too", "--fuse"]], ids=["pivot-kept", "decode-only-fused"])
 def test_gqa_copy_decodes_like_the_engine(tiny_engine, tmp_path, flags):
     """scripts/gqa_step_ab.py's rewritten copy decodes the same logits as the engine: float32 rounding differences are
