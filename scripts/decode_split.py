@@ -132,6 +132,12 @@ def profiled_split(pipeline, paths: dict[str, Path], state, tokens, steps: int, 
     return split
 
 
+def kv_read_bytes(state, filled_only: bool) -> float:
+    """Bytes of both caches that a step's graphs read: the whole buffers (the engine's attention reads the free slots
+    too, masked), or, for GQA (`filled_only`), the filled slots and the new one."""
+    return sum(b.nbytes * ((c.length + 1) / c.capacity if filled_only else 1) for c in (state.cache0, state.cache1) for b in c.buffers.values())
+
+
 def figures(walls, rates, kv_reads, split, weight_bytes: int) -> dict:
     """One configuration's step figures (see the module's docstring) from its steps' wall ms, the bandwidth measured
     right before each, the cache bytes each read, and its profiled split."""
@@ -181,20 +187,19 @@ def main(argv=None) -> int:
         engine_dir = work / "engine"
         export_engine(model=model, keep=a.keep, out=engine_dir, validate=False, show_progress=False)
     engine = Engine.from_dir(engine_dir, provider="cpu")
-    files = [engine.manifest["graphs"][g]["file"] for g in ("segment0", "segment1")]
-    weight_bytes = sum(f.stat().st_size for f in Path(engine_dir).iterdir() if any(f.name.startswith(Path(x).stem) for x in files))
+    paths = {g: Path(engine_dir) / engine.manifest["graphs"][g]["file"] for g in ("segment0", "segment1")}
+    weight_bytes = sum(f.stat().st_size for f in Path(engine_dir).iterdir() if any(f.name.startswith(x.stem) for x in paths.values()))
 
     inputs = engine.prepare([synthetic_image(i) for i in range(a.batch)], ["Describe the picture in detail."] * a.batch)
     room = {"reserve": 3 * a.steps} if "reserve" in inspect.signature(engine.pipeline.prefill).parameters else {}  # older releases: none
     state, _ = engine.pipeline.prefill(inputs["pixel_values"], inputs["input_ids"], inputs["attention_mask"], **room)
     tokens = state.logits.argmax(-1)
-    paths = {g: Path(engine_dir) / f for g, f in zip(("segment0", "segment1"), files)}
-    runs = {"engine": (engine.pipeline, paths, state)}
+    runs = {"engine": (engine.pipeline, paths, state, False)}  # pipeline, its segment files, state, reads filled slots only
     if a.decode_copy:  # its decode steps start from a copy of the engine's prefill
         from gqa_step_ab import copy_paths, gqa_segments, twin_pipeline
 
         twin = twin_pipeline(engine.pipeline, gqa_segments(Path(a.decode_copy), a.fused))
-        runs["copy"] = (twin, copy_paths(Path(a.decode_copy), a.fused), copy.deepcopy(state))
+        runs["copy"] = (twin, copy_paths(Path(a.decode_copy), a.fused), copy.deepcopy(state), True)
     gemv = Gemv(a.threads)
     measured = {name: ([], [], []) for name in runs}  # walls, rates, kv_reads
     differences = []
@@ -203,22 +208,21 @@ def main(argv=None) -> int:
         for name in list(runs)[:: 1 if i % 2 == 0 else -1]:
             walls, rates, kv_reads = measured[name]
             rates.append(gemv.bandwidth())
-            caches = (states[name].cache0, states[name].cache1)  # the engine's graphs read whole buffers, GQA the filled slots
-            kv_reads.append(sum(b.nbytes * (1 if name == "engine" else (c.length + 1) / c.capacity) for c in caches for b in c.buffers.values()))
+            kv_reads.append(kv_read_bytes(states[name], runs[name][3]))
             t = time.perf_counter()
             states[name] = runs[name][0].step(states[name], tokens)
             walls.append((time.perf_counter() - t) * 1e3)
         if "copy" in states:  # both fed the same tokens: the same logits up to rounding
             base = states["engine"].logits
             differences.append(float(np.abs(states["copy"].logits - base).max() / np.abs(base).max()))
+    measured = {name: [m[1:] for m in lists] for name, lists in measured.items()}  # without each one's first step
     per_config = {}
-    for name, (pipeline, graph_paths, _) in runs.items():
-        walls, rates, kv_reads = (m[1:] for m in measured[name])
+    for name, (pipeline, graph_paths, *_) in runs.items():
         split = profiled_split(pipeline, graph_paths, states[name], tokens, a.steps, work)
-        per_config[name] = figures(walls, rates, kv_reads, split, weight_bytes)
+        per_config[name] = figures(*measured[name], split, weight_bytes)
     result = {"engine": str(engine_dir), "batch": a.batch, "steps": a.steps, "threads": a.threads} | per_config.pop("engine")
     if per_config:
-        engine_walls, copy_walls = measured["engine"][0][1:], measured["copy"][0][1:]
+        engine_walls, copy_walls = measured["engine"][0], measured["copy"][0]
         result |= {"decode_copy": a.decode_copy, "fused": a.fused, "copy": per_config["copy"],
                    "engine_over_copy": summary([e / c for e, c in zip(engine_walls, copy_walls)]),
                    "logits_relative_difference": summary(differences)}

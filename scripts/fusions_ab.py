@@ -29,9 +29,7 @@ import sys
 from pathlib import Path
 
 from bench import emit, summary
-from gqa_step_ab import alternate, ort_fusions, step_ab_parser
-
-SEGMENTS = ("segment0", "segment1")
+from gqa_step_ab import SEGMENTS, alternate, ort_fusions, step_ab_parser
 
 
 def fuse(engine: Path, out: Path) -> dict[str, dict[str, int]]:

@@ -41,6 +41,8 @@ from attention_ab import attention_block, max_positions, rope_caches
 from bench import emit, summary
 from star_export.runtime.sessions import OrtGraph
 
+SEGMENTS = ("segment0", "segment1")
+
 
 def rewrite(engine: Path, out: Path, pivot_too: bool = False) -> dict[str, list[int]]:
     """Write the GQA copy of `engine` into `out`; returns the layers rewritten per segment. `pivot_too`: the pivot layer
@@ -56,7 +58,7 @@ def rewrite(engine: Path, out: Path, pivot_too: bool = False) -> dict[str, list[
         shutil.rmtree(out)
     out.mkdir(parents=True)
     rewritten = {}
-    for segment in ("segment0", "segment1"):
+    for segment in SEGMENTS:
         path = engine / manifest["graphs"][segment]["file"]
         proto = onnx.load(str(path), load_external_data=False)
         graph = proto.graph
@@ -144,12 +146,12 @@ def ort_fusions(source: Path, target: Path) -> dict[str, int]:
 
 def fuse_copy(out: Path) -> dict[str, dict[str, int]]:
     """`ort_fusions` over the copy's segments, written as `{segment}.fused.onnx`."""
-    return {name: ort_fusions(out / f"{name}.onnx", out / f"{name}.fused.onnx") for name in ("segment0", "segment1")}
+    return {name: ort_fusions(out / f"{name}.onnx", out / f"{name}.fused.onnx") for name in SEGMENTS}
 
 
 def copy_paths(out: Path, fused: bool = False) -> dict[str, Path]:
     """The copy's segment graphs (`--fuse`: the fused ones)."""
-    return {name: out / f"{name}{'.fused' if fused else ''}.onnx" for name in ("segment0", "segment1")}
+    return {name: out / f"{name}{'.fused' if fused else ''}.onnx" for name in SEGMENTS}
 
 
 def gqa_segments(out: Path, fused: bool = False) -> dict:
