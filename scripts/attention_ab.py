@@ -1,9 +1,10 @@
 #!/usr/bin/env python
 """One decoder layer's decode-step attention as the engine runs it, against ONNX Runtime's `GroupQueryAttention`.
 
-A measurement for choosing the next step of issue 13 (an ORT-specific decode graph), not a path of the product. From a
-segment graph of an engine it cuts out one layer's attention block (this call's q/k/v projections in; RoPE, the two-part
-score and value matmuls over `[cache | new]`, softmax; out: the input of o_proj and the new key/value) with
+A measurement for choosing the next step of issue 13 (an ORT-specific decode graph, which star-export now writes). From a
+segment graph of an engine it cuts out one layer's attention block (found by `decode_graphs.attention_block`: this call's
+q/k/v projections in; RoPE, the two-part score and value matmuls over `[cache | new]`, softmax; out: the input of
+o_proj and the new key/value) with
 `onnx.utils.Extractor`, and builds one `com.microsoft.GroupQueryAttention` node that computes the same from the same
 q/k/v: RoPE inside (cos/sin cache from the graph's `inv_freq`, at the token's position id), the cache buffer shared as
 past and present (the new key/value written in place at slot `length`), only the `length` filled slots read, the mask
@@ -26,83 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from bench import emit, summary
-
-
-WEIGHT_OPS = ("MatMul", "MatMulNBits")
-
-
-def attention_block(path: Path, layer: int):
-    """(the extracted block as an ONNX model, the names of its q, k, v, cos, sin, bias, past key and value inputs, the
-    layer's absolute index, RoPE's inv_freq), found by the graph's structure around the layer's cache inputs (the names
-    of the exporter's intermediate tensors are not stable):
-      q: the projection behind the query that multiplies the transposed past key; k, v: the projections behind
-      `new_key_values.{i}.*`; the block's output: the first tensor after the past value's matmul that a weight matmul
-      reads (o_proj); bias: the Add input before the layer's Softmax that does not come from the scores."""
-    import onnx
-    from onnx.utils import Extractor
-
-    model = onnx.load(str(path), load_external_data=False)
-    graph = model.graph
-    weights = {t.name for t in graph.initializer}
-    producers = {o: n for n in graph.node for o in n.output}
-    consumers: dict[str, list] = {}
-    for n in graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
-
-    def is_weight(name):  # an initializer, or one the exporter left behind a Transpose (it folds only small ones)
-        node = producers.get(name)
-        return name in weights or (node is not None and node.op_type == "Transpose" and node.input[0] in weights)
-
-    def is_weight_matmul(node):
-        return node.op_type in WEIGHT_OPS and is_weight(node.input[1])
-
-    def projection(tensor):  # the nearest weight matmul upstream of `tensor`, breadth first
-        queue, seen = [tensor], set()
-        while queue:
-            name = queue.pop(0)
-            node = producers.get(name)
-            if node is None or node.name in seen:
-                continue
-            seen.add(node.name)
-            if is_weight_matmul(node):
-                return node.output[0]
-            queue.extend(node.input)
-        raise SystemExit(f"{path.name}: no weight matmul upstream of {tensor}: not a segment graph of this release")
-
-    def downstream(tensor, found):  # breadth first from `tensor` to the first (node, input) with found(node, input)
-        queue, seen = [tensor], set()
-        while queue:
-            name = queue.pop(0)
-            for node in consumers.get(name, []):
-                if found(node, name):
-                    return node, name
-                if node.name not in seen:
-                    seen.add(node.name)
-                    queue.extend(node.output)
-        raise SystemExit(f"{path.name}: nothing found downstream of {tensor}: not a segment graph of this release")
-
-    pasts = [i.name for i in graph.input if i.name.startswith("past_key_values.")]
-    absolute = int(pasts[2 * layer].split(".")[1])
-    past_k, past_v = f"past_key_values.{absolute}.key", f"past_key_values.{absolute}.value"
-    scores, _ = downstream(past_k, lambda node, _: node.op_type in ("MatMul", "FusedMatMul"))
-    transposed = producers.get(scores.input[1])
-    q_rope = scores.input[0] if transposed is not None and past_k in transposed.input or scores.input[1] == past_k else scores.input[1]
-    q = projection(q_rope)
-    k, v = projection(f"new_key_values.{absolute}.key"), projection(f"new_key_values.{absolute}.value")
-    value_mm, _ = downstream(past_v, lambda node, _: node.op_type == "MatMul")
-    _, out = downstream(value_mm.output[0], lambda node, name: is_weight_matmul(node) and node.input[0] == name)
-    softmax, _ = downstream(scores.output[0], lambda node, _: node.op_type == "Softmax")
-    add = producers[softmax.input[0]]
-    bias = next(i for i in add.input if producers.get(i) is not None and producers[i].op_type != "Mul")
-    cos = next(n.output[0] for n in graph.node if n.op_type == "Cos")
-    sin = next(n.output[0] for n in graph.node if n.op_type == "Sin")
-    graph_inputs = [i.name for i in graph.input if i.name not in (past_k, past_v)]
-    cut = [q, k, v, cos, sin, bias, past_k, past_v]
-    outputs = [out, f"new_key_values.{absolute}.key", f"new_key_values.{absolute}.value"]
-    block = Extractor(model).extract_model(cut + graph_inputs, outputs)
-    inv_freq = next(onnx.numpy_helper.to_array(t) for t in graph.initializer if t.name.endswith("inv_freq"))
-    return block, dict(zip(("q", "k", "v", "cos", "sin", "bias", "past_key", "past_value"), cut)), absolute, inv_freq
+from star_export.export.decode_graphs import attention_block, max_positions, rope_caches
 
 
 CACHE_TYPES = {"float32": "FLOAT", "float16": "FLOAT16", "int8": "INT8"}
@@ -131,17 +56,6 @@ def gqa_model(heads: int, kv_heads: int, head_dim: int, capacity: int, max_pos: 
     graph = helper.make_graph([node], "gqa", [helper.make_tensor_value_info(n, t, s) for n, t, s in inputs], outputs)
     opsets = [helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)]
     return helper.make_model(graph, opset_imports=opsets, ir_version=10).SerializeToString()
-
-
-def max_positions(manifest: dict) -> int:
-    """Rows of GQA's cos/sin caches an engine needs: every position a request may reach."""
-    return manifest["limits"]["max_input_len"] + manifest["limits"]["max_new_tokens"] + 1
-
-
-def rope_caches(inv_freq: np.ndarray, max_pos: int) -> tuple[np.ndarray, np.ndarray]:
-    """GQA's `cos_cache`, `sin_cache` (max_pos, head_dim / 2) float32, angles in float64."""
-    angles = np.arange(max_pos)[:, None] * inv_freq[None].astype(np.float64)
-    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
 
 
 def rounding_bound(q_norm: float, k_norm: float, v_max: float, head_dim: int, length: int, u_low: float = 0.0) -> float:

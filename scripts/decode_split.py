@@ -17,13 +17,14 @@ then decode steps, each through both segments. Reports per step, as medians over
     slots and the masked free ones), at the same moment's bandwidth, against the floor; with the weight kernels',
     the overhead that would remain if every other kernel, the attention arithmetic and the host cost nothing
     (`weight_kernels_and_kv_reads_over_floor`): a lower bound, for these kernels and this cache dtype, of what any
-    change to the rest of the graph can reach. (A GQA copy's kernels read the filled slots and the new one only.)
-With `--decode-copy DIR` (a decode-only copy written by `gqa_step_ab.py --work DIR`, e.g. with `--pivot-too --fuse`:
-every layer's attention one GroupQueryAttention, ORT's fusions), the copy is measured in the same run: one prefill by the
-engine, its state copied, then decode steps of the two alternating (ABBA), each after its own bandwidth measurement, both
-fed the same tokens; reported under `copy`, with the per-step ratio and the logits' difference.
+    change to the rest of the graph can reach. (GroupQueryAttention reads the filled slots and the new one only.)
+An engine with ONNX Runtime decode graphs (star-export --decode-graphs, the default for int8 / int4 weights) is measured
+both ways in the same run: its segment graphs (`segments`, as `star-run --no-decode-graphs` decodes) and its decode
+graphs (`decode_graphs`, as `star-run` decodes): one prefill, its state copied, then decode steps of the two alternating
+(ABBA), each after its own bandwidth measurement, both fed the same tokens; the per-step ratio and the logits' difference.
+`--no-decode-graphs`: the segment graphs only.
 
-    python scripts/decode_split.py [--engine DIR | --model DIR] [--steps 24] [--decode-copy DIR [--fused]] [--json out.json]
+    python scripts/decode_split.py [--engine DIR | --model DIR] [--steps 24] [--no-decode-graphs] [--json out.json]
 """
 
 from __future__ import annotations
@@ -173,8 +174,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=24)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--threads", type=int, default=os.cpu_count())
-    p.add_argument("--decode-copy", default=None, help="a decode-only copy written by gqa_step_ab.py (--work): measured too, its steps interleaved with the engine's")
-    p.add_argument("--fused", action="store_true", help="the copy's fused segments (gqa_step_ab.py --fuse)")
+    p.add_argument("--no-decode-graphs", action="store_true", help="measure the segment graphs only, where the engine also has decode graphs")
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="star-split-"))
@@ -186,20 +186,21 @@ def main(argv=None) -> int:
         model = a.model or str(save_random_llava(real_width_spec(text_layers=a.text_layers), work / "model", seed=0, text_init_std=0.02))
         engine_dir = work / "engine"
         export_engine(model=model, keep=a.keep, out=engine_dir, validate=False, show_progress=False)
-    engine = Engine.from_dir(engine_dir, provider="cpu")
-    paths = {g: Path(engine_dir) / engine.manifest["graphs"][g]["file"] for g in ("segment0", "segment1")}
+    engine = Engine.from_dir(engine_dir, provider="cpu", **({"decode_graphs": False} if a.no_decode_graphs else {}))
+    files = {g: Path(engine_dir) / entry["file"] for g, entry in engine.manifest["graphs"].items()}
+    paths = {g: files[g] for g in ("segment0", "segment1")}
     weight_bytes = sum(f.stat().st_size for f in Path(engine_dir).iterdir() if any(f.name.startswith(x.stem) for x in paths.values()))
 
     inputs = engine.prepare([synthetic_image(i) for i in range(a.batch)], ["Describe the picture in detail."] * a.batch)
     room = {"reserve": 3 * a.steps} if "reserve" in inspect.signature(engine.pipeline.prefill).parameters else {}  # older releases: none
     state, _ = engine.pipeline.prefill(inputs["pixel_values"], inputs["input_ids"], inputs["attention_mask"], **room)
     tokens = state.logits.argmax(-1)
-    runs = {"engine": (engine.pipeline, paths, state, False)}  # pipeline, its segment files, state, reads filled slots only
-    if a.decode_copy:  # its decode steps start from a copy of the engine's prefill
-        from gqa_step_ab import copy_paths, gqa_segments, twin_pipeline
-
-        twin = twin_pipeline(engine.pipeline, gqa_segments(Path(a.decode_copy), a.fused))
-        runs["copy"] = (twin, copy_paths(Path(a.decode_copy), a.fused), copy.deepcopy(state), True)
+    decode_graphs = {g: engine.graphs[g] for g in ("decode0", "decode1") if g in engine.graphs}
+    segments = copy.copy(engine.pipeline)
+    segments.graphs = {g: graph for g, graph in engine.graphs.items() if g not in decode_graphs}
+    runs = {"segments": (segments, paths, state, False)}  # pipeline, the files its steps run, state, reads filled slots only
+    if decode_graphs:  # their decode steps start from a copy of the same prefill
+        runs["decode_graphs"] = (engine.pipeline, {g: files[g] for g in decode_graphs}, copy.deepcopy(state), True)
     gemv = Gemv(a.threads)
     measured = {name: ([], [], []) for name in runs}  # walls, rates, kv_reads
     differences = []
@@ -212,19 +213,19 @@ def main(argv=None) -> int:
             t = time.perf_counter()
             states[name] = runs[name][0].step(states[name], tokens)
             walls.append((time.perf_counter() - t) * 1e3)
-        if "copy" in states:  # both fed the same tokens: the same logits up to rounding
-            base = states["engine"].logits
-            differences.append(float(np.abs(states["copy"].logits - base).max() / np.abs(base).max()))
+        if "decode_graphs" in states:  # both fed the same tokens: the same logits up to rounding
+            base = states["segments"].logits
+            differences.append(float(np.abs(states["decode_graphs"].logits - base).max() / np.abs(base).max()))
     measured = {name: [m[1:] for m in lists] for name, lists in measured.items()}  # without each one's first step
     per_config = {}
     for name, (pipeline, graph_paths, *_) in runs.items():
         split = profiled_split(pipeline, graph_paths, states[name], tokens, a.steps, work)
         per_config[name] = figures(*measured[name], split, weight_bytes)
-    result = {"engine": str(engine_dir), "batch": a.batch, "steps": a.steps, "threads": a.threads} | per_config.pop("engine")
+    result = {"engine": str(engine_dir), "batch": a.batch, "steps": a.steps, "threads": a.threads} | per_config.pop("segments")
     if per_config:
-        engine_walls, copy_walls = measured["engine"][0], measured["copy"][0]
-        result |= {"decode_copy": a.decode_copy, "fused": a.fused, "copy": per_config["copy"],
-                   "engine_over_copy": summary([e / c for e, c in zip(engine_walls, copy_walls)]),
+        segment_walls, decode_walls = measured["segments"][0], measured["decode_graphs"][0]
+        result |= {"decode_graphs": per_config["decode_graphs"],
+                   "segments_over_decode_graphs": summary([e / c for e, c in zip(segment_walls, decode_walls)]),
                    "logits_relative_difference": summary(differences)}
     return emit(result, a.json)
 

@@ -29,7 +29,8 @@ import sys
 from pathlib import Path
 
 from bench import emit, summary
-from gqa_step_ab import SEGMENTS, alternate, ort_fusions, step_ab_parser
+from gqa_step_ab import SEGMENTS, alternate, step_ab_parser
+from star_export.export.decode_graphs import ort_fusions
 
 
 def fuse(engine: Path, out: Path) -> dict[str, dict[str, int]]:

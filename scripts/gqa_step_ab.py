@@ -1,17 +1,19 @@
 #!/usr/bin/env python
 """Whole decode steps of an engine against a copy whose attention is ONNX Runtime's `GroupQueryAttention`.
 
-A measurement for choosing the next step of issue 13, not a path of the product: it answers "what would an ORT-specific
-decode graph with GQA save per step", which `attention_ab.py` estimates per layer.
+A measurement that chose the next step of issue 13: "what would an ORT-specific decode graph with GQA save per step",
+which `attention_ab.py` estimates per layer. With `--pivot-too --fuse` the copy is what `star-export` now writes as an
+engine's decode graphs (star_export/export/decode_graphs.py, whose rewrite this script runs); `decode_split.py`
+measures those in the product's own path.
 - The copy: in both segment graphs, every layer but the pivot (whose probabilities feed the stage-2 scores) has its
-  attention block (found as in `attention_ab.attention_block`) replaced by one GQA node: RoPE inside, at the graph's
+  attention block (found by `decode_graphs.attention_block`) replaced by one GQA node: RoPE inside, at the graph's
   `position_ids`; the layer's cache buffer shared as past and present (`present.{i}.*` bound to the buffer, the new key
   and value written at slot `length`); three new inputs (`gqa_seqlens_k`, `gqa_total`, `gqa_bias`: the filled slots'
   mask); the layer's `new_key_values.{i}.*` outputs dropped; then dead nodes removed. Weights are copied, not linked
   (ONNX Runtime refuses external data outside the model's folder).
 - `--pivot-too`: the pivot layer too, and segment 0's stage-2 scores output dropped (only a prefill reads it): a
   decode-only copy with no attention block left. `--fuse`: then onnxscript's `optimize_for_ort` (as `fusions_ab.py`)
-  over the copy. `decode_split.py --decode-copy` splits such a copy's step against the weight-read floor.
+  over the copy.
 - The run: one prefill by the engine, its state copied; then decode steps alternate between the engine and the copy
   (both greedy on the engine's first token; which goes first alternates per round), each timed.
 - Sessions created first in a process can run slower (seen with two engines in one process, in either order), so
@@ -32,116 +34,38 @@ import json
 import shutil
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
-from attention_ab import attention_block, max_positions, rope_caches
 from bench import emit, summary
-from star_export.runtime.sessions import OrtGraph
+from star_export.export.decode_graphs import ort_fusions, rewrite_segment
+from star_export.runtime.decode import DecodeGraph
 
 SEGMENTS = ("segment0", "segment1")
 
 
 def rewrite(engine: Path, out: Path, pivot_too: bool = False) -> dict[str, list[int]]:
-    """Write the GQA copy of `engine` into `out`; returns the layers rewritten per segment. `pivot_too`: the pivot layer
-    too, and segment 0's stage-2 scores (which only a prefill uses) dropped: a decode-only graph."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
+    """Write the GQA copy of `engine` into `out` (the product's `rewrite_segment` per segment, the weight files copied
+    beside it); returns the layers rewritten per segment. `pivot_too`: the pivot layer too, and segment 0's stage-2
+    scores dropped: the decode graphs `star-export` writes, before their fusions."""
     manifest = json.loads((engine / "star.json").read_text())
-    model = manifest["model"]
-    max_pos = max_positions(manifest)
-    pivot = manifest["schedule"]["pivot_layer"]
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
     rewritten = {}
     for segment in SEGMENTS:
         path = engine / manifest["graphs"][segment]["file"]
-        proto = onnx.load(str(path), load_external_data=False)
-        graph = proto.graph
-        layers = len([i for i in graph.input if i.name.startswith("past_key_values.")]) // 2
-        done = []
-        for layer in range(layers):
-            block, names, absolute, inv_freq = attention_block(path, layer)
-            if absolute == pivot and not pivot_too:
-                continue
-            output = block.graph.output[0].name
-            index, node = next((i, n) for i, n in enumerate(graph.node) if output in n.output)
-            graph.node.remove(node)
-            graph.node.insert(index, helper.make_node(
-                "GroupQueryAttention",
-                [names["q"], names["k"], names["v"], names["past_key"], names["past_value"], "gqa_seqlens_k", "gqa_total",
-                 "gqa_cos_cache", "gqa_sin_cache", "position_ids", "gqa_bias"],
-                [output, f"present.{absolute}.key", f"present.{absolute}.value"], domain="com.microsoft", name=f"gqa_{absolute}",
-                num_heads=model["num_attention_heads"], kv_num_heads=model["num_key_value_heads"], do_rotary=1))
-            for o in [o for o in graph.output if o.name in (f"new_key_values.{absolute}.key", f"new_key_values.{absolute}.value")]:
-                graph.output.remove(o)
-            graph.output.extend(helper.make_tensor_value_info(f"present.{absolute}.{kv}", TensorProto.FLOAT, None) for kv in ("key", "value"))
-            done.append(absolute)
-        if pivot_too:
-            for o in [o for o in graph.output if o.name.startswith("stage2")]:
-                graph.output.remove(o)
-        cos_cache, sin_cache = rope_caches(inv_freq, max_pos)
-        graph.initializer.extend([numpy_helper.from_array(cos_cache, "gqa_cos_cache"), numpy_helper.from_array(sin_cache, "gqa_sin_cache")])
-        graph.input.extend([helper.make_tensor_value_info("gqa_seqlens_k", TensorProto.INT32, ["batch"]),
-                            helper.make_tensor_value_info("gqa_total", TensorProto.INT32, []),
-                            helper.make_tensor_value_info("gqa_bias", TensorProto.FLOAT, ["batch", 1, "q", "total"])])
-        needed, live = {o.name for o in graph.output}, []
-        for node in reversed(list(graph.node)):  # dead nodes: the replaced blocks
-            if any(o in needed for o in node.output):
-                live.append(node)
-                needed.update(node.input)
-        del graph.node[:]
-        graph.node.extend(reversed(live))
-        if not any(o.domain == "com.microsoft" for o in proto.opset_import):
-            proto.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-        onnx.save(proto, str(out / f"{segment}.onnx"))
         for data in engine.glob(f"{path.name}.data"):
             shutil.copyfile(data, out / data.name)
-        rewritten[segment] = done
+        target = out / f"{segment}.onnx"
+        if path.name != target.name:
+            raise SystemExit(f"{path.name}: expected {target.name} (the copy's weights are found by the segment's file name)")
+        rewritten[segment] = rewrite_segment(path, target, manifest, "all" if pivot_too else "not-pivot")
     return rewritten
 
 
-class GqaGraph(OrtGraph):
-    """A rewritten segment as `StarPipeline.step` runs it: the GQA inputs derived from the step's feed (the filled slots
-    are those any row's mask marks: free slots are zeros in every row), and each `present.{i}.*` bound to the cache
-    buffer fed as `past_key_values.{i}.*`, where GQA writes the new slot itself. Decode steps only."""
-
-    def run(self, feed: dict) -> dict:
-        mask = np.asarray(feed["attention_mask"])
-        if np.asarray(feed["position_ids"]).shape[1] != 1:
-            raise SystemExit("GqaGraph runs decode steps only (one new token)")
-        slots = mask[:, :-1]
-        filled = int(np.flatnonzero(slots.any(0)).max()) + 1
-        if filled + 1 > slots.shape[1]:
-            raise SystemExit("the cache is full: GQA writes the new slot itself (twin_pipeline makes room first)")
-        own = np.concatenate([slots[:, :filled], mask[:, -1:]], 1)
-        return super().run(feed | {"gqa_seqlens_k": np.full(len(mask), filled, np.int32), "gqa_total": np.array(filled + 1, np.int32),
-                                   "gqa_bias": np.where(own > 0, 0, np.finfo(np.float32).min).astype(np.float32)[:, None, None, :]})
-
-    def _bind_output(self, binding, name: str, feed: dict) -> None:
-        if name.startswith("present."):
-            buffer = feed["past_key_values." + name[len("present."):]]
-            binding.bind_output(name, "cpu", 0, buffer.dtype, buffer.shape, buffer.ctypes.data)
-        else:
-            super()._bind_output(binding, name, feed)
-
-
-def ort_fusions(source: Path, target: Path) -> dict[str, int]:
-    """Write graph `source` through onnxscript's `optimize_for_ort` as `target` (weights in `{target}.data`); returns
-    the ops it introduced, counted in the graph written (its own counts include rules a later stage undid: it reported
-    "rotary_embedding: 4" for a graph with no RotaryEmbedding node, onnxscript 0.7.2)."""
-    import onnx_ir as ir
-    from onnxscript.rewriter.ort_fusions import optimize_for_ort
-
-    model = ir.load(str(source))
-    before = {node.op_type for node in model.graph}
-    model, _ = optimize_for_ort(model)
-    ir.save(model, str(target), external_data=f"{target.name}.data")
-    return dict(Counter(node.op_type for node in model.graph if node.op_type not in before))
+GqaGraph = DecodeGraph  # a rewritten segment, run by `StarPipeline.step` (which feeds `cache_length`)
 
 
 def fuse_copy(out: Path) -> dict[str, dict[str, int]]:
@@ -184,7 +108,7 @@ def alternate(engine_dir: str, segments, copy_first: bool, batch: int, steps: in
     from star_export.runtime.inputs import synthetic_image
 
     first = segments() if copy_first else None
-    engine = Engine.from_dir(engine_dir, provider="cpu")
+    engine = Engine.from_dir(engine_dir, provider="cpu", decode_graphs=False)
     twin = twin_pipeline(engine.pipeline, first or segments())
     inputs = engine.prepare([synthetic_image(i) for i in range(batch)], ["Describe the picture in detail."] * batch)
     state, _ = engine.pipeline.prefill(inputs["pixel_values"], inputs["input_ids"], inputs["attention_mask"], reserve=steps + 4)

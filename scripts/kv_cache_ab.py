@@ -29,7 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-from attention_ab import gqa_model, max_positions, rope_caches, rounding_bound
+from attention_ab import gqa_model, rounding_bound
+from star_export.export.decode_graphs import max_positions, rope_caches
 from bench import emit, summary
 
 NUMPY = {"float32": np.float32, "float16": np.float16, "int8": np.int8}

@@ -160,6 +160,9 @@ def export_parser() -> argparse.ArgumentParser:
                         "faster, activations quantized per block) (default: 4)")
     g.add_argument("--memory-budget", type=_gib, default=None, metavar="GIB",
                    help="memory the build may use, in GiB (default: what the machine has available); a build that needs more is refused up front")
+    g.add_argument("--decode-graphs", default="auto", choices=["auto", "on", "off"],
+                   help="also write ONNX Runtime decode graphs (GroupQueryAttention, caches written in place; CPU provider) "
+                        "beside the portable segment graphs (auto: for --weights int8 / int4; on: any float32 engine)")
     g.add_argument("--max-batch-size", type=_positive, default=8, help="most requests per call")
     g.add_argument("--max-input-len", type=_positive, default=2048, help="most prompt tokens per request, image tokens included")
     g.add_argument("--max-new-tokens", type=_positive, default=256, help="most generated tokens per request")
@@ -216,7 +219,10 @@ def _export(args) -> int:
 
         plan, spec, schedule = dry_run(model=args.model, keep=args.keep, stage1_keep=args.stage1_keep, pivot_layer=args.pivot_layer,
                                        text_tokens=args.text_tokens, full=True)
-        memory = memory_plan(spec, schedule, args.dtype, _scheme(args))
+        from .export.build import wants_decode_graphs
+
+        scheme = _scheme(args)
+        memory = memory_plan(spec, schedule, args.dtype, scheme, wants_decode_graphs(args.decode_graphs, args.dtype, scheme, args.backend))
         if args.json:
             print(json.dumps(plan.asdict() | {"memory": memory.asdict()}, indent=2))
         else:
@@ -247,6 +253,7 @@ def _export(args) -> int:
             validate=not args.no_validate,
             weights=_scheme(args),
             memory_budget=args.memory_budget,
+            decode_graphs=args.decode_graphs,
             show_progress=not args.quiet,
             verbose=args.verbose,
         )
@@ -287,6 +294,7 @@ def run_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help='print {"text", "token_ids", "stage1_indices", "stage2_indices", "timings"} (a list for several requests)')
     g = p.add_argument_group("device")
     g.add_argument("--provider", default="auto", choices=PROVIDERS, help="ONNX Runtime execution provider (auto: CUDA when present, else CPU)")
+    g.add_argument("--no-decode-graphs", action="store_true", help="decode with the segment graphs even where the engine has ONNX Runtime decode graphs")
     _fallback_flag(g)
     return p
 
@@ -324,6 +332,7 @@ def _run(args) -> int:
         seed=args.seed,
         provider=args.provider,
         allow_fallback=args.allow_fallback,
+        decode_graphs=not args.no_decode_graphs,
         stream=stream,
         info=info,
     )

@@ -89,7 +89,9 @@ class MemoryPlan:
         return asdict(self)
 
 
-def memory_plan(spec: ModelSpec, schedule: StarSchedule, dtype: str, scheme=None) -> MemoryPlan:
+def memory_plan(spec: ModelSpec, schedule: StarSchedule, dtype: str, scheme=None, decode_graphs: bool = False) -> MemoryPlan:
+    """`decode_graphs`: the engine has ONNX Runtime decode graphs (export/decode_graphs.py). On disk they share the
+    segments' weight files; running, each session holds its own (packed) copy, so the decoder's weights count twice."""
     from .export.quantize import QUANTIZED_GRAPHS, WeightScheme
 
     scheme = scheme or WeightScheme()
@@ -104,7 +106,7 @@ def memory_plan(spec: ModelSpec, schedule: StarSchedule, dtype: str, scheme=None
     largest = max(spec.vocab_size * spec.hidden_size, spec.hidden_size * spec.intermediate_size)
     embed = spec.vocab_size * spec.hidden_size * b
     params = total_params(spec, schedule)
-    run_bytes = sum(run.values()) + embed + RUNTIME_OVERHEAD
+    run_bytes = sum(run.values()) + embed + RUNTIME_OVERHEAD + (run["segment0"] + run["segment1"] if decode_graphs else 0)
     export_bytes = RUNTIME_OVERHEAD + 4 * largest * 4  # one tensor: read, cast, packed, written
     whole_reference = params * (8 + b + (8 if scheme.quantized else 0))
     # streamed: the embedding tables in float64 and float32, the largest unit in float64 plus the copy it is cast
@@ -142,18 +144,20 @@ def gib(n: int) -> str:
     return f"{n / GiB:.1f} GiB"
 
 
-def check_fits(spec: ModelSpec, schedule: StarSchedule, dtype: str, scheme, validate: bool, budget: int | None = None) -> MemoryPlan:
-    """Refuse (MemoryPlanError) a build this machine cannot hold, naming the need and what would fit."""
+def check_fits(spec: ModelSpec, schedule: StarSchedule, dtype: str, scheme, validate: bool, budget: int | None = None,
+               decode_graphs: bool = False) -> MemoryPlan:
+    """Refuse (MemoryPlanError) a build this machine cannot hold, naming the need and what would fit (alternatives as
+    `--decode-graphs auto` builds them)."""
     from .export.quantize import WeightScheme
 
-    plan = memory_plan(spec, schedule, dtype, scheme)
+    plan = memory_plan(spec, schedule, dtype, scheme, decode_graphs)
     have = budget if budget is not None else available_bytes()
     if plan.need(validate) <= have:
         return plan
     what = "export with its self-check" if validate else "export"
     options = []
     for d, kind in (("float16", "float"), ("float32", "int8"), ("float32", "int4")):
-        alt = memory_plan(spec, schedule, d, WeightScheme(kind) if kind != "float" else None)
+        alt = memory_plan(spec, schedule, d, WeightScheme(kind) if kind != "float" else None, decode_graphs=kind != "float")
         if (d, kind) != (dtype, scheme.kind if scheme else "float") and alt.need(validate) <= have:
             options.append(f"--dtype {d} --weights {kind} ({gib(alt.need(validate))})")
     if validate and plan.export_bytes <= have:
@@ -169,9 +173,9 @@ def check_fits(spec: ModelSpec, schedule: StarSchedule, dtype: str, scheme, vali
     )
 
 
-def validation_mode(spec: ModelSpec, schedule: StarSchedule, dtype: str, scheme, budget: int | None = None) -> str:
+def validation_mode(spec: ModelSpec, schedule: StarSchedule, dtype: str, scheme, budget: int | None = None, decode_graphs: bool = False) -> str:
     """How star-validate / the self-check can run here (VALIDATION_MODES); refuses up front when no mode fits."""
-    plan = memory_plan(spec, schedule, dtype, scheme)
+    plan = memory_plan(spec, schedule, dtype, scheme, decode_graphs)
     have = budget if budget is not None else available_bytes()
     mode = plan.validation_mode(have)
     if mode is None:
@@ -190,7 +194,7 @@ def check_run_fits(manifest: dict, budget: int | None = None) -> None:
 
     try:
         spec, schedule = ModelSpec.from_dict(manifest["model"]), StarSchedule(**manifest["schedule"])
-        plan = memory_plan(spec, schedule, manifest["dtype"], WeightScheme.from_dict(manifest.get("weights")))
+        plan = memory_plan(spec, schedule, manifest["dtype"], WeightScheme.from_dict(manifest.get("weights")), has_decode_graphs(manifest))
     except (UserError, KeyError, TypeError, ValueError):
         return  # loading the engine names what is wrong with its manifest
     have = budget if budget is not None else available_bytes()
@@ -201,6 +205,10 @@ def check_run_fits(manifest: dict, budget: int | None = None) -> None:
             + f"; this machine has {gib(have)} available: run it with --provider cuda on a GPU machine, or export a smaller "
             "engine (--weights int4 / int8)"
         )
+
+
+def has_decode_graphs(manifest: dict) -> bool:
+    return "decode0" in manifest.get("graphs", {})
 
 
 def format_memory(plan: MemoryPlan) -> str:

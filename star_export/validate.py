@@ -22,11 +22,13 @@ import numpy as np
 from . import budget
 from .config import StarSchedule
 from .export.quantize import WeightScheme, activation_jitter, matmul_compute, quantized_note, quantized_reference
-from .memory import validation_mode
+from .memory import has_decode_graphs, validation_mode
 from .errors import UserError
 from .manifest import EngineError
 from .models import LoadedModel, fingerprint_weights, load_model
 from .reference import reference_pipeline
+from .export.decode_graphs import DECODE_GRAPHS
+from .runtime.decode import AsSegment
 from .runtime.engine import Engine
 from .runtime.generate import Forcing, Generation, Sampling
 from .runtime.inputs import prompt_length, synthetic_image
@@ -191,10 +193,11 @@ def sampled_eager(eager_graph, feed: dict, truth: dict, first: dict, samples: in
 
 
 def check_graph_call(report: ValidationReport, call: str, name: str, engine_graph, truth_graph, eager_graph, feed: dict[str, np.ndarray],
-                     samples: int = 1) -> None:
+                     samples: int = 1, subset: bool = False) -> None:
     """One call of graph `name`: the engine graph on `feed` rounded to its dtype, against both eager graphs on the
     same feed (float64 for the truth), forced onto the engine's selection once that selection is judged; eager's
-    error over `samples` runs (`sampled_eager`) where one run is not a fair sample."""
+    error over `samples` runs (`sampled_eager`) where one run is not a fair sample. `subset`: the engine graph returns
+    some of graph `name`'s outputs (a decode graph: no stage-2 scores); those are compared."""
     dtype = np.dtype(report.dtype)
     fed = _cast(feed, dtype)
     wide = _cast(fed, np.float64)
@@ -205,8 +208,8 @@ def check_graph_call(report: ValidationReport, call: str, name: str, engine_grap
         scores = _scores(truth_graph, name, wide, np.float64), _scores(eager_graph, name, fed, dtype)
         report.add_selection(f"{call} {out}", budget.check_selection(*scores, got[out], report.dtype))
         forced = {out: got[out]}
-    t = {k: truth_graph.to_numpy(v) for k, v in truth_graph.run(wide | forced).items()}
-    e = {k: eager_graph.to_numpy(v) for k, v in eager_graph.run(fed | forced).items()}
+    t = {k: truth_graph.to_numpy(v) for k, v in truth_graph.run(wide | forced).items() if not subset or k in got}
+    e = {k: eager_graph.to_numpy(v) for k, v in eager_graph.run(fed | forced).items() if not subset or k in got}
     if samples > 1:
         e = sampled_eager(eager_graph, fed | forced, t, e, samples, dtype)
     compare_outputs(report, call, t, e, got)
@@ -219,6 +222,11 @@ def check_graphs(report: ValidationReport, engine: Engine, truth: dict, eager: d
         for i, (feed, _) in enumerate(rec.calls):
             call = f"{name}[{'prefill' if i == 0 else 'decode'}]"
             check_graph_call(report, call, name, engine.graphs[name], truth[name], eager[name], feed, samples)
+    # The decode graphs on their segment's decode feed: the outputs, and the cache slot GQA wrote as new_key_values.
+    for segment, name in DECODE_GRAPHS.items():
+        if name in engine.graphs and len(recorders[segment].calls) > 1:
+            feed = recorders[segment].calls[1][0]
+            check_graph_call(report, f"{name}[decode]", segment, AsSegment(engine.graphs[name]), truth[segment], eager[segment], feed, samples, subset=True)
 
 
 def _top(logits: np.ndarray) -> np.ndarray:
@@ -338,7 +346,7 @@ def _mode(engine_dir, engine=None) -> str:
         dtype, scheme = m["dtype"], WeightScheme.from_dict(m.get("weights"))
     except (UserError, KeyError, TypeError, ValueError):
         return "whole"  # the engine's own loading names what is wrong with it
-    return validation_mode(spec, schedule, dtype, scheme)
+    return validation_mode(spec, schedule, dtype, scheme, decode_graphs=has_decode_graphs(m))
 
 
 def validate_engine(
@@ -374,6 +382,10 @@ def validate_engine(
         report.reference_device = device = "cpu"
     loaded = loaded or load_model(model or manifest["source"]["name"])
     check_same_model(loaded, engine)
+    if has_decode_graphs(manifest) and "decode0" not in engine.graphs:
+        why = ("the engine ran one graph at a time (memory), which decodes with the segment graphs" if mode == "streamed-lazy"
+               else f"they run on ONNX Runtime's CPU provider only, and this engine ran on {engine.provider}")
+        report.notes.append(f"the engine's ONNX Runtime decode graphs were not checked (star-run uses them on the CPU provider): {why}")
     if mode != "whole":
         from .validate_streamed import STREAMED_TOKENS, validate_streamed
 

@@ -54,3 +54,15 @@ def tiny_engine(tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny-engine") / "tiny"
     assert export_main(["--out", str(out), "--no-validate", "--quiet", "--max-batch-size", "2", "--max-input-len", "620", "--max-new-tokens", "8"]) == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def decode_engine(tmp_path_factory):
+    """`tiny_engine` with ONNX Runtime decode graphs (`--decode-graphs on`: float32, so both decode paths compute in
+    float and agree to float32 rounding), room for 80 new tokens (past kvcache.GROWTH)."""
+    from star_export.cli import export_main
+
+    out = tmp_path_factory.mktemp("decode-engine") / "tiny"
+    assert export_main(["--out", str(out), "--no-validate", "--quiet", "--decode-graphs", "on", "--max-batch-size", "2", "--max-input-len", "620",
+                        "--max-new-tokens", "80"]) == 0
+    return out

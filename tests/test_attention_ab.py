@@ -54,7 +54,8 @@ def test_gqa_copy_decodes_like_the_engine(tiny_engine, tmp_path, flags):
     ~1e-6 of the logits' scale (2e-6 here, 2.7e-6 at real widths), while a wrong cache slot, mask or RoPE position moves
     attention outputs by a large fraction of max |v| (0.25 for a position off by one, test above); 1e-3 lies between.
     With `--pivot-too --fuse` every layer is rewritten (no Softmax left: no attention block of the exporter's) and the
-    fusions are in the graphs that ran."""
+    fusions are in the graphs that ran: the script's copy is the product's decode graphs (tests/test_decode_graphs.py)
+    with their weights copied, run through the pipeline beside the engine's own segments."""
     import json
 
     import onnx
@@ -74,25 +75,26 @@ def test_gqa_copy_decodes_like_the_engine(tiny_engine, tmp_path, flags):
             assert result["fusions"][segment].get("SkipSimplifiedLayerNormalization", 0) >= 1, result
 
 
-def test_decode_split_measures_a_decode_copy_beside_the_engine(tiny_engine, tmp_path, monkeypatch):
-    """scripts/decode_split.py --decode-copy: the copy's steps are measured in the same run as the engine's, against the
-    same floor, fed the same tokens (its logits equal the engine's within the bound above), its GQA kernels counted as
-    attention and no cache copy in either."""
+def test_decode_split_measures_the_decode_graphs_beside_the_segments(decode_engine, tmp_path, monkeypatch):
+    """scripts/decode_split.py on an engine with decode graphs: their steps are measured in the same run as the segment
+    graphs', against the same floor, fed the same tokens (the logits equal within the bound above), GroupQueryAttention
+    counted as attention and no cache copy in either; the weight files are shared."""
     import json
 
-    split, ab = script("decode_split"), script("gqa_step_ab")
+    split = script("decode_split")
     gemv = split.Gemv
     monkeypatch.setattr(split, "Gemv", lambda threads: gemv(threads, gib=1 / 64))  # a 16 MiB GEMV: the floor's figure, not its accuracy
-    copy, out = tmp_path / "copy", tmp_path / "split.json"
-    ab.rewrite(tiny_engine, copy, pivot_too=True)
-    ab.fuse_copy(copy)
-    assert split.main(["--engine", str(tiny_engine), "--decode-copy", str(copy), "--fused", "--steps", "3", "--json", str(out)]) == 0
+    out = tmp_path / "split.json"
+    assert split.main(["--engine", str(decode_engine), "--steps", "3", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["logits_relative_difference"]["max"] < 1e-3, result
-    assert result["copy"]["weight_bytes"] == result["weight_bytes"] > 0
-    assert result["copy"]["kernel_ms"]["attention"] > 0 and result["copy"]["kernel_ms"]["cache copy"] == 0, result
-    for config in (result, result["copy"]):
+    decode = result["decode_graphs"]
+    assert decode["weight_bytes"] == result["weight_bytes"] > 0
+    assert decode["kernel_ms"]["attention"] > 0 and decode["kernel_ms"]["cache copy"] == 0, result
+    for config in (result, decode):
         assert config["step_ms"]["median"] > 0 and config["overhead_beyond_weights"]["median"] is not None
+    assert split.main(["--engine", str(decode_engine), "--steps", "2", "--no-decode-graphs", "--json", str(out)]) == 0
+    assert "decode_graphs" not in json.loads(out.read_text())
 
 
 def test_fused_copy_is_an_engine_that_decodes_like_the_original(tiny_engine, tmp_path):

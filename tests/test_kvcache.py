@@ -6,6 +6,7 @@ room (growth), joining rows and taking rows out give the logits a request gets a
 """
 
 import numpy as np
+import pytest
 
 from conftest import QUESTIONS
 from star_export.runtime import batch as rows_of
@@ -13,6 +14,16 @@ from star_export.runtime.engine import Engine
 from star_export.runtime.generate import Sampling
 
 ATOL = 1e-5  # fp32 logits, absolute: the same computation over a buffer with more masked (zero) slots
+
+# The engine's segment graphs (they return the new keys and values, which `append` writes), and its ONNX Runtime decode
+# graphs (GroupQueryAttention writes them into the buffers itself, runtime/decode.py).
+PATHS = {"segments": ("tiny_engine", ("segment0", "segment1")), "decode graphs": ("decode_engine", ("decode0", "decode1"))}
+
+
+@pytest.fixture(params=list(PATHS))
+def path(request):
+    fixture, graphs = PATHS[request.param]
+    return request.getfixturevalue(fixture), graphs
 
 
 def _inputs(engine, images, rows):
@@ -27,20 +38,21 @@ def _decode(pipe, state, steps):
     return state, logits
 
 
-def test_steps_write_in_place_within_the_reserve(tiny_engine, images):
-    engine = Engine.from_dir(tiny_engine, provider="cpu")
+def test_steps_write_in_place_within_the_reserve(path, images):
+    engine_dir, graphs = path
+    engine = Engine.from_dir(engine_dir, provider="cpu")
     pipe, inp = engine.pipeline, _inputs(engine, images, [0])
     state, _ = pipe.prefill(inp["pixel_values"], inp["input_ids"], inp["attention_mask"], reserve=6)
     buffers = {name: b for c in (state.cache0, state.cache1) for name, b in c.buffers.items()}
     seen = []  # what the segment graphs are fed: the very buffers, not copies
-    for name in ("segment0", "segment1"):
+    for name in graphs:
         graph = pipe.graphs[name]
         real = graph.run
         graph.run = lambda feed, real=real: (seen.extend(v for k, v in feed.items() if k.startswith("past_key_values.")), real(feed))[1]
     try:
         state, _ = _decode(pipe, state, 6)
     finally:
-        for name in ("segment0", "segment1"):
+        for name in graphs:
             del pipe.graphs[name].run
     assert all(any(v is b for b in buffers.values()) for v in seen) and len(seen) == 6 * len(buffers)
     after = {name: b for c in (state.cache0, state.cache1) for name, b in c.buffers.items()}
@@ -48,8 +60,9 @@ def test_steps_write_in_place_within_the_reserve(tiny_engine, images):
     assert state.cache0.length == state.cache0.capacity  # the reserve is exactly used up
 
 
-def test_growth_join_and_take_equal_a_request_alone(tiny_engine, images):
-    engine = Engine.from_dir(tiny_engine, provider="cpu")
+def test_growth_join_and_take_equal_a_request_alone(path, images):
+    engine = Engine.from_dir(path[0], provider="cpu")
+    assert all(name in engine.graphs for name in path[1])
     pipe = engine.pipeline
     inp = {row: _inputs(engine, images, [row]) for row in range(len(QUESTIONS))}
     by_length = sorted(inp, key=lambda row: -int(inp[row]["attention_mask"].sum()))

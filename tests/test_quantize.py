@@ -136,8 +136,10 @@ def test_int4_engine_passes_the_validator_and_reports_its_cost(tmp_path, tiny):
     assert json.loads((out / "star.json").read_text())["weights"]["kind"] == "int4"
     ops = {name: {n.op_type for n in onnx.load(out / f"{name}.onnx", load_external_data=False).graph.node} for name in ("vision", "segment0", "segment1")}
     assert "MatMulNBits" in ops["segment0"] and "MatMulNBits" in ops["segment1"] and "MatMulNBits" not in ops["vision"]
+    assert {"decode0", "decode1"} <= set(manifest["graphs"])  # --decode-graphs auto: quantized engines get them
     report = validate_engine(out, loaded=tiny, max_new_tokens=6)
     assert report.ok, report.table()
+    assert any(c.name.startswith("decode1[decode]") for c in report.checks), report.table()
     quality = next(iter(report.quality.values()))
     assert set(quality) == {"greedy_agreement", "top5_containment", "kl_mean", "kl_max"}
     assert 0 <= quality["greedy_agreement"] <= 1 and quality["kl_mean"] >= 0

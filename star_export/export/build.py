@@ -55,15 +55,17 @@ class Progress:
 
 
 def write_engine(loaded, schedule: StarSchedule, directory: Path, *, dtype: str, backend: str, limits: dict, progress: Progress | None = None,
-                 weights: WeightScheme = WeightScheme()) -> dict:
-    """Write the engine's graphs, processor, embeddings and manifest into `directory` (no checks). Returns the manifest."""
-    progress = progress or Progress(2, enabled=False)
+                 weights: WeightScheme = WeightScheme(), decode_graphs: bool = False) -> dict:
+    """Write the engine's graphs, processor, embeddings and manifest into `directory` (no checks). Returns the manifest.
+    `decode_graphs`: also ONNX Runtime's decode graphs (export/decode_graphs.py); where a segment's attention blocks
+    are not found, the engine is written without them, with a warning."""
+    progress = progress or Progress(3 + decode_graphs, enabled=False)
     scheme = "" if not weights.quantized else f", {weights.kind} weights (block {weights.block_size})"
     with progress.stage(f"trace + export {backend} ({dtype}{scheme})"):
         graphs = backend_from_name(backend).build(loaded, schedule, directory, dtype=dtype, progress=progress.note, weights=weights)
         for g in graphs.values():
             progress.note(f"{g.name}: {g.seconds:.1f} s, {g.bytes / 2**20:.1f} MiB")
-    with progress.stage("write tokenizer, processor, embeddings, manifest"):
+    with progress.stage("write tokenizer, processor, embeddings"):
         loaded.processor.save_pretrained(directory / "processor")
         embed = loaded.model.get_input_embeddings().weight.detach().float().numpy().astype(dtype)
         np.save(directory / "embed_tokens.npy", embed)
@@ -82,7 +84,40 @@ def write_engine(loaded, schedule: StarSchedule, directory: Path, *, dtype: str,
             "embed_tokens": "embed_tokens.npy",
             "graphs": {name: {"file": g.path.name, **graph_io(g.path)} for name, g in graphs.items()},
         }
+    if decode_graphs:
+        with progress.stage("write ONNX Runtime decode graphs (GroupQueryAttention, fusions)"):
+            body["graphs"] |= decode_graph_entries(directory, body, progress)
+    with progress.stage("write star.json (sha256 of every file)"):
         return write_manifest(directory, body)
+
+
+def decode_graph_entries(directory: Path, body: dict, progress: Progress) -> dict:
+    """The manifest's entries of the decode graphs written into `directory`; none (and a warning) where this release
+    cannot find the segments' attention blocks."""
+    from .decode_graphs import DecodeGraphError, write_decode_graphs
+
+    try:
+        written = write_decode_graphs(directory, body)
+    except DecodeGraphError as e:
+        print(f"warning: no ONNX Runtime decode graphs ({e}); the engine decodes with its segment graphs", file=sys.stderr)
+        return {}
+    for name, entry in written.items():
+        progress.note(f"{name}: GroupQueryAttention in layers {entry['gqa_layers']}, fusions {entry['fusions']}")
+    return {name: entry | graph_io(directory / entry["file"]) for name, entry in written.items()}
+
+
+def wants_decode_graphs(option: str, dtype: str, weights: WeightScheme, backend: str) -> bool:
+    """`--decode-graphs auto`: for quantized engines (whose decode step the weight reads bound, issue 13), which
+    already need ONNX Runtime (MatMulNBits); `on`: for any float32 onnx engine; `off`: never."""
+    if option not in DECODE_GRAPH_OPTIONS:
+        raise LimitError(f"--decode-graphs {option!r}: allowed {', '.join(DECODE_GRAPH_OPTIONS)}")
+    if option == "on" and (dtype != "float32" or backend != "onnx"):
+        raise LimitError(f"--decode-graphs on: needs --dtype float32 --backend onnx (got --dtype {dtype} --backend {backend}); "
+                         "ONNX Runtime's CPU GroupQueryAttention is verified in float32 only")
+    return option == "on" or (option == "auto" and weights.quantized and dtype == "float32" and backend == "onnx")
+
+
+DECODE_GRAPH_OPTIONS = ("auto", "on", "off")
 
 
 def check_limits(spec, max_batch_size: int, max_input_len: int, max_new_tokens: int) -> None:
@@ -124,6 +159,7 @@ def export_engine(
     validate: bool = True,
     weights: WeightScheme = WeightScheme(),
     memory_budget: int | None = None,
+    decode_graphs: str = "auto",
     show_progress: bool = True,
     verbose: bool = False,
 ) -> dict:
@@ -140,12 +176,13 @@ def export_engine(
     check_limits(spec, max_batch_size, max_input_len, max_new_tokens)
     if weights.quantized and backend != "onnx":
         raise LimitError(f"--weights {weights.kind}: only --backend onnx writes quantized (MatMulNBits) engines")
+    decode = wants_decode_graphs(decode_graphs, dtype, weights, backend)
     require_weights(model)
     have = memory_budget if memory_budget is not None else available_bytes()
-    plan = check_fits(spec, schedule, dtype, weights, validate, have)  # refuse now, not by an OOM kill after loading
+    plan = check_fits(spec, schedule, dtype, weights, validate, have, decode_graphs=decode)  # refuse now, not by an OOM kill after loading
     mode = plan.validation_mode(have) if validate else None
     lazy = mode == "streamed-lazy" or plan.run_bytes > have  # graphs checked (and run) one at a time
-    progress = Progress(5 if validate else 4, enabled=show_progress)
+    progress = Progress(5 + validate + decode, enabled=show_progress)
     for path, pid in remove_stale_builds(out):
         progress.note(f"removed {path}: a build left by process {pid}, which no longer runs")
 
@@ -158,7 +195,8 @@ def export_engine(
     tmp = make_build_dir(out)
     try:
         limits = {"max_batch_size": max_batch_size, "max_input_len": max_input_len, "max_new_tokens": max_new_tokens}
-        manifest = write_engine(loaded, schedule, tmp, dtype=dtype, backend=backend, limits=limits, progress=progress, weights=weights)
+        manifest = write_engine(loaded, schedule, tmp, dtype=dtype, backend=backend, limits=limits, progress=progress, weights=weights,
+                                decode_graphs=decode)
         with progress.stage("check engine directory"):
             from ..runtime.engine import Engine
 

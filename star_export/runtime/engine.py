@@ -14,18 +14,19 @@ from ..manifest import EngineError, read_manifest, verify_files
 from ..models import normalize_processor
 from .generate import DecoderLayout, Generation, InputError, Sampling, StarPipeline
 from .inputs import load_requests, prepare_inputs
+from .decode import DecodeGraph, decode_graph_names
 from .sessions import LazyOrtGraph, OrtGraph, resolve_providers
 
 GRAPHS = ("vision", "segment0", "pivot", "segment1")
 
 
-def _load_graph(path: Path, providers, lazy: bool = False) -> OrtGraph | LazyOrtGraph:
+def _load_graph(path: Path, providers, lazy: bool = False, graph: type = OrtGraph) -> OrtGraph | LazyOrtGraph:
     try:
         if lazy:  # the session is created at each call; check now that it loads, then free it
-            graph = LazyOrtGraph(path, providers)
-            graph.session()
-            return graph
-        return OrtGraph(path, providers)
+            lazy_graph = LazyOrtGraph(path, providers)
+            lazy_graph.session()
+            return lazy_graph
+        return graph(path, providers)
     except Exception as e:  # ONNX Runtime's own exception types: the file is not a graph it can run
         if user_error_from(e):
             raise
@@ -33,9 +34,11 @@ def _load_graph(path: Path, providers, lazy: bool = False) -> OrtGraph | LazyOrt
 
 
 class Engine:
-    def __init__(self, directory: str | Path, *, provider: str = "auto", verify: bool = True, allow_fallback: bool = False, lazy: bool = False):
+    def __init__(self, directory: str | Path, *, provider: str = "auto", verify: bool = True, allow_fallback: bool = False, lazy: bool = False,
+                 decode_graphs: bool = True):
         """`lazy`: one graph resident at a time (each session created per call: slow, for validating engines that do
-        not fit in memory as a whole)."""
+        not fit in memory as a whole). `decode_graphs`: decode with the engine's ONNX Runtime decode graphs where it
+        has them (export/decode_graphs.py; CPU provider only); False: with the segment graphs."""
         from transformers import AutoProcessor
 
         self.directory = Path(directory)
@@ -57,6 +60,11 @@ class Engine:
         if verify:
             verify_files(self.directory, m)
         self.graphs = {name: _load_graph(self.directory / files[name], self.providers, lazy) for name in GRAPHS}
+        # The decode graphs run on ONNX Runtime's CPU provider only (their caches are bound as host memory); a lazy
+        # engine, or one on another provider, decodes with the segment graphs.
+        use = decode_graphs and not lazy and self.providers[0] == "CPUExecutionProvider"
+        for name in decode_graph_names(m) if use else ():
+            self.graphs[name] = _load_graph(self.directory / m["graphs"][name]["file"], self.providers, graph=DecodeGraph)
         self.provider = self.graphs["segment0"].provider
         self.embed_tokens = np.load(self.directory / m["embed_tokens"], mmap_mode="r")
         self.processor = normalize_processor(AutoProcessor.from_pretrained(self.directory / "processor", local_files_only=True), self.spec)
@@ -113,16 +121,18 @@ def run_engine(
     seed: int = 0,
     provider: str = "auto",
     allow_fallback: bool = False,
+    decode_graphs: bool = True,
     stream: Callable[[str], None] | None = None,
     info: dict | None = None,
 ) -> list[dict]:
     """Generate for each (image, prompt) pair as one batch; `stream` receives the new text of request 0 per step.
     `max_new_tokens=None`: 64, or the engine's limit if lower. `info`, when given, receives what a summary line
-    needs (visual tokens per stage, the source model and whether its weights are random)."""
+    needs (visual tokens per stage, the source model and whether its weights are random). `decode_graphs`: False
+    decodes with the segment graphs where the engine also has ONNX Runtime decode graphs."""
     # Requests are checked before the engine loads: sampling settings, image files, pairs.
     sampling = Sampling(max_new_tokens=max_new_tokens or 1, temperature=temperature, top_p=top_p, seed=seed)
     images = load_requests(images, prompts)
-    engine = Engine.from_dir(engine_dir, provider=provider, allow_fallback=allow_fallback)
+    engine = Engine.from_dir(engine_dir, provider=provider, allow_fallback=allow_fallback, decode_graphs=decode_graphs)
     if max_new_tokens is None:
         max_new_tokens = min(64, engine.limits["max_new_tokens"])
     sampling = replace(sampling, max_new_tokens=max_new_tokens)
@@ -135,7 +145,7 @@ def run_engine(
             text = engine.decode(result.token_ids[0])
             stream(text[len(printed) :])
             printed = text
-    timings = result.timings | {"provider": engine.provider}
+    timings = result.timings | {"provider": engine.provider, "decode_graphs": "decode0" in engine.graphs}
     return [
         {
             "text": engine.decode(ids),

@@ -20,6 +20,8 @@ from ..config import StarSchedule
 from ..errors import UserError
 from .kvcache import NEW, KVCache
 
+CACHE_LENGTH = "cache_length"  # a feed key, not a graph input: the filled slots of the caches fed (decode graphs read it)
+
 
 class InputError(UserError, ValueError):
     """Bad request (image, prompt, batch); the message says what to change."""
@@ -227,18 +229,28 @@ class StarPipeline:
         embeds = self.embed_tokens[np.asarray(tokens)[:, None]].astype(self.np_dtype)  # (B, 1, d)
         ones = np.ones((batch, 1), np.int64)
         c0, c1 = state.cache0, state.cache1
-        seg0 = g["segment0"].run(
-            {"inputs_embeds": embeds, "attention_mask": c0.attention_mask(1), "position_ids": state.next_pos, "suffix_rows": np.zeros((batch, 1), np.int64)}
-            | c0.buffers
+        in_place = "decode0" in g  # ONNX Runtime decode graphs (runtime/decode.py): they write the new slot themselves
+        if in_place:
+            c0.make_room(1)
+            c1.make_room(1)
+        first, second = (g["decode0"], g["decode1"]) if in_place else (g["segment0"], g["segment1"])
+        seg0 = first.run(
+            {"inputs_embeds": embeds, "attention_mask": c0.attention_mask(1), "position_ids": state.next_pos, "suffix_rows": np.zeros((batch, 1), np.int64),
+             CACHE_LENGTH: c0.length} | c0.buffers
         )
-        seg1 = g["segment1"].run({"hidden_states": seg0["hidden_states"], "attention_mask": c1.attention_mask(1), "position_ids": state.next_pos} | c1.buffers)
-        c0.append(self._new(seg0), ones, g["segment0"].to_numpy)
-        c1.append(self._new(seg1), ones, g["segment1"].to_numpy)
+        seg1 = second.run({"hidden_states": seg0["hidden_states"], "attention_mask": c1.attention_mask(1), "position_ids": state.next_pos, CACHE_LENGTH: c1.length}
+                          | c1.buffers)
+        if in_place:
+            c0.advance(ones)
+            c1.advance(ones)
+        else:
+            c0.append(self._new(seg0), ones, first.to_numpy)
+            c1.append(self._new(seg1), ones, second.to_numpy)
         return DecodeState(
             cache0=c0,
             cache1=c1,
             next_pos=state.next_pos + 1,
-            logits=g["segment1"].to_numpy(seg1["logits"])[:, -1].astype(self.logits_dtype),
+            logits=second.to_numpy(seg1["logits"])[:, -1].astype(self.logits_dtype),
         )
 
     def stream(

@@ -100,6 +100,14 @@ class KVCache:
         for name, value in new.items():
             buffer = self.buffers[PAST + name[len(NEW):]]
             buffer[:, :, self.length : end] = _same_kind(value, buffer, to_numpy)
+        self.advance(mask)
+
+    def advance(self, mask: np.ndarray) -> None:
+        """Mark the next `q` slots filled (`mask` (B, q)): written by `append`, or by a graph that writes its new slots
+        into the buffers itself (after `make_room`)."""
+        end = self.length + mask.shape[1]
+        if end > self.capacity:
+            raise ValueError(f"{end} slots filled in a cache of {self.capacity}: make room first")
         self.mask[:, self.length : end] = mask
         self.length = end
 

@@ -1,0 +1,160 @@
+"""Issue 13: ONNX Runtime decode graphs (export/decode_graphs.py, runtime/decode.py).
+
+An engine may carry, beside its portable segment graphs, one decode graph per segment whose attention is ONNX Runtime's
+GroupQueryAttention (the cache buffer shared as past and present, only the filled slots read). Checked here: what the
+export writes and shares, that both decode paths give the same logits (float32: rounding apart), that the validator
+judges the decode graphs against the float64 reference and fails a wrong one, and what happens where they cannot be
+built or used. Joined and taken batch rows through the decode graphs: tests/test_kvcache.py.
+"""
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+
+from conftest import QUESTIONS
+from star_export.runtime.engine import Engine
+
+# Both paths compute in float32 on the same weights: their logits differ by rounding (~1e-6 of their scale: 2e-6 on this
+# engine, 2.7e-6 at real widths, scripts/gqa_step_ab.py), while a wrong cache slot, mask or RoPE position moves attention
+# outputs by a large fraction of max |v| (0.25 for a position off by one, tests/test_attention_ab.py); 1e-3 lies between.
+RELATIVE = 1e-3
+
+
+def _graph(path):
+    return onnx.load(str(path), load_external_data=False).graph
+
+
+def test_decode_graphs_are_written_beside_the_segments_and_share_their_weights(decode_engine, tiny_engine):
+    manifest = json.loads((decode_engine / "star.json").read_text())
+    layers = manifest["schedule"]["num_layers"]
+    rewritten = []
+    for segment, name in (("segment0", "decode0"), ("segment1", "decode1")):
+        entry = manifest["graphs"][name]
+        assert entry["file"] == f"{name}.onnx" and entry["segment"] == segment and entry["file"] in manifest["files"]
+        graph = _graph(decode_engine / entry["file"])
+        ops = [n.op_type for n in graph.node]
+        assert "Softmax" not in ops and ops.count("GroupQueryAttention") == len(entry["gqa_layers"]), ops
+        assert entry["fusions"].get("SkipSimplifiedLayerNormalization", 0) >= 1, entry
+        # the weights are the segment's own file: nothing copied
+        locations = {e.value for t in graph.initializer for e in t.external_data if e.key == "location"}
+        assert locations == {f"{segment}.onnx.data"}, locations
+        assert not any(o.name.startswith(("stage2", "new_key_values")) for o in graph.output)
+        rewritten += entry["gqa_layers"]
+    assert sorted(rewritten) == list(range(layers))
+    assert not list(decode_engine.glob("decode*.data")) and not list(decode_engine.glob("*.unfused.onnx"))
+    # float32 engines get them on request only (--decode-graphs on); tiny_engine was built with the default
+    assert "decode0" not in json.loads((tiny_engine / "star.json").read_text())["graphs"]
+
+
+def test_both_decode_paths_give_the_same_logits(decode_engine, images):
+    """70 greedy steps (the prefill leaves 64 slots of room for an engine limit of 80: the caches grow once), the decode
+    graphs against the segment graphs of the same engine; the decode graphs did run."""
+    from star_export.runtime.generate import Sampling
+
+    sampling = Sampling(max_new_tokens=70, stop_at_eos=False)
+    runs = {}
+    for use in (True, False):
+        engine = Engine.from_dir(decode_engine, provider="cpu", decode_graphs=use)
+        calls = []
+        for name in ("decode0", "decode1") if use else ():
+            real = engine.graphs[name].run
+            engine.graphs[name].run = lambda feed, real=real: (calls.append(1), real(feed))[1]
+        runs[use] = engine.generate(images[:2], QUESTIONS[:2], sampling)
+        assert len(calls) == (2 * 69 if use else 0)
+        assert ("decode0" in engine.graphs) is use
+    got, want = runs[True], runs[False]
+    assert got.token_ids == want.token_ids
+    for step, (g, w) in enumerate(zip(got.logits, want.logits)):
+        assert np.abs(g - w).max() <= RELATIVE * np.abs(w).max(), step
+
+
+def test_the_validator_checks_the_decode_graphs_and_fails_a_wrong_one(decode_engine, tiny, tmp_path):
+    """The decode graphs run in the end-to-end checks (star-validate steps through the pipeline) and on their own: on the
+    reference's decode feed, their outputs and the cache slot GQA wrote against the float64 reference. Planted defect:
+    RoPE's cos/sin tables of decode graph 0 shifted by one position (so the keys it writes and its queries rotate by the
+    wrong angle): the validator must fail it."""
+    from star_export.manifest import MANIFEST, file_table
+    from star_export.validate import validate_engine
+
+    report = validate_engine(decode_engine, loaded=tiny, max_new_tokens=4)
+    assert report.ok, report.table()
+    checked = {c.name.split(" ")[0] for c in report.checks if c.name.startswith("decode")}
+    assert checked == {"decode0[decode]", "decode1[decode]"}, checked
+
+    broken = tmp_path / "broken"
+    shutil.copytree(decode_engine, broken)
+    model = onnx.load(str(broken / "decode0.onnx"), load_external_data=False)
+    for t in model.graph.initializer:
+        if t.name in ("gqa_cos_cache", "gqa_sin_cache"):
+            t.CopyFrom(onnx.numpy_helper.from_array(np.roll(onnx.numpy_helper.to_array(t), -1, axis=0), t.name))
+    onnx.save(model, str(broken / "decode0.onnx"))
+    manifest = json.loads((broken / MANIFEST).read_text())
+    manifest["files"] = file_table(broken)
+    (broken / MANIFEST).write_text(json.dumps(manifest))
+    report = validate_engine(broken, loaded=tiny, max_new_tokens=4)
+    assert not report.ok
+    failed = {c.name for c in report.checks if not c.ok}
+    assert any(name.startswith("decode0[decode]") for name in failed), report.table()
+
+
+def test_an_engine_whose_blocks_are_not_found_is_written_without_decode_graphs(tiny_engine, tmp_path, capsys, monkeypatch):
+    from star_export.export import build, decode_graphs
+    from star_export.export.build import Progress
+
+    directory = tmp_path / "engine"
+    shutil.copytree(tiny_engine, directory)
+    body = json.loads((directory / "star.json").read_text())
+
+    def not_found(path, layer):
+        raise decode_graphs.DecodeGraphError(f"{path.name}: no weight matmul upstream of x: not a segment graph of this release")
+
+    monkeypatch.setattr(decode_graphs, "attention_block", not_found)
+    assert build.decode_graph_entries(directory, body, Progress(1, enabled=False)) == {}
+    assert "warning: no ONNX Runtime decode graphs" in capsys.readouterr().err
+    assert sorted(p.name for p in directory.iterdir()) == sorted(p.name for p in tiny_engine.iterdir())  # nothing left behind
+
+
+def test_decode_graph_options_are_checked_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    from star_export.cli import export_main
+    from star_export.export import build
+
+    monkeypatch.setattr(build, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
+    assert export_main(["--out", str(tmp_path / "e"), "--decode-graphs", "on", "--dtype", "float16"]) == 2
+    assert "--decode-graphs on: needs --dtype float32" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exited:  # argparse's choices
+        export_main(["--out", str(tmp_path / "e"), "--decode-graphs", "sometimes"])
+    assert exited.value.code == 2
+    assert "invalid choice" in capsys.readouterr().err
+    assert not (tmp_path / "e").exists()
+
+
+def test_the_memory_plan_counts_the_decoder_weights_twice():
+    """Each decode graph's session holds its own copy of its segment's (packed) weights; the files are shared."""
+    from star_export.config import StarSchedule
+    from star_export.export.quantize import WeightScheme
+    from star_export.memory import memory_plan
+    from star_export.models import spec_from_name
+
+    spec, defaults = spec_from_name("llava-1.5-7b")
+    schedule = StarSchedule.from_spec(spec, keep=58, defaults=defaults)
+    without, with_ = (memory_plan(spec, schedule, "float32", WeightScheme("int4"), decode) for decode in (False, True))
+    assert with_.engine_bytes == without.engine_bytes
+    assert with_.run_bytes - without.run_bytes == pytest.approx(without.graph_bytes["segment0"] + without.graph_bytes["segment1"], rel=0.01)
+
+
+def test_star_run_can_decode_with_the_segment_graphs(decode_engine, tmp_path, capsys):
+    from star_export.cli import run_main
+
+    image = tmp_path / "a.png"
+    from star_export.runtime.inputs import synthetic_image
+
+    synthetic_image(0).save(image)
+    outputs = {}
+    for flags in ([], ["--no-decode-graphs"]):
+        assert run_main([str(decode_engine), "--image", str(image), "--prompt", "Describe.", "--max-new-tokens", "5", "--json", "--quiet", *flags]) == 0
+        outputs[bool(flags)] = json.loads(capsys.readouterr().out)
+    assert outputs[False]["timings"]["decode_graphs"] is True and outputs[True]["timings"]["decode_graphs"] is False
+    assert outputs[False]["token_ids"] == outputs[True]["token_ids"]
