@@ -223,6 +223,10 @@ def write_decode_graphs(directory: Path, manifest: dict) -> dict[str, dict]:
         try:
             layers = rewrite_segment(source, unfused, manifest)
             fusions = ort_fusions(unfused, target, external_data=None)
+        except BaseException:  # both or none: a decode graph already written goes too
+            for done in [target, *(directory / entry["file"] for entry in written.values())]:
+                done.unlink(missing_ok=True)
+            raise
         finally:
             unfused.unlink(missing_ok=True)
         # ONNX Runtime's contrib ops (GroupQueryAttention, the fused norms): neither TensorRT's parser nor another
