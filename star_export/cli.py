@@ -307,7 +307,7 @@ def _summary(results: list[dict], info: dict) -> str:
     line = (
         f"visual tokens {info['visual_tokens']} -> {info['stage1_keep']} -> {info['keep']} | vision {t['vision_s'] * 1e3:.0f} ms, "
         f"prefill {t['prefill_s'] * 1e3:.0f} ms, decode {t.get('decode_s', 0.0) / steps * 1e3:.1f} ms/token | "
-        f"{tokens} tokens in {total:.2f} s ({tokens / total:.1f} tokens/s) | {t['provider']}"
+        f"{tokens} tokens in {total:.2f} s ({tokens / total:.1f} tokens/s) | {t['provider']}" + (" (decode graphs)" if t.get("decode_graphs") else "")
     )
     if info.get("random_weights"):
         line += f"\nnote: {info['model']} has random weights (a test model): its text is meaningless"

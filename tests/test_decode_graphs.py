@@ -162,3 +162,5 @@ def test_star_run_can_decode_with_the_segment_graphs(decode_engine, tmp_path, ca
         outputs[bool(flags)] = json.loads(capsys.readouterr().out)
     assert outputs[False]["timings"]["decode_graphs"] is True and outputs[True]["timings"]["decode_graphs"] is False
     assert outputs[False]["token_ids"] == outputs[True]["token_ids"]
+    assert run_main([str(decode_engine), "--image", str(image), "--prompt", "Describe.", "--max-new-tokens", "2"]) == 0
+    assert "| CPUExecutionProvider (decode graphs)" in capsys.readouterr().err  # the summary line says which path decoded
