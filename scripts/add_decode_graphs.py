@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from star_export.export.build import Progress, decode_graph_entries
+from star_export.export.decode_graphs import decode_graph_names
 from star_export.manifest import MANIFEST, file_table, read_manifest
 
 
@@ -26,7 +27,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     directory = Path(a.engine)
     manifest = read_manifest(directory, verify=True)
-    if "decode0" in manifest["graphs"]:
+    if decode_graph_names(manifest["graphs"]):
         print(f"{directory} already has decode graphs", file=sys.stderr)
         return 0
     entries = decode_graph_entries(directory, manifest, Progress(1))

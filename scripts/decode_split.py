@@ -45,6 +45,7 @@ import numpy as np
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
 from bench import emit, matmul_model, summary  # noqa: E402
+from star_export.export.decode_graphs import decode_graph_names  # noqa: E402
 from star_export.runtime.engine import Engine  # noqa: E402
 from star_export.runtime.inputs import synthetic_image  # noqa: E402
 
@@ -195,7 +196,7 @@ def main(argv=None) -> int:
     room = {"reserve": 3 * a.steps} if "reserve" in inspect.signature(engine.pipeline.prefill).parameters else {}  # older releases: none
     state, _ = engine.pipeline.prefill(inputs["pixel_values"], inputs["input_ids"], inputs["attention_mask"], **room)
     tokens = state.logits.argmax(-1)
-    decode_graphs = {g: engine.graphs[g] for g in ("decode0", "decode1") if g in engine.graphs}
+    decode_graphs = {g: engine.graphs[g] for g in decode_graph_names(engine.graphs)}
     segments = copy.copy(engine.pipeline)
     segments.graphs = {g: graph for g, graph in engine.graphs.items() if g not in decode_graphs}
     runs = {"segments": (segments, paths, state, False)}  # pipeline, the files its steps run, state, reads filled slots only

@@ -39,10 +39,10 @@ from pathlib import Path
 import numpy as np
 
 from bench import emit, summary
-from star_export.export.decode_graphs import ort_fusions, rewrite_segment
+from star_export.export.decode_graphs import DECODE_GRAPHS, ort_fusions, rewrite_segment
 from star_export.runtime.decode import DecodeGraph
 
-SEGMENTS = ("segment0", "segment1")
+SEGMENTS = tuple(DECODE_GRAPHS)  # the decoder segments
 
 
 def rewrite(engine: Path, out: Path, pivot_too: bool = False) -> dict[str, list[int]]:
@@ -58,10 +58,7 @@ def rewrite(engine: Path, out: Path, pivot_too: bool = False) -> dict[str, list[
         path = engine / manifest["graphs"][segment]["file"]
         for data in engine.glob(f"{path.name}.data"):
             shutil.copyfile(data, out / data.name)
-        target = out / f"{segment}.onnx"
-        if path.name != target.name:
-            raise SystemExit(f"{path.name}: expected {target.name} (the copy's weights are found by the segment's file name)")
-        rewritten[segment] = rewrite_segment(path, target, manifest, "all" if pivot_too else "not-pivot")
+        rewritten[segment] = rewrite_segment(path, out / f"{segment}.onnx", manifest, "all" if pivot_too else "not-pivot")
     return rewritten
 
 

@@ -190,11 +190,13 @@ def validation_mode(spec: ModelSpec, schedule: StarSchedule, dtype: str, scheme,
 
 def check_run_fits(manifest: dict, budget: int | None = None) -> None:
     """Refuse (before any session loads) an engine that cannot run on the CPU provider in this machine's memory."""
+    from .export.decode_graphs import decode_graph_names
     from .export.quantize import WeightScheme
 
     try:
         spec, schedule = ModelSpec.from_dict(manifest["model"]), StarSchedule(**manifest["schedule"])
-        plan = memory_plan(spec, schedule, manifest["dtype"], WeightScheme.from_dict(manifest.get("weights")), has_decode_graphs(manifest))
+        plan = memory_plan(spec, schedule, manifest["dtype"], WeightScheme.from_dict(manifest.get("weights")),
+                           bool(decode_graph_names(manifest["graphs"])))
     except (UserError, KeyError, TypeError, ValueError):
         return  # loading the engine names what is wrong with its manifest
     have = budget if budget is not None else available_bytes()
@@ -205,10 +207,6 @@ def check_run_fits(manifest: dict, budget: int | None = None) -> None:
             + f"; this machine has {gib(have)} available: run it with --provider cuda on a GPU machine, or export a smaller "
             "engine (--weights int4 / int8)"
         )
-
-
-def has_decode_graphs(manifest: dict) -> bool:
-    return "decode0" in manifest.get("graphs", {})
 
 
 def format_memory(plan: MemoryPlan) -> str:

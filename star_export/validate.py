@@ -22,12 +22,12 @@ import numpy as np
 from . import budget
 from .config import StarSchedule
 from .export.quantize import WeightScheme, activation_jitter, matmul_compute, quantized_note, quantized_reference
-from .memory import has_decode_graphs, validation_mode
+from .memory import validation_mode
 from .errors import UserError
 from .manifest import EngineError
 from .models import LoadedModel, fingerprint_weights, load_model
 from .reference import reference_pipeline
-from .export.decode_graphs import DECODE_GRAPHS
+from .export.decode_graphs import DECODE_GRAPHS, decode_graph_names
 from .runtime.decode import AsSegment
 from .runtime.engine import Engine
 from .runtime.generate import Forcing, Generation, Sampling
@@ -346,7 +346,7 @@ def _mode(engine_dir, engine=None) -> str:
         dtype, scheme = m["dtype"], WeightScheme.from_dict(m.get("weights"))
     except (UserError, KeyError, TypeError, ValueError):
         return "whole"  # the engine's own loading names what is wrong with it
-    return validation_mode(spec, schedule, dtype, scheme, decode_graphs=has_decode_graphs(m))
+    return validation_mode(spec, schedule, dtype, scheme, decode_graphs=bool(decode_graph_names(m["graphs"])))
 
 
 def validate_engine(
@@ -382,7 +382,7 @@ def validate_engine(
         report.reference_device = device = "cpu"
     loaded = loaded or load_model(model or manifest["source"]["name"])
     check_same_model(loaded, engine)
-    if has_decode_graphs(manifest) and "decode0" not in engine.graphs:
+    if decode_graph_names(manifest["graphs"]) and not decode_graph_names(engine.graphs):
         why = ("the engine ran one graph at a time (memory), which decodes with the segment graphs" if mode == "streamed-lazy"
                else f"they run on ONNX Runtime's CPU provider only, and this engine ran on {engine.provider}")
         report.notes.append(f"the engine's ONNX Runtime decode graphs were not checked (star-run uses them on the CPU provider): {why}")

@@ -12,7 +12,6 @@ from typing import Any
 
 import numpy as np
 
-from ..export.decode_graphs import DECODE_GRAPHS
 from .generate import CACHE_LENGTH
 from .kvcache import NEW, PAST
 from .sessions import OrtGraph
@@ -64,7 +63,3 @@ class AsSegment:
         new = {NEW + k[len("present."):]: caches[PAST + k[len("present."):]][:, :, length : length + 1] for k in out if k.startswith("present.")}
         return {k: v for k, v in out.items() if not k.startswith("present.")} | new
 
-
-def decode_graph_names(manifest: dict) -> list[str]:
-    """The decode graphs an engine directory holds (none, or both)."""
-    return [name for name in DECODE_GRAPHS.values() if name in manifest.get("graphs", {})]

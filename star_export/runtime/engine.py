@@ -14,7 +14,8 @@ from ..manifest import EngineError, read_manifest, verify_files
 from ..models import normalize_processor
 from .generate import DecoderLayout, Generation, InputError, Sampling, StarPipeline
 from .inputs import load_requests, prepare_inputs
-from .decode import DecodeGraph, decode_graph_names
+from ..export.decode_graphs import decode_graph_names
+from .decode import DecodeGraph
 from .sessions import LazyOrtGraph, OrtGraph, resolve_providers
 
 GRAPHS = ("vision", "segment0", "pivot", "segment1")
@@ -63,7 +64,7 @@ class Engine:
         # The decode graphs run on ONNX Runtime's CPU provider only (their caches are bound as host memory); a lazy
         # engine, or one on another provider, decodes with the segment graphs.
         use = decode_graphs and not lazy and self.providers[0] == "CPUExecutionProvider"
-        for name in decode_graph_names(m) if use else ():
+        for name in decode_graph_names(m["graphs"]) if use else ():
             self.graphs[name] = _load_graph(self.directory / m["graphs"][name]["file"], self.providers, graph=DecodeGraph)
         self.provider = self.graphs["segment0"].provider
         self.embed_tokens = np.load(self.directory / m["embed_tokens"], mmap_mode="r")
@@ -145,7 +146,7 @@ def run_engine(
             text = engine.decode(result.token_ids[0])
             stream(text[len(printed) :])
             printed = text
-    timings = result.timings | {"provider": engine.provider, "decode_graphs": "decode0" in engine.graphs}
+    timings = result.timings | {"provider": engine.provider, "decode_graphs": bool(decode_graph_names(engine.graphs))}
     return [
         {
             "text": engine.decode(ids),

@@ -18,6 +18,7 @@ import numpy as np
 
 from ..config import StarSchedule
 from ..errors import UserError
+from ..export.decode_graphs import decode_graph_names
 from .kvcache import NEW, KVCache
 
 CACHE_LENGTH = "cache_length"  # a feed key, not a graph input: the filled slots of the caches fed (decode graphs read it)
@@ -229,7 +230,7 @@ class StarPipeline:
         embeds = self.embed_tokens[np.asarray(tokens)[:, None]].astype(self.np_dtype)  # (B, 1, d)
         ones = np.ones((batch, 1), np.int64)
         c0, c1 = state.cache0, state.cache1
-        in_place = "decode0" in g  # ONNX Runtime decode graphs (runtime/decode.py): they write the new slot themselves
+        in_place = bool(decode_graph_names(g))  # ONNX Runtime decode graphs (runtime/decode.py): they write the new slot themselves
         if in_place:
             c0.make_room(1)
             c1.make_room(1)
