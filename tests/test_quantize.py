@@ -18,6 +18,7 @@ from star_export.config import StarSchedule
 from star_export.export.quantize import (SchemeError, WeightScheme, dequantize, int8_activations, matmul_compute, matmulnbits_model,
                                         quantize_weight, quantized_twin)
 from star_export.memory import graph_weights, memory_plan, total_params
+from star_export.runtime.sessions import session_options
 
 
 @pytest.mark.parametrize("kind,symmetric,block", [("int4", True, 32), ("int4", False, 64), ("int8", True, 128), ("int8", False, 16)])
@@ -40,7 +41,7 @@ def test_dequantize_is_what_matmulnbits_computes(kind, symmetric, block):
     graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [K, K])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [K, N])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)], ir_version=10)
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(model.SerializeToString(), session_options(), providers=["CPUExecutionProvider"])
     kernel = session.run(None, {"x": np.eye(K, dtype=np.float32)})[0].T  # (N, K)
     ours = dequantize(packed, scales, zp, K, scheme.bits, block)
     np.testing.assert_allclose(ours, kernel, rtol=1e-6, atol=1e-7)
@@ -76,7 +77,7 @@ def test_matmul_compute_names_what_the_kernel_computes(kind, symmetric, block, K
     w = (rng.standard_normal((N, K)) * rng.uniform(0.01, 3, (N, 1))).astype(np.float32)
     a = (rng.standard_normal((M, K)) * rng.uniform(0.01, 30, (M, 1))).astype(np.float32)
     a[0, :block] = 0
-    session = ort.InferenceSession(matmulnbits_model(scheme, "float32", K, N, w), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(matmulnbits_model(scheme, "float32", K, N, w), session_options(), providers=["CPUExecutionProvider"])
     y = session.run(None, {"A": a})[0].astype(np.float64)
     wq = quantized_twin(w, scheme)
     models = {"float": a.astype(np.float64) @ wq.T, "int8": int8_activations(torch.from_numpy(a), block).double().numpy() @ wq.T}
