@@ -23,8 +23,11 @@ both ways in the same run: its segment graphs (`segments`, as `star-run --no-dec
 graphs (`decode_graphs`, as `star-run` decodes): one prefill, its state copied, then decode steps of the two alternating
 (ABBA), each after its own bandwidth measurement, both fed the same tokens; the per-step ratio and the logits' difference.
 `--no-decode-graphs`: the segment graphs only.
+`--versus ENGINE2`: a second engine of the same model (another `--block-size`, say), stepped in the same alternation
+(its decode graphs, or its segments where it has none), each step after its own bandwidth measurement and against its
+own floor (its own weight bytes); reported under `versus`, with the per-step ratio of its wall to this engine's.
 
-    python scripts/decode_split.py [--engine DIR | --model DIR] [--steps 24] [--no-decode-graphs] [--json out.json]
+    python scripts/decode_split.py [--engine DIR | --model DIR] [--steps 24] [--no-decode-graphs] [--versus DIR] [--json out.json]
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ from bench import emit, matmul_model, summary  # noqa: E402
 from star_export.export.decode_graphs import decode_graph_names  # noqa: E402
 from star_export.runtime.engine import Engine  # noqa: E402
 from star_export.runtime.inputs import synthetic_image  # noqa: E402
+from star_export.runtime.sessions import thread_pool  # noqa: E402
 
 WEIGHT_OPS = {"MatMul", "FusedMatMul", "Gemm", "MatMulNBits", "MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat"}
 
@@ -134,6 +138,11 @@ def profiled_split(pipeline, paths: dict[str, Path], state, tokens, steps: int, 
     return split
 
 
+def segment_bytes(engine_dir, paths: dict[str, Path]) -> int:
+    """The bytes of an engine's segment graphs and their weights: what each decode step reads once."""
+    return sum(f.stat().st_size for f in Path(engine_dir).iterdir() if any(f.name.startswith(x.stem) for x in paths.values()))
+
+
 def kv_read_bytes(state, filled_only: bool) -> float:
     """Bytes of both caches that a step's graphs read: the whole buffers (the engine's attention reads the free slots
     too, masked), or, for GQA (`filled_only`), the filled slots and the new one."""
@@ -176,8 +185,10 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--no-decode-graphs", action="store_true", help="measure the segment graphs only, where the engine also has decode graphs")
+    p.add_argument("--versus", default=None, help="a second engine of the same model, measured in the same alternation")
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
+    thread_pool(a.threads)  # ONNX Runtime's shared pool: its size is fixed by the first session (runtime/sessions.py)
     work = Path(tempfile.mkdtemp(prefix="star-split-"))
     engine_dir = a.engine
     if engine_dir is None:
@@ -190,7 +201,7 @@ def main(argv=None) -> int:
     engine = Engine.from_dir(engine_dir, provider="cpu", **({"decode_graphs": False} if a.no_decode_graphs else {}))
     files = {g: Path(engine_dir) / entry["file"] for g, entry in engine.manifest["graphs"].items()}
     paths = {g: files[g] for g in ("segment0", "segment1")}
-    weight_bytes = sum(f.stat().st_size for f in Path(engine_dir).iterdir() if any(f.name.startswith(x.stem) for x in paths.values()))
+    weight_bytes = {"segments": segment_bytes(engine_dir, paths)}
 
     inputs = engine.prepare([synthetic_image(i) for i in range(a.batch)], ["Describe the picture in detail."] * a.batch)
     room = {"reserve": 3 * a.steps} if "reserve" in inspect.signature(engine.pipeline.prefill).parameters else {}  # older releases: none
@@ -202,6 +213,14 @@ def main(argv=None) -> int:
     runs = {"segments": (segments, paths, state, False)}  # pipeline, the files its steps run, state, reads filled slots only
     if decode_graphs:  # their decode steps start from a copy of the same prefill
         runs["decode_graphs"] = (engine.pipeline, {g: files[g] for g in decode_graphs}, copy.deepcopy(state), True)
+        weight_bytes["decode_graphs"] = weight_bytes["segments"]
+    if a.versus:  # its own prefill of the same inputs, then its decode steps fed the same tokens
+        other = Engine.from_dir(a.versus, provider="cpu")
+        other_files = {g: Path(a.versus) / entry["file"] for g, entry in other.manifest["graphs"].items()}
+        other_decode = decode_graph_names(other.graphs)
+        other_state, _ = other.pipeline.prefill(inputs["pixel_values"], inputs["input_ids"], inputs["attention_mask"], **room)
+        runs["versus"] = (other.pipeline, {g: other_files[g] for g in other_decode or ("segment0", "segment1")}, other_state, bool(other_decode))
+        weight_bytes["versus"] = segment_bytes(a.versus, {g: other_files[g] for g in ("segment0", "segment1")})
     gemv = Gemv(a.threads)
     measured = {name: ([], [], []) for name in runs}  # walls, rates, kv_reads
     differences = []
@@ -221,13 +240,17 @@ def main(argv=None) -> int:
     per_config = {}
     for name, (pipeline, graph_paths, *_) in runs.items():
         split = profiled_split(pipeline, graph_paths, states[name], tokens, a.steps, work)
-        per_config[name] = figures(*measured[name], split, weight_bytes)
+        per_config[name] = figures(*measured[name], split, weight_bytes[name])
     result = {"engine": str(engine_dir), "batch": a.batch, "steps": a.steps, "threads": a.threads} | per_config.pop("segments")
-    if per_config:
+    if "decode_graphs" in per_config:
         segment_walls, decode_walls = measured["segments"][0], measured["decode_graphs"][0]
         result |= {"decode_graphs": per_config["decode_graphs"],
                    "segments_over_decode_graphs": summary([e / c for e, c in zip(segment_walls, decode_walls)]),
                    "logits_relative_difference": summary(differences)}
+    if "versus" in per_config:
+        mine = measured["decode_graphs" if "decode_graphs" in measured else "segments"][0]
+        result |= {"versus": {"engine": a.versus} | per_config["versus"],
+                   "versus_over_this": summary([v / m for v, m in zip(measured["versus"][0], mine)])}
     return emit(result, a.json)
 
 

@@ -75,7 +75,7 @@ def test_gqa_copy_decodes_like_the_engine(tiny_engine, tmp_path, flags):
             assert result["fusions"][segment].get("SkipSimplifiedLayerNormalization", 0) >= 1, result
 
 
-def test_decode_split_measures_the_decode_graphs_beside_the_segments(decode_engine, tmp_path, monkeypatch):
+def test_decode_split_measures_the_decode_graphs_beside_the_segments(decode_engine, tiny_engine, tmp_path, monkeypatch):
     """scripts/decode_split.py on an engine with decode graphs: their steps are measured in the same run as the segment
     graphs', against the same floor, fed the same tokens (the logits equal within the bound above), GroupQueryAttention
     counted as attention and no cache copy in either; the weight files are shared."""
@@ -93,8 +93,14 @@ def test_decode_split_measures_the_decode_graphs_beside_the_segments(decode_engi
     assert decode["kernel_ms"]["attention"] > 0 and decode["kernel_ms"]["cache copy"] == 0, result
     for config in (result, decode):
         assert config["step_ms"]["median"] > 0 and config["overhead_beyond_weights"]["median"] is not None
-    assert split.main(["--engine", str(decode_engine), "--steps", "2", "--no-decode-graphs", "--json", str(out)]) == 0
-    assert "decode_graphs" not in json.loads(out.read_text())
+    # --versus: a second engine (here tiny_engine: no decode graphs, so its segments) stepped in the same alternation,
+    # against the floor of its own weight bytes
+    assert split.main(["--engine", str(decode_engine), "--steps", "2", "--no-decode-graphs", "--versus", str(tiny_engine), "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert "decode_graphs" not in result
+    versus = result["versus"]
+    assert versus["engine"] == str(tiny_engine) and versus["weight_bytes"] > 0 and versus["kernel_ms"]["attention"] > 0, versus
+    assert versus["step_ms"]["median"] > 0 and result["versus_over_this"]["median"] > 0
 
 
 def test_fused_copy_is_an_engine_that_decodes_like_the_original(tiny_engine, tmp_path):
