@@ -6,7 +6,7 @@ which `attention_ab.py` estimates per layer. With `--pivot-too --fuse` the copy 
 engine's decode graphs (star_export/export/decode_graphs.py, whose rewrite this script runs); `decode_split.py`
 measures those in the product's own path.
 - The copy: in both segment graphs, every layer but the pivot (whose probabilities feed the stage-2 scores) has its
-  attention block (found by `decode_graphs.attention_block`) replaced by one GQA node: RoPE inside, at the graph's
+  attention block (found by `decode_graphs.attention_blocks`) replaced by one GQA node: RoPE inside, at the graph's
   `position_ids`; the layer's cache buffer shared as past and present (`present.{i}.*` bound to the buffer, the new key
   and value written at slot `length`); three new inputs (`gqa_seqlens_k`, `gqa_total`, `gqa_bias`: the filled slots'
   mask); the layer's `new_key_values.{i}.*` outputs dropped; then dead nodes removed. Weights are copied, not linked

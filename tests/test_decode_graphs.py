@@ -108,14 +108,14 @@ def test_an_engine_whose_blocks_are_not_found_is_written_without_decode_graphs(t
     shutil.copytree(tiny_engine, directory)
     body = json.loads((directory / "star.json").read_text())
 
-    real = decode_graphs.attention_block
+    real = decode_graphs.attention_blocks
 
-    def not_found(path, layer):  # segment 1's blocks only: decode0.onnx is written first, then must go too
+    def not_found(graph, path):  # segment 1's blocks only: decode0.onnx is written first, then must go too
         if path.name == "segment0.onnx":
-            return real(path, layer)
+            return real(graph, path)
         raise decode_graphs.DecodeGraphError(f"{path.name}: no weight matmul upstream of x: not a segment graph of this release")
 
-    monkeypatch.setattr(decode_graphs, "attention_block", not_found)
+    monkeypatch.setattr(decode_graphs, "attention_blocks", not_found)
     assert build.decode_graph_entries(directory, body, Progress(1, enabled=False)) == {}
     assert "warning: no ONNX Runtime decode graphs" in capsys.readouterr().err
     assert sorted(p.name for p in directory.iterdir()) == sorted(p.name for p in tiny_engine.iterdir())  # nothing left behind

@@ -9,9 +9,9 @@ full-size int4 steps 1.04-1.14x faster than the segment graphs (docs/benchmarks/
 These graphs are an ONNX Runtime (CPU provider) path beside the portable one: the segment graphs stay as they are (the
 prefill and every other provider run them), and the decode graphs read the same weight files (no second copy on disk).
 
-- The block of each layer is found by the graph's structure around its cache inputs (`attention_block`; the exporter's
-  intermediate names are not stable): q: the projection behind the query that multiplies the past key; k, v: the
-  projections behind `new_key_values.{i}.*`; the block ends at the input of o_proj.
+- The block of each layer is found by the graph's structure around its cache inputs (`attention_blocks`, every layer on
+  one loaded graph; the exporter's intermediate names are not stable): q: the projection behind the query that
+  multiplies the past key; k, v: the projections behind `new_key_values.{i}.*`; the block ends at the input of o_proj.
 - GQA replaces the block: inputs the projections, `past_key_values.{i}.*` (the buffer, also bound as `present.{i}.*`:
   the new key and value are written at slot `gqa_seqlens_k`), `position_ids` (RoPE from `gqa_cos_cache` /
   `gqa_sin_cache`, built from the graph's `inv_freq` in float64), `gqa_bias` (the filled slots' mask: left padding).
@@ -39,17 +39,15 @@ class DecodeGraphError(ValueError):
     """A segment graph whose attention blocks are not where this release's exporter puts them."""
 
 
-def attention_block(path: Path, layer: int):
-    """(the extracted block as an ONNX model, the names of its q, k, v, cos, sin, bias, past key and value inputs, the
-    layer's absolute index, RoPE's inv_freq) for the `layer`-th layer of segment graph `path`, found by structure:
+def attention_blocks(graph, path: Path) -> tuple[list[tuple[dict[str, str], int, str]], np.ndarray]:
+    """Every decoder layer's attention block in segment graph `graph` (an `onnx.GraphProto`, read from `path`), found by
+    structure on the one graph: per layer (in the order of the past inputs), the names of its q, k, v, cos, sin, bias,
+    past key and value inputs, its absolute index and its output; and RoPE's inv_freq.
       q: the projection behind the query that multiplies the transposed past key; k, v: the projections behind
       `new_key_values.{i}.*`; the block's output: the first tensor after the past value's matmul that a weight matmul
       reads (o_proj); bias: the Add input before the layer's Softmax that does not come from the scores."""
     import onnx
-    from onnx.utils import Extractor
 
-    model = onnx.load(str(path), load_external_data=False)
-    graph = model.graph
     weights = {t.name for t in graph.initializer}
     producers = {o: n for n in graph.node for o in n.output}
     consumers: dict[str, list] = {}
@@ -95,32 +93,48 @@ def attention_block(path: Path, layer: int):
             raise DecodeGraphError(f"{path.name}: no {op_type} node (RoPE): not a segment graph of this release")
         return node.output[0]
 
-    pasts = [i.name for i in graph.input if i.name.startswith("past_key_values.")]
-    if 2 * layer + 1 >= len(pasts):
-        raise DecodeGraphError(f"{path.name}: has {len(pasts) // 2} layers, asked for layer {layer}")
-    absolute = int(pasts[2 * layer].split(".")[1])
-    past_k, past_v = f"past_key_values.{absolute}.key", f"past_key_values.{absolute}.value"
-    scores, _ = downstream(past_k, lambda node, _: node.op_type in ("MatMul", "FusedMatMul"))
-    transposed = producers.get(scores.input[1])
-    q_rope = scores.input[0] if transposed is not None and past_k in transposed.input or scores.input[1] == past_k else scores.input[1]
-    q = projection(q_rope)
-    k, v = projection(f"new_key_values.{absolute}.key"), projection(f"new_key_values.{absolute}.value")
-    value_mm, _ = downstream(past_v, lambda node, _: node.op_type == "MatMul")
-    _, out = downstream(value_mm.output[0], lambda node, name: is_weight_matmul(node) and node.input[0] == name)
-    softmax, _ = downstream(scores.output[0], lambda node, _: node.op_type == "Softmax")
-    add = producers[softmax.input[0]]
-    bias = next((i for i in add.input if producers.get(i) is not None and producers[i].op_type != "Mul"), None)
-    if bias is None:
-        raise DecodeGraphError(f"{path.name}: no attention mask before layer {absolute}'s Softmax: not a segment graph of this release")
-    cos, sin = first("Cos"), first("Sin")
-    graph_inputs = [i.name for i in graph.input if i.name not in (past_k, past_v)]
-    cut = [q, k, v, cos, sin, bias, past_k, past_v]
-    outputs = [out, f"new_key_values.{absolute}.key", f"new_key_values.{absolute}.value"]
-    block = Extractor(model).extract_model(cut + graph_inputs, outputs)
     inv_freq = next((onnx.numpy_helper.to_array(t) for t in graph.initializer if t.name.endswith("inv_freq")), None)
     if inv_freq is None:
         raise DecodeGraphError(f"{path.name}: no inv_freq initializer (RoPE): not a segment graph of this release")
-    return block, dict(zip(("q", "k", "v", "cos", "sin", "bias", "past_key", "past_value"), cut)), absolute, inv_freq
+    cos, sin = first("Cos"), first("Sin")
+    pasts = [i.name for i in graph.input if i.name.startswith("past_key_values.")]
+    blocks = []
+    for layer in range(len(pasts) // 2):
+        absolute = int(pasts[2 * layer].split(".")[1])
+        past_k, past_v = f"past_key_values.{absolute}.key", f"past_key_values.{absolute}.value"
+        scores, _ = downstream(past_k, lambda node, _: node.op_type in ("MatMul", "FusedMatMul"))
+        transposed = producers.get(scores.input[1])
+        q_rope = scores.input[0] if transposed is not None and past_k in transposed.input or scores.input[1] == past_k else scores.input[1]
+        q = projection(q_rope)
+        k, v = projection(f"new_key_values.{absolute}.key"), projection(f"new_key_values.{absolute}.value")
+        value_mm, _ = downstream(past_v, lambda node, _: node.op_type == "MatMul")
+        _, out = downstream(value_mm.output[0], lambda node, name: is_weight_matmul(node) and node.input[0] == name)
+        softmax, _ = downstream(scores.output[0], lambda node, _: node.op_type == "Softmax")
+        add = producers[softmax.input[0]]
+        bias = next((i for i in add.input if producers.get(i) is not None and producers[i].op_type != "Mul"), None)
+        if bias is None:
+            raise DecodeGraphError(f"{path.name}: no attention mask before layer {absolute}'s Softmax: not a segment graph of this release")
+        names = dict(zip(("q", "k", "v", "cos", "sin", "bias", "past_key", "past_value"), (q, k, v, cos, sin, bias, past_k, past_v)))
+        blocks.append((names, absolute, out))
+    return blocks, inv_freq
+
+
+def attention_block(path: Path, layer: int):
+    """(the extracted block as an ONNX model, the names of its q, k, v, cos, sin, bias, past key and value inputs, the
+    layer's absolute index, RoPE's inv_freq) for the `layer`-th layer of segment graph `path` (`attention_blocks`): what
+    scripts/attention_ab.py times on its own."""
+    import onnx
+    from onnx.utils import Extractor
+
+    model = onnx.load(str(path), load_external_data=False)
+    blocks, inv_freq = attention_blocks(model.graph, path)
+    if layer >= len(blocks):
+        raise DecodeGraphError(f"{path.name}: has {len(blocks)} layers, asked for layer {layer}")
+    names, absolute, out = blocks[layer]
+    graph_inputs = [i.name for i in model.graph.input if i.name not in (names["past_key"], names["past_value"])]
+    outputs = [out, f"new_key_values.{absolute}.key", f"new_key_values.{absolute}.value"]
+    block = Extractor(model).extract_model(list(names.values()) + graph_inputs, outputs)
+    return block, names, absolute, inv_freq
 
 
 def max_positions(manifest: dict) -> int:
@@ -146,13 +160,13 @@ def rewrite_segment(path: Path, out: Path, manifest: dict, layers: str = "all") 
     pivot = manifest["schedule"]["pivot_layer"]
     proto = onnx.load(str(path), load_external_data=False)
     graph = proto.graph
-    count = len([i for i in graph.input if i.name.startswith("past_key_values.")]) // 2
-    done, inv_freq = [], None
-    for layer in range(count):
-        block, names, absolute, inv_freq = attention_block(path, layer)
+    blocks, inv_freq = attention_blocks(graph, path)  # all of them, before the graph changes
+    if not blocks:
+        raise DecodeGraphError(f"{path.name}: no decoder layers")
+    done = []
+    for names, absolute, output in blocks:
         if absolute == pivot and layers != "all":
             continue
-        output = block.graph.output[0].name
         index, node = next((i, n) for i, n in enumerate(graph.node) if output in n.output)
         graph.node.remove(node)
         graph.node.insert(index, helper.make_node(
@@ -168,8 +182,6 @@ def rewrite_segment(path: Path, out: Path, manifest: dict, layers: str = "all") 
     if layers == "all":
         for o in [o for o in graph.output if o.name.startswith("stage2")]:
             graph.output.remove(o)
-    if inv_freq is None:
-        raise DecodeGraphError(f"{path.name}: no decoder layers")
     cos_cache, sin_cache = rope_caches(inv_freq, max_positions(manifest))
     graph.initializer.extend([numpy_helper.from_array(cos_cache, "gqa_cos_cache"), numpy_helper.from_array(sin_cache, "gqa_sin_cache")])
     graph.input.extend([helper.make_tensor_value_info("gqa_seqlens_k", TensorProto.INT32, ["batch"]),
