@@ -39,7 +39,7 @@ from star_export.manifest import tool_versions  # noqa: E402
 from star_export.models import load_model  # noqa: E402
 from star_export.runtime.generate import Sampling, StarPipeline  # noqa: E402
 from star_export.runtime.inputs import prepare_inputs, synthetic_image  # noqa: E402
-from star_export.runtime.sessions import thread_pool  # noqa: E402
+from star_export.runtime.threads import claim_process, thread_pool  # noqa: E402
 
 KEEPS = (576, 288, 115, 58, 29)
 FIGURES = ("ttft_ms", "vision_ms", "prefill_ms", "decode_ms", "tokens_per_s", "peak_rss_gib")
@@ -304,7 +304,8 @@ def main(argv=None) -> int:
     p.add_argument("--work-dir", default=None)
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
-    thread_pool(a.threads)  # ONNX Runtime's shared pool: its size is fixed by the first session (runtime/sessions.py)
+    claim_process()  # as the star-* commands: ONNX Runtime's shared pool, its size fixed by the first session (runtime/threads.py)
+    thread_pool(a.threads)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     work = Path(a.work_dir or tempfile.mkdtemp(prefix="star-bench-"))

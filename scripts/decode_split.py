@@ -51,7 +51,7 @@ from bench import emit, matmul_model, summary  # noqa: E402
 from star_export.export.decode_graphs import decode_graph_names  # noqa: E402
 from star_export.runtime.engine import Engine  # noqa: E402
 from star_export.runtime.inputs import synthetic_image  # noqa: E402
-from star_export.runtime.sessions import thread_pool  # noqa: E402
+from star_export.runtime.threads import claim_process, thread_pool  # noqa: E402
 
 WEIGHT_OPS = {"MatMul", "FusedMatMul", "Gemm", "MatMulNBits", "MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat"}
 
@@ -188,7 +188,8 @@ def main(argv=None) -> int:
     p.add_argument("--versus", default=None, help="a second engine of the same model, measured in the same alternation")
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
-    thread_pool(a.threads)  # ONNX Runtime's shared pool: its size is fixed by the first session (runtime/sessions.py)
+    claim_process()  # as the star-* commands: ONNX Runtime's shared pool, its size fixed by the first session (runtime/threads.py)
+    thread_pool(a.threads)
     work = Path(tempfile.mkdtemp(prefix="star-split-"))
     engine_dir = a.engine
     if engine_dir is None:

@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 
 from bench import emit, summary
-from star_export.runtime.sessions import THREAD_POOL_ENV
+from star_export.runtime.threads import THREAD_POOL_ENV
 
 MODES = ("per-session", "shared")
 

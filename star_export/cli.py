@@ -16,6 +16,7 @@ import sys
 import threading
 
 from .errors import EXIT_INTERNAL, EXIT_MISMATCH, EXIT_USAGE, Terminated, user_error_from
+from .runtime.threads import claim_process
 
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
@@ -110,6 +111,7 @@ def _main(prog: str, parser: argparse.ArgumentParser, run, argv) -> int:
     args = parser.parse_args(argv)  # argparse reports its own errors: usage + message, exit 2
     if not args.verbose:
         _silence_libraries()
+    claim_process()  # ONNX Runtime's shared thread pool (runtime/threads.py)
     on_main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminate) if on_main else None
     try:

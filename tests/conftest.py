@@ -4,6 +4,10 @@ import os
 
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The test processes call the commands' mains in process, and also run libraries that create ONNX Runtime sessions of
+# their own (onnx-graphsurgeon's constant folding): a pool per session, as a library user gets (runtime/threads.py).
+# The shared pool, the commands' default, is tested in processes of its own (tests/test_sessions.py).
+os.environ.setdefault("STAR_ORT_THREAD_POOL", "per-session")
 
 import pytest
 import torch

@@ -16,6 +16,7 @@ from .generate import DecoderLayout, Generation, InputError, Sampling, StarPipel
 from .inputs import load_requests, prepare_inputs
 from ..export.decode_graphs import decode_graph_names
 from .decode import DecodeGraph
+from . import threads
 from .sessions import LazyOrtGraph, OrtGraph, resolve_providers
 
 GRAPHS = ("vision", "segment0", "pivot", "segment1")
@@ -146,7 +147,7 @@ def run_engine(
             text = engine.decode(result.token_ids[0])
             stream(text[len(printed) :])
             printed = text
-    timings = result.timings | {"provider": engine.provider, "decode_graphs": bool(decode_graph_names(engine.graphs))}
+    timings = result.timings | {"provider": engine.provider, "decode_graphs": bool(decode_graph_names(engine.graphs)), "thread_pool": threads.current()}
     return [
         {
             "text": engine.decode(ids),

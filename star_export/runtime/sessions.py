@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
+from .threads import thread_pool
 
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")  # onnxruntime otherwise writes state under ~/.cache (FIELD_NOTES)
 
@@ -92,56 +93,18 @@ def resolve_providers(name: str, allow_fallback: bool = False) -> list[str]:
     return wanted
 
 
-# ONNX Runtime's thread pools, one mode per process (ONNX Runtime fixes it at the first session):
-# - "shared" (the default): one global pool for every session, its idle threads spinning. A decode step runs two
-#   sessions back to back (a prefill four); with a pool per session, the spinning threads of the graph that just
-#   finished took the cores the next one needed (measured on 2 cores: a 2-layer decode step 100 ms with spinning, 65 ms
-#   alone), so they had to sleep, and each parallel kernel then waited for its threads to wake. One pool needs neither.
-#   Measured (scripts/thread_pool_ab.py, alternating processes, 2 cores, docs/benchmarks/thread_pools): decode ms/step
-#   0.92x (int4, 4 layers), 0.94x (float32, 4 layers), 0.99x (int4, full size); prefill 1.01x, 0.87x, 0.90x; the same
-#   tokens and peak RSS.
-# - "per-session": a pool per session, idle threads sleeping (earlier releases). For a process with ONNX Runtime
-#   sessions of its own: once the global pool exists, ONNX Runtime refuses any session created with
-#   `use_per_session_threads` left on ("use_per_session_threads must be false when using a global thread pool").
-THREAD_POOLS = ("shared", "per-session")
-THREAD_POOL_ENV = "STAR_ORT_THREAD_POOL"
-_thread_pool: str | None = None
-_pool_threads: int | None = None  # the shared pool's size as asked for at the first call (None: ONNX Runtime's default)
-
-
-def thread_pool(threads: int | None = None) -> str:
-    """This process's thread-pool mode: `$STAR_ORT_THREAD_POOL` (default "shared"), fixed by the first call, which
-    comes before the process's first session. `threads`: the shared pool's size, taken at that first call (default:
-    ONNX Runtime's, one per physical core); a later call cannot change it, and says so when it asks for another."""
-    global _thread_pool, _pool_threads
-    if _thread_pool == "shared" and threads and threads != _pool_threads:
-        warnings.warn(f"ONNX Runtime's shared thread pool has {_pool_threads or 'its default number of'} threads, fixed by this "
-                      f"process's first session; {threads} asked for later ({THREAD_POOL_ENV}=per-session gives each session its own)",
-                      RuntimeWarning, stacklevel=3)
-    if _thread_pool is None:
-        import onnxruntime as ort
-
-        mode = os.environ.get(THREAD_POOL_ENV, "shared") or "shared"
-        if mode not in THREAD_POOLS:
-            raise UserError(f"{THREAD_POOL_ENV}={mode!r}: allowed {', '.join(THREAD_POOLS)}")
-        if mode == "shared":
-            ort.set_global_thread_pool_sizes(threads or 0, 1)
-        _thread_pool, _pool_threads = mode, threads
-    return _thread_pool
-
-
 def session_options(threads: int | None = None):
     """The options every engine session is created with (see `thread_pool`)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    if thread_pool(threads) == "shared":
+    if thread_pool(threads) == "shared":  # runtime/threads.py
         opts.use_per_session_threads = False
         return opts
     if threads:
         opts.intra_op_num_threads = threads
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")  # see THREAD_POOLS
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")  # see runtime/threads.py
     return opts
 
 

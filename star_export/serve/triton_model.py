@@ -28,7 +28,9 @@ class TritonPythonModel:
         import triton_python_backend_utils as pb_utils
 
         from ..runtime.engine import Engine
+        from ..runtime.threads import claim_process
 
+        claim_process()  # a Triton python-backend instance has its stub process to itself: ONNX Runtime's shared pool
         self.pb = pb_utils
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
