@@ -1,8 +1,8 @@
 #!/usr/bin/env python
-"""ONNX Runtime's thread pools: `star-run` with one shared pool (the default) against a pool per session
+"""ONNX Runtime's thread pools: `star-run` with one shared pool (the commands' default) against a pool per session
 (`STAR_ORT_THREAD_POOL=per-session`, what earlier releases did), as alternating processes.
 
-The mode is fixed by a process's first session (runtime/sessions.py), so the two cannot alternate within one process:
+The mode is fixed by a process's first session (runtime/threads.py), so the two cannot alternate within one process:
 each round runs `star-run --json` once per mode, the order alternating between rounds, on the same engine, image and
 prompt, greedy. Reported per mode: decode ms/step and prefill s (median, min-max over the rounds), peak RSS
 (the child's own `ru_maxrss`); and per round the shared / per-session ratio of each, summarised. The token ids of both

@@ -39,10 +39,10 @@ class DecodeGraphError(ValueError):
     """A segment graph whose attention blocks are not where this release's exporter puts them."""
 
 
-def attention_blocks(graph, path: Path) -> tuple[list[tuple[dict[str, str], int, str]], np.ndarray]:
+def attention_blocks(graph, path: Path) -> tuple[list[tuple[dict[str, str], int, str]], np.ndarray | None]:
     """Every decoder layer's attention block in segment graph `graph` (an `onnx.GraphProto`, read from `path`), found by
     structure on the one graph: per layer (in the order of the past inputs), the names of its q, k, v, cos, sin, bias,
-    past key and value inputs, its absolute index and its output; and RoPE's inv_freq.
+    past key and value inputs, its absolute index and its output; and RoPE's inv_freq (None without layers).
       q: the projection behind the query that multiplies the transposed past key; k, v: the projections behind
       `new_key_values.{i}.*`; the block's output: the first tensor after the past value's matmul that a weight matmul
       reads (o_proj); bias: the Add input before the layer's Softmax that does not come from the scores."""
@@ -93,11 +93,13 @@ def attention_blocks(graph, path: Path) -> tuple[list[tuple[dict[str, str], int,
             raise DecodeGraphError(f"{path.name}: no {op_type} node (RoPE): not a segment graph of this release")
         return node.output[0]
 
+    pasts = [i.name for i in graph.input if i.name.startswith("past_key_values.")]
+    if not pasts:  # no decoder layer: nothing to find (the caller says so), and no RoPE to look for
+        return [], None
     inv_freq = next((onnx.numpy_helper.to_array(t) for t in graph.initializer if t.name.endswith("inv_freq")), None)
     if inv_freq is None:
         raise DecodeGraphError(f"{path.name}: no inv_freq initializer (RoPE): not a segment graph of this release")
     cos, sin = first("Cos"), first("Sin")
-    pasts = [i.name for i in graph.input if i.name.startswith("past_key_values.")]
     blocks = []
     for layer in range(len(pasts) // 2):
         absolute = int(pasts[2 * layer].split(".")[1])
