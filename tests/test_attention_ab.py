@@ -148,3 +148,41 @@ def test_kv_cache_types_compute_the_attention_they_hold(monkeypatch):
     check = ab.measure(length=30, **(shape | {"caches": ["float32", "int8"]}))["checks"]["int8"]
     assert check["max_abs_difference"] > check["rounding_bound"], check
     assert check["new_token_written"]["value"]["max_abs_difference"] > check["new_token_written"]["value"]["bound"], check
+
+
+def test_kernel_rates_products_and_step_weights(tmp_path):
+    """scripts/kernel_rates.py: each session computes its shape's product with the engine's packing (copy 0 equals
+    `x @ W` of the dequantized weights at float compute), holds the fewest copies that reach --mib, and the step weights
+    count a layer's products as the graphs run them (4 of hidden x hidden, 2 of hidden x intermediate, 1 back, per layer)."""
+    import json
+
+    import numpy as np
+    import onnxruntime as ort
+
+    from star_export.export.quantize import WeightScheme, quantized_twin
+
+    kr = script("kernel_rates")
+    rng = np.random.default_rng(1)
+    w = (rng.standard_normal((96, 256)) * 0.02).astype(np.float32)  # (N, K)
+    x = rng.standard_normal((1, 256)).astype(np.float32)
+    for scheme in (None, WeightScheme("int4", block_size=64, accuracy_level=0)):
+        model, copies, nbytes = kr.products_model(scheme, w, 50_000)
+        one = nbytes // copies
+        assert nbytes >= 50_000 > (copies - 1) * one
+        outputs = ort.InferenceSession(model, providers=["CPUExecutionProvider"]).run(None, {"A": x})
+        assert len(outputs) == copies
+        truth = x.astype(np.float64) @ (w.astype(np.float64) if scheme is None else quantized_twin(w, scheme)).T
+        np.testing.assert_allclose(outputs[0], truth, rtol=1e-4, atol=1e-5 * np.abs(truth).max())
+        if copies > 1:  # the copies are other weights (rotated packing), not one tensor read again from the caches
+            assert not np.allclose(outputs[1], outputs[0])
+
+    out = tmp_path / "rates.json"
+    assert kr.main(["--widths", "64", "96", "128", "--mib", "1", "--rounds", "2", "--floor-gib", "0.03", "--layers", "3",
+                    "--schemes", "int4/32/4", "int8/64/0", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["step"]["calls"]["separate"] == {"64x64": 12, "64x96": 6, "96x64": 3, "64x128": 1}
+    assert result["step"]["calls"]["fused"] == {"64x192": 6, "64x64": 3, "96x64": 3, "64x128": 1}  # qkv and gate_up: 3h = 2i here
+    assert set(result["kernels"]) == {"float32", "int4/32/4", "int8/64/0"}
+    for config, layouts in result["step"]["over_floor"].items():
+        for layout, summary in layouts.items():
+            assert all(np.isfinite(summary[k]) for k in ("median", "min", "max")), (config, layout)
