@@ -64,9 +64,12 @@ def parse_scheme(text: str) -> WeightScheme:
     """'int4/128/4' -> WeightScheme('int4', block_size=128, accuracy_level=4)."""
     try:
         kind, block, level = text.split("/")
-        return WeightScheme(kind, block_size=int(block), accuracy_level=int(level))
+        scheme = WeightScheme(kind, block_size=int(block), accuracy_level=int(level))
     except ValueError as e:
         raise SystemExit(f"--schemes {text!r}: allowed BITS/BLOCK/LEVEL, e.g. int4/128/4 ({e})")
+    if not scheme.quantized:
+        raise SystemExit(f"--schemes {text!r}: int8 or int4 (float32 is always measured)")
+    return scheme
 
 
 def products_model(scheme: WeightScheme | None, weight_nk: np.ndarray, min_bytes: int) -> tuple[bytes, int, int]:
