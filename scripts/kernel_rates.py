@@ -18,7 +18,7 @@ layers and the lm_head does (each product at its own run's bandwidth), per round
 that the weight kernels alone carry, a lower bound for decode_split.py's `overhead_beyond_weights` of an engine with
 those kernels on this machine; for the layers' products as star-export's graphs run them (`separate`) and with q, k, v
 as one product and gate, up as one (`fused`). Rounds visit the sessions in a rotated order. Threads: ONNX Runtime's
-shared pool (runtime/threads.py), as the star-* commands run.
+shared pool, as the star-* commands run, unless $STAR_ORT_THREAD_POOL says otherwise (runtime/threads.py; recorded).
 
     python scripts/kernel_rates.py [--schemes int4/128/4 int4/256/4 int8/128/4] [--rounds 15] [--mib 128] [--layers 4]
         [--widths 4096 11008 32064] [--json out.json]
@@ -42,22 +42,15 @@ from decode_split import Gemv  # noqa: E402
 from star_export.export.quantize import WeightScheme, engine_packing  # noqa: E402
 from star_export.runtime.threads import claim_process, thread_pool  # noqa: E402
 
-# How a decoder layer's weight products are laid out, by (K, N) in units of (hidden, intermediate) -> calls per layer.
-# "separate": as star-export's graphs run them (q, k, v, o; gate, up; down); "fused": q, k, v as one product and gate, up
-# as one (what a graph with packed projections would run), for comparison in the same rounds. The lm_head: (hidden,
-# vocab), once per step.
-LAYOUTS = {
-    "separate": {("h", "h"): 4, ("h", "i"): 2, ("i", "h"): 1},
-    "fused": {("h", "3h"): 1, ("h", "h"): 1, ("h", "2i"): 1, ("i", "h"): 1},
-}
-LM_HEAD = ("h", "v")
 WIDTHS_7B = (4096, 11008, 32064)  # LLaVA-1.5-7B's hidden, intermediate, vocab
 
 
-def dims(shape: tuple[str, str], widths: tuple[int, int, int]) -> tuple[int, int]:
-    h, i, v = widths
-    units = {"h": h, "3h": 3 * h, "i": i, "2i": 2 * i, "v": v}
-    return units[shape[0]], units[shape[1]]
+def layouts(hidden: int, intermediate: int) -> dict[str, list[tuple[tuple[int, int], int]]]:
+    """How a decoder layer's weight products are laid out: (K, N) and calls per layer. "separate": as star-export's graphs
+    run them (q, k, v, o; gate, up; down); "fused": q, k, v as one product and gate, up as one (what a graph with packed
+    projections would run), for comparison in the same rounds. Pairs, not a dict: two products may have one shape."""
+    h, i = hidden, intermediate
+    return {"separate": [((h, h), 4), ((h, i), 2), ((i, h), 1)], "fused": [((h, 3 * h), 1), ((h, h), 1), ((h, 2 * i), 1), ((i, h), 1)]}
 
 
 def parse_scheme(text: str) -> WeightScheme:
@@ -74,7 +67,7 @@ def parse_scheme(text: str) -> WeightScheme:
 
 def products_model(scheme: WeightScheme | None, weight_nk: np.ndarray, min_bytes: int) -> tuple[bytes, int, int]:
     """A graph of R products `A [1, K] @ W_r` (float32 MatMul where `scheme` is None, else MatMulNBits packed as the
-    engine packs), each W_r its own tensor (copy r: the packing rotated by r bytes), R the fewest whose weights hold
+    engine packs), each W_r its own tensor (copy r: the packing rotated by r elements), R the fewest whose weights hold
     `min_bytes`. Returns (serialized ONNX, R, weight bytes of all R)."""
     from onnx import TensorProto, helper, numpy_helper
 
@@ -115,23 +108,23 @@ def main(argv=None) -> int:
         raise SystemExit("--rounds >= 2, --layers >= 1, --mib >= 1 and --widths >= 16 each, --floor-gib > 0")
     schemes = [parse_scheme(s) for s in a.schemes]
     claim_process()
-    thread_pool(a.threads)
+    pool = thread_pool(a.threads)
     import onnxruntime as ort
 
     from star_export.runtime.sessions import session_options
 
     gemv = Gemv(a.threads, a.floor_gib)
     rng = np.random.default_rng(0)
-    widths = tuple(a.widths)
-    shapes = list(dict.fromkeys([dims(shape, widths) for layout in LAYOUTS.values() for shape in layout] + [dims(LM_HEAD, widths)]))
-    counts = {}  # layout -> (K, N) -> products per step (two products of one layout may have one shape: 3h = 2i)
-    for name, layout in LAYOUTS.items():
-        counts[name] = Counter({dims(LM_HEAD, widths): 1})
-        for shape, count in layout.items():
-            counts[name][dims(shape, widths)] += count * a.layers
+    hidden, intermediate, vocab = a.widths
+    counts = {}  # layout -> (K, N) -> products per step
+    for name, layout in layouts(hidden, intermediate).items():
+        counts[name] = Counter({(hidden, vocab): 1})  # the lm_head
+        for shape, count in layout:
+            counts[name][shape] += count * a.layers
+    shapes = list(dict.fromkeys(shape for calls in counts.values() for shape in calls))
     kernels = {}  # (config, shape) -> (session, feed, weight bytes of its products, products)
     for k, n in shapes:
-        w = (rng.standard_normal((n, k), dtype=np.float32) * 0.02).astype(np.float32)
+        w = rng.standard_normal((n, k), dtype=np.float32) * 0.02
         x = {"A": rng.standard_normal((1, k), dtype=np.float32)}
         for config, scheme in [("float32", None)] + [(f"{s.kind}/{s.block_size}/{s.accuracy_level}", s) for s in schemes]:
             model, copies, nbytes = products_model(scheme, w, a.mib * 2**20)
@@ -143,38 +136,38 @@ def main(argv=None) -> int:
         print(f"{k}x{n}: {1 + len(schemes)} kernels", file=sys.stderr)
     configs = list(dict.fromkeys(c for c, _ in kernels))
     keys = list(kernels)
-    over: dict[tuple, list[float]] = {key: [] for key in keys}
-    seconds_x_rate: dict[tuple, list[float]] = {key: [] for key in keys}  # per round: seconds x bandwidth per product
+    moved: dict[tuple, list[float]] = {key: [] for key in keys}  # per round: run seconds x the floor's bandwidth (bytes)
     rates = []
     for r in range(a.rounds):
         rotated = keys[r % len(keys):] + keys[: r % len(keys)]
         for key in rotated:
-            session, x, nbytes, copies = kernels[key]
+            session, x, _, _ = kernels[key]
             rate = gemv.bandwidth()
             t = time.perf_counter()
             session.run(None, x)
-            seconds = time.perf_counter() - t
+            moved[key].append((time.perf_counter() - t) * rate)
             rates.append(rate)
-            over[key].append(seconds * rate / nbytes - 1)
-            seconds_x_rate[key].append(seconds * rate / copies)  # per product
         print(f"round {r + 1}/{a.rounds}", file=sys.stderr)
 
-    def step_over(config: str, layout: str) -> dict:  # per round: the step's calls, each at its own moment's bandwidth
-        calls = counts[layout]
-        read = sum(kernels[config, shape][2] / kernels[config, shape][3] * count for shape, count in calls.items())
-        return summary([sum(seconds_x_rate[config, shape][r] * count for shape, count in calls.items()) / read - 1 for r in range(a.rounds)])
+    def kernel_over(key) -> dict:
+        return summary([m / kernels[key][2] - 1 for m in moved[key]])
+
+    def step_over(config: str, layout: str) -> dict:  # per round: the step's products, each at its own run's bandwidth
+        share = {shape: count / kernels[config, shape][3] for shape, count in counts[layout].items()}  # a run's products -> the step's
+        read = sum(kernels[config, shape][2] * f for shape, f in share.items())
+        return summary([sum(moved[config, shape][r] * f for shape, f in share.items()) / read - 1 for r in range(a.rounds)])
 
     result = {
         "command": "python scripts/kernel_rates.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "widths": dict(zip(("hidden", "intermediate", "vocab"), widths)),
+        "widths": {"hidden": hidden, "intermediate": intermediate, "vocab": vocab},
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "threads": a.threads,
-                    "thread_pool": "shared", "onnxruntime": ort.__version__},
+                    "thread_pool": pool, "onnxruntime": ort.__version__},
         "rounds": a.rounds,
         "gemv_bandwidth_gb_s": summary([r / 1e9 for r in rates]),
         "step": {"layers": a.layers, "calls": {name: {f"{k}x{n}": c for (k, n), c in calls.items()} for name, calls in counts.items()},
-                 "over_floor": {c: {layout: step_over(c, layout) for layout in LAYOUTS} for c in configs}},
-        "kernels": {c: {f"{k}x{n}": {"weight_bytes": kernels[c, (k, n)][2], "products": kernels[c, (k, n)][3], "over_floor": summary(over[c, (k, n)])} for k, n in shapes}
-                    for c in configs},
+                 "over_floor": {c: {layout: step_over(c, layout) for layout in counts} for c in configs}},
+        "kernels": {c: {f"{k}x{n}": {"weight_bytes": kernels[c, (k, n)][2], "products": kernels[c, (k, n)][3], "over_floor": kernel_over((c, (k, n)))}
+                        for k, n in shapes} for c in configs},
     }
     return emit(result, a.json)
 

@@ -183,6 +183,7 @@ def test_kernel_rates_products_and_step_weights(tmp_path):
     assert result["step"]["calls"]["separate"] == {"64x64": 12, "64x96": 6, "96x64": 3, "64x128": 1}
     assert result["step"]["calls"]["fused"] == {"64x192": 6, "64x64": 3, "96x64": 3, "64x128": 1}  # qkv and gate_up: 3h = 2i here
     assert set(result["kernels"]) == {"float32", "int4/32/4", "int8/64/0"}
+    assert result["machine"]["thread_pool"] == "per-session"  # the mode that ran (conftest pins it), not the commands' default
     for config, layouts in result["step"]["over_floor"].items():
         for layout, summary in layouts.items():
             assert all(np.isfinite(summary[k]) for k in ("median", "min", "max")), (config, layout)
