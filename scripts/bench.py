@@ -39,6 +39,7 @@ from star_export.manifest import tool_versions  # noqa: E402
 from star_export.models import load_model  # noqa: E402
 from star_export.runtime.generate import Sampling, StarPipeline  # noqa: E402
 from star_export.runtime.inputs import prepare_inputs, synthetic_image  # noqa: E402
+from star_export.runtime.sessions import cpu_arena  # noqa: E402
 from star_export.runtime.threads import claim_process, thread_pool  # noqa: E402
 
 KEEPS = (576, 288, 115, 58, 29)
@@ -319,7 +320,7 @@ def main(argv=None) -> int:
         "command": "python " + " ".join([sys.argv[0], *(argv or sys.argv[1:])]),
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "machine": f"{cpu_model()}, {os.cpu_count()} cores, {platform.platform()}",
-        "threads": a.threads, "rounds": a.rounds, "new_tokens": a.tokens,
+        "threads": a.threads, "rounds": a.rounds, "new_tokens": a.tokens, "cpu_arena": cpu_arena(),
         "model": {"path": a.model, "text_layers": loaded.spec.text_layers, "vision_layers": loaded.spec.vision_layers,
                   "hidden": loaded.spec.hidden_size},
         "versions": tool_versions() | {"numpy": np.__version__},
@@ -453,7 +454,8 @@ def write_outputs(out: Path, meta: dict, rows: list[dict], configs, keep: int) -
         for r in rows:
             w.writerow([r["config"], r["batch"]] + [r[f][s] for f in FIGURES for s in ("median", "min", "max")] + [f"{r['flops_g']:.1f}", f"{r['kv_mib']:.1f}", r["kv_equals_plan"]])
     lines = [f"# Benchmark: {meta['date']}", "", f"`{meta['command']}`", "",
-             f"{meta['machine']}; {meta['threads']} threads; " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()), "",
+             f"{meta['machine']}; {meta['threads']} threads; ONNX Runtime CPU arena {meta['cpu_arena']}; "
+             + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()), "",
              f"Model `{meta['model']['path']}`: hidden {meta['model']['hidden']}, {meta['model']['text_layers']} decoder layers (pivot {meta['model']['pivot_layer']}), "
              f"{meta['model']['vision_layers']} CLIP layers; {meta['text_tokens']} text tokens; {meta['new_tokens']} new tokens per call; "
              f"median (min–max) over {meta['rounds']} interleaved rounds after a warm-up; ratios are taken per round.", "",
@@ -540,7 +542,8 @@ def write_sweeps(out: Path, meta: dict, sweeps: dict) -> None:
     plt.close(fig)
     steps = sweeps["decode_steps"]
     lines = [f"# Scaling sweeps: {meta['date']}", "", f"`{meta['command']}`", "",
-             f"{meta['machine']}; {meta['threads']} threads; " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()), "",
+             f"{meta['machine']}; {meta['threads']} threads; ONNX Runtime CPU arena {meta['cpu_arena']}; "
+             + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()), "",
              f"Model `{meta['model']['path']}`: hidden {meta['model']['hidden']}, {meta['model']['text_layers']} decoder layers (pivot "
              f"{meta['model']['pivot_layer']}), float32 engines; median (min–max) over interleaved rounds after a warm-up. Plot: `sweeps.png`.", "",
              "| text tokens | " + " | ".join(f"TTFT ms keep {k}" for k in sorted({p['keep'] for p in sweeps['text_tokens']}, reverse=True)) + " |", "|---|---|---|"]

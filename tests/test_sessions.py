@@ -58,10 +58,10 @@ def test_the_thread_pool_mode(mode, caller, shared):
     assert lines[-1] == ("own session: refused True" if shared else "own session: created"), lines
 
 
-def _star_run(engine, image, mode):
+def _star_run(engine, image, mode, **env):
     code = "import sys; from star_export.cli import run_main; sys.exit(run_main(sys.argv[1:]))"
     return subprocess.run([sys.executable, "-c", code, str(engine), "--image", str(image), "--prompt", "Describe.", "--max-new-tokens", "6",
-                           "--json", "--quiet"], capture_output=True, text=True, env=_env(mode), timeout=600)
+                           "--json", "--quiet"], capture_output=True, text=True, env=_env(mode) | env, timeout=600)
 
 
 def test_star_run_shares_one_pool_and_generates_the_same_tokens(decode_engine, tmp_path):
@@ -76,9 +76,88 @@ def test_star_run_shares_one_pool_and_generates_the_same_tokens(decode_engine, t
         runs[mode] = json.loads(done.stdout)
     assert runs[None]["timings"]["thread_pool"] == "shared" and runs["per-session"]["timings"]["thread_pool"] == "per-session"
     assert runs[None]["timings"]["decode_graphs"] is True
+    assert runs[None]["timings"]["cpu_arena"] == "shared"  # the default (conftest leaves $STAR_ORT_CPU_ARENA unset)
     assert runs[None]["token_ids"] == runs["per-session"]["token_ids"]
 
     done = _star_run(decode_engine, image, "global")
     assert done.returncode == 2, done.stderr
     assert "STAR_ORT_THREAD_POOL='global': allowed shared, per-session" in done.stderr
     assert "Traceback" not in done.stderr
+
+    done = _star_run(decode_engine, image, None, STAR_ORT_CPU_ARENA="yes")
+    assert done.returncode == 2, done.stderr
+    assert "STAR_ORT_CPU_ARENA='yes': allowed shared, session, off" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_cpu_arena_is_shared_by_default(monkeypatch):
+    """$STAR_ORT_CPU_ARENA (runtime/sessions.py): one arena for the process by default (ONNX Runtime's environment
+    allocator, which the session opts into), an arena per session or none when asked, read as each session's options are
+    made; a transient session (LazyOrtGraph, freed after one run) keeps its own arena where the process's is shared; any
+    other value is a user error naming the allowed ones."""
+    from star_export.errors import UserError
+    from star_export.runtime.sessions import session_options
+
+    def env_allocator(opts):
+        try:
+            return opts.get_session_config_entry("session.use_env_allocators") == "1"
+        except Exception:  # ONNX Runtime raises for a key never set
+            return False
+
+    monkeypatch.delenv("STAR_ORT_CPU_ARENA", raising=False)
+    opts = session_options()
+    assert opts.enable_cpu_mem_arena is True and env_allocator(opts)
+    opts = session_options(transient=True)
+    assert opts.enable_cpu_mem_arena is True and not env_allocator(opts)
+    monkeypatch.setenv("STAR_ORT_CPU_ARENA", "session")
+    opts = session_options()
+    assert opts.enable_cpu_mem_arena is True and not env_allocator(opts)
+    monkeypatch.setenv("STAR_ORT_CPU_ARENA", "off")
+    for transient in (False, True):
+        opts = session_options(transient=transient)
+        assert opts.enable_cpu_mem_arena is False and not env_allocator(opts)
+    monkeypatch.setenv("STAR_ORT_CPU_ARENA", "yes")
+    with pytest.raises(UserError, match="STAR_ORT_CPU_ARENA='yes': allowed shared, session, off"):
+        session_options()
+
+
+def test_runtime_ab_alternates_processes_and_calls(decode_engine, tmp_path, monkeypatch):
+    """scripts/runtime_ab.py on the CPU arena: alternating star-run processes (one round) and, in one process, the engine
+    loaded once per value with prefills and decode steps alternating; both report the two values' figures and the same
+    tokens, each engine's sessions have the arena its value says, and star-run's timings say which ran. A knob fixed per
+    process refuses --in-process; a value the knob lacks is refused."""
+    from helpers import script
+
+    from star_export.runtime.engine import Engine
+    from star_export.runtime.inputs import synthetic_image
+
+    monkeypatch.setenv("STAR_ORT_CPU_ARENA", "shared")  # restored after: the in-process run sets it per engine
+    ab = script("runtime_ab")
+    image = tmp_path / "a.png"
+    synthetic_image(0).save(image)
+    out = tmp_path / "ab.json"
+    assert ab.main(["--knob", "cpu-arena", "--engine", str(decode_engine), "--image", str(image), "--rounds", "1", "--tokens", "6",
+                    "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["values"] == ["session", "shared"] and result["same_tokens"] is True
+    assert {"session", "shared", "shared_over_session_decode_ms_per_step", "shared_over_session_prefill_s"} <= set(result)
+    assert result["session"]["peak_rss_gib"]["median"] > 0
+
+    seen = []
+
+    def from_dir(directory, **kwargs):  # records each engine's arena setting, as ONNX Runtime holds it
+        e = Engine(directory, **kwargs)
+        seen.append({(g.cpu_arena, g.session.get_session_options().enable_cpu_mem_arena) for g in e.graphs.values()})
+        return e
+
+    monkeypatch.setattr(Engine, "from_dir", from_dir)
+    assert ab.main(["--knob", "cpu-arena", "--engine", str(decode_engine), "--image", str(image), "--in-process", "--values", "session", "off",
+                    "--rounds", "2", "--steps", "3", "--b-first", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["loaded_first"] == "off" and seen == [{("off", False)}, {("session", True)}]
+    assert result["same_tokens"] is True and result["off_over_session_prefill_per_round"]["median"] > 0
+    assert result["off_over_session_decode_per_step_pair"]["median"] > 0
+
+    for bad in (["--knob", "thread-pool", "--in-process"], ["--knob", "cpu-arena", "--values", "shared", "per-session"]):
+        with pytest.raises(SystemExit):
+            ab.main([*bad, "--engine", str(decode_engine)])

@@ -147,7 +147,8 @@ def run_engine(
             text = engine.decode(result.token_ids[0])
             stream(text[len(printed) :])
             printed = text
-    timings = result.timings | {"provider": engine.provider, "decode_graphs": bool(decode_graph_names(engine.graphs)), "thread_pool": threads.current()}
+    timings = result.timings | {"provider": engine.provider, "decode_graphs": bool(decode_graph_names(engine.graphs)), "thread_pool": threads.current(),
+                                "cpu_arena": getattr(engine.graphs["segment0"], "cpu_arena", None)}
     return [
         {
             "text": engine.decode(ids),

@@ -93,12 +93,62 @@ def resolve_providers(name: str, allow_fallback: bool = False) -> list[str]:
     return wanted
 
 
-def session_options(threads: int | None = None):
-    """The options every engine session is created with (see `thread_pool`)."""
+CPU_ARENA_ENV = "STAR_ORT_CPU_ARENA"
+_shared_arena = False
+
+
+def _own_arena(opts) -> None:
+    opts.enable_cpu_mem_arena = True  # ONNX Runtime's default: an arena per session
+
+
+def _no_arena(opts) -> None:
+    opts.enable_cpu_mem_arena = False
+
+
+def _shared_arena_of_process(opts) -> None:
+    """ONNX Runtime's environment allocator: one CPU arena, registered at the first call, for every session that opts
+    in (only ours do; other libraries' sessions keep their own)."""
+    global _shared_arena
+    import onnxruntime as ort
+
+    if not _shared_arena:
+        info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+        ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, -1, -1, -1))  # ONNX Runtime's default arena settings
+        _shared_arena = True
+    opts.enable_cpu_mem_arena = True
+    opts.add_session_config_entry("session.use_env_allocators", "1")
+
+
+CPU_ARENAS = {"shared": _shared_arena_of_process, "session": _own_arena, "off": _no_arena}
+
+
+def cpu_arena(transient: bool = False) -> str:
+    """Where a session's CPU tensors come from: $STAR_ORT_CPU_ARENA, read as each session is created (another value is a
+    user error); `session_options` sets it. Measured on 2 cores (scripts/runtime_ab.py,
+    docs/benchmarks/cpu_arena):
+    - "shared" (default): one ONNX Runtime arena for every session of the process. Prefill and decode took the time
+      they took with an arena per session (0.97-1.03x in one process, either load order, 4-layer int4 and float32 and
+      full-size int4), and a process's memory grows to its largest call's, not to the sum of every session's:
+      bench.py's process (14 engine configurations at batch 1 and 4, a 4-layer real-width model) peaked at 14.2 GiB.
+    - "session": an arena per session (ONNX Runtime's default, and star-export's before): each keeps what it grew to;
+      bench.py peaked at 22.0 GiB on a 24 GiB machine.
+    - "off": no arena. The least memory (bench.py 12.0 GiB), but every call maps its large buffers afresh: a repeated
+      prefill took 1.14x as long (1.03-1.20).
+    `transient`: a session freed after one run (LazyOrtGraph) gets its own arena where the process's is shared, so that
+    what it grew to is freed with it (memory.py's plan for a lazy validation counts on that)."""
+    value = os.environ.get(CPU_ARENA_ENV) or "shared"
+    if value not in CPU_ARENAS:
+        raise UserError(f"{CPU_ARENA_ENV}={value!r}: allowed {', '.join(CPU_ARENAS)}")
+    return "session" if transient and value == "shared" else value
+
+
+def session_options(threads: int | None = None, transient: bool = False):
+    """The options every engine session is created with (see `thread_pool`; `cpu_arena`, with `transient`)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    CPU_ARENAS[cpu_arena(transient)](opts)
     if thread_pool(threads) == "shared":  # runtime/threads.py
         opts.use_per_session_threads = False
         return opts
@@ -121,6 +171,7 @@ class OrtGraph:
 
         self._ort = ort
         self.session = ort.InferenceSession(str(path), sess_options=session_options(threads), providers=list(providers))
+        self.cpu_arena = cpu_arena()  # what session_options just set
         self.provider = self.session.get_providers()[0]
         if self.provider != providers[0]:
             warnings.warn(f"{Path(path).name}: asked for {providers[0]}, running on {self.provider}", RuntimeWarning, stacklevel=2)
@@ -187,7 +238,8 @@ class LazyOrtGraph:
         import onnxruntime as ort
 
         return ort.InferenceSession(
-            str(self.path), sess_options=session_options(), providers=self.providers, disabled_optimizers=list(self.DISABLED_OPTIMIZERS)
+            str(self.path), sess_options=session_options(transient=True), providers=self.providers,
+            disabled_optimizers=list(self.DISABLED_OPTIMIZERS)
         )
 
     def run(self, feed: dict[str, Any]) -> dict[str, Any]:
