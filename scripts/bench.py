@@ -435,6 +435,12 @@ def run_decode_ab(a, processor, pipes, tok, steps: int = 48) -> dict:
     return result
 
 
+def machine_line(meta: dict) -> str:
+    """A run's machine, threads, CPU arena and versions, as the Markdown reports head them."""
+    return (f"{meta['machine']}; {meta['threads']} threads; ONNX Runtime CPU arena {meta['cpu_arena']}; "
+            + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()))
+
+
 def write_decode_ab(out: Path, meta: dict, ab: dict, keep: int) -> None:
     (out / "decode_ab.json").write_text(json.dumps({"meta": meta, "batches": ab}, indent=1))
     lines = [f"# Decode keep 576 vs keep {keep}, step-interleaved: {meta['date']}", "", f"`{meta['command']}`", "",
@@ -454,8 +460,7 @@ def write_outputs(out: Path, meta: dict, rows: list[dict], configs, keep: int) -
         for r in rows:
             w.writerow([r["config"], r["batch"]] + [r[f][s] for f in FIGURES for s in ("median", "min", "max")] + [f"{r['flops_g']:.1f}", f"{r['kv_mib']:.1f}", r["kv_equals_plan"]])
     lines = [f"# Benchmark: {meta['date']}", "", f"`{meta['command']}`", "",
-             f"{meta['machine']}; {meta['threads']} threads; ONNX Runtime CPU arena {meta['cpu_arena']}; "
-             + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()), "",
+             machine_line(meta), "",
              f"Model `{meta['model']['path']}`: hidden {meta['model']['hidden']}, {meta['model']['text_layers']} decoder layers (pivot {meta['model']['pivot_layer']}), "
              f"{meta['model']['vision_layers']} CLIP layers; {meta['text_tokens']} text tokens; {meta['new_tokens']} new tokens per call; "
              f"median (min–max) over {meta['rounds']} interleaved rounds after a warm-up; ratios are taken per round.", "",
@@ -542,8 +547,7 @@ def write_sweeps(out: Path, meta: dict, sweeps: dict) -> None:
     plt.close(fig)
     steps = sweeps["decode_steps"]
     lines = [f"# Scaling sweeps: {meta['date']}", "", f"`{meta['command']}`", "",
-             f"{meta['machine']}; {meta['threads']} threads; ONNX Runtime CPU arena {meta['cpu_arena']}; "
-             + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()), "",
+             machine_line(meta), "",
              f"Model `{meta['model']['path']}`: hidden {meta['model']['hidden']}, {meta['model']['text_layers']} decoder layers (pivot "
              f"{meta['model']['pivot_layer']}), float32 engines; median (min–max) over interleaved rounds after a warm-up. Plot: `sweeps.png`.", "",
              "| text tokens | " + " | ".join(f"TTFT ms keep {k}" for k in sorted({p['keep'] for p in sweeps['text_tokens']}, reverse=True)) + " |", "|---|---|---|"]

@@ -7,6 +7,7 @@ ORT IO binding so key/value caches stay where the provider put them); `to_numpy`
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import os
 import sys
@@ -94,7 +95,6 @@ def resolve_providers(name: str, allow_fallback: bool = False) -> list[str]:
 
 
 CPU_ARENA_ENV = "STAR_ORT_CPU_ARENA"
-_shared_arena = False
 
 
 def _own_arena(opts) -> None:
@@ -105,16 +105,18 @@ def _no_arena(opts) -> None:
     opts.enable_cpu_mem_arena = False
 
 
-def _shared_arena_of_process(opts) -> None:
-    """ONNX Runtime's environment allocator: one CPU arena, registered at the first call, for every session that opts
-    in (only ours do; other libraries' sessions keep their own)."""
-    global _shared_arena
+@functools.cache
+def _register_shared_arena() -> None:
+    """ONNX Runtime's environment allocator: one CPU arena, registered once per process, for every session that opts in
+    (only ours do; other libraries' sessions keep their own)."""
     import onnxruntime as ort
 
-    if not _shared_arena:
-        info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
-        ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, -1, -1, -1))  # ONNX Runtime's default arena settings
-        _shared_arena = True
+    info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+    ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, -1, -1, -1))  # ONNX Runtime's default arena settings
+
+
+def _shared_arena_of_process(opts) -> None:
+    _register_shared_arena()
     opts.enable_cpu_mem_arena = True
     opts.add_session_config_entry("session.use_env_allocators", "1")
 
