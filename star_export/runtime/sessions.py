@@ -19,9 +19,30 @@ import numpy as np
 import torch
 
 from ..errors import UserError
+from .kvcache import NEW as NEW_KV
 from .threads import thread_pool
 
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")  # onnxruntime otherwise writes state under ~/.cache (FIELD_NOTES)
+
+
+@contextlib.contextmanager
+def full_float32(device: torch.device):
+    """float32 products and convolutions in float32 on a CUDA device, not TF32 (torch's default for convolutions):
+    the reference's float32 run is what float32 costs, which the validator's budgets stand on (budget.py)."""
+    if device.type != "cuda":
+        yield
+        return
+    knobs = [(torch.backends.cuda.matmul, "fp32_precision"), (torch.backends.cudnn.conv, "fp32_precision")]
+    if not all(hasattr(obj, name) for obj, name in knobs):  # torch < 2.9: the flags before fp32_precision
+        knobs = [(torch.backends.cuda.matmul, "allow_tf32"), (torch.backends.cudnn, "allow_tf32")]
+    saved = [getattr(obj, name) for obj, name in knobs]
+    for obj, name in knobs:
+        setattr(obj, name, "ieee" if name == "fp32_precision" else False)
+    try:
+        yield
+    finally:
+        for (obj, name), value in zip(knobs, saved):
+            setattr(obj, name, value)
 
 
 class TorchGraph:
@@ -45,7 +66,7 @@ class TorchGraph:
     def run(self, feed: dict[str, Any]) -> dict[str, Any]:
         args = [self._tensor(feed[n]) for n in self.input_names]
         kwargs = {n: self._tensor(feed[n]) for n in self.optional_names if feed.get(n) is not None}
-        with self.context():
+        with self.context(), full_float32(self.device):
             outputs = self.module(*args, **kwargs)
         return dict(zip(self.output_names, outputs))
 
@@ -63,6 +84,21 @@ PROVIDER_ALIASES = {
     "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
     "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
 }
+
+
+# Options per provider, passed with its name. CUDA: float32 products in float32, not TF32 (ONNX Runtime's default is
+# TF32 on Ampere and later), so a float32 engine computes what its dtype says and star-validate's budgets hold
+# (measured on an H100: a float32 MatMul 2.9e-4 from float64 by default, 1.5e-7 with use_tf32 0). Convolution
+# algorithms by cuDNN's heuristic, not ONNX Runtime's default exhaustive search: that search runs again whenever the
+# input's shape changes, and a server's batch size changes from call to call (H100, a float16 engine's vision graph
+# with batch 1 and batch 4 calls alternating: 26.7 and 30.1 ms per call exhaustive, 8.1 and 14.0 heuristic;
+# scripts/cuda_options_ab.py, docs/benchmarks/gpu/cuda_options_ab.json).
+PROVIDER_OPTIONS = {"CUDAExecutionProvider": {"use_tf32": "0", "cudnn_conv_algo_search": "HEURISTIC"}}
+
+
+def with_options(providers: Sequence[str]) -> list:
+    """`providers` as ONNX Runtime takes them: (name, options) where PROVIDER_OPTIONS has some."""
+    return [(p, PROVIDER_OPTIONS[p]) if p in PROVIDER_OPTIONS else p for p in providers]
 
 
 class ProviderError(UserError):
@@ -161,6 +197,7 @@ def session_options(threads: int | None = None, transient: bool = False):
 
 
 TORCH_TO_NUMPY = {torch.float32: np.float32, torch.float16: np.float16, torch.float64: np.float64, torch.int64: np.int64}
+ORT_TO_TORCH = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16}
 
 
 class OrtGraph:
@@ -172,7 +209,7 @@ class OrtGraph:
         import onnxruntime as ort
 
         self._ort = ort
-        self.session = ort.InferenceSession(str(path), sess_options=session_options(threads), providers=list(providers))
+        self.session = ort.InferenceSession(str(path), sess_options=session_options(threads), providers=with_options(providers))
         self.cpu_arena = cpu_arena()  # what session_options just set
         self.provider = self.session.get_providers()[0]
         if self.provider != providers[0]:
@@ -180,9 +217,12 @@ class OrtGraph:
         self.device = "cuda" if self.provider in ("CUDAExecutionProvider", "TensorrtExecutionProvider") else "cpu"
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
+        self._output_types = {o.name: o.type for o in self.session.get_outputs()}
+        self._output_shapes = {o.name: tuple(o.shape) for o in self.session.get_outputs()}
 
     def run(self, feed: dict[str, Any]) -> dict[str, Any]:
         binding = self.session.io_binding()
+        written_by_torch = set()
         for name in self.input_names:
             value = feed[name]
             if isinstance(value, self._ort.OrtValue):
@@ -190,25 +230,56 @@ class OrtGraph:
             elif torch.is_tensor(value):  # a KV buffer on the GPU (kvcache.zeros), read where it lies
                 value = value.contiguous()
                 binding.bind_input(name, value.device.type, value.device.index or 0, TORCH_TO_NUMPY[value.dtype], tuple(value.shape), value.data_ptr())
+                written_by_torch.add(value.device)
             else:
                 binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        for device in written_by_torch:  # torch wrote these buffers on its own stream; ONNX Runtime reads them on another
+            if device.type == "cuda":
+                torch.cuda.current_stream(device).synchronize()
+        in_torch = {}
         for name in self.output_names:
-            self._bind_output(binding, name, feed)
+            tensor = self._bind_output(binding, name, feed)
+            if tensor is not None:
+                in_torch[name] = tensor
         self.session.run_with_iobinding(binding)
-        return dict(zip(self.output_names, binding.get_outputs()))
+        return dict(zip(self.output_names, binding.get_outputs())) | in_torch
 
-    def _bind_output(self, binding, name: str, feed: dict[str, Any]) -> None:
-        """Where output `name` goes: a new value on the provider's device."""
-        binding.bind_output(name, self.device)
+    def _bind_output(self, binding, name: str, feed: dict[str, Any]):
+        """Where output `name` goes: a new value on the provider's device. On a GPU, a segment's new keys and values go
+        into torch tensors (returned), which the KV cache copies into its buffers on the device (kvcache.append)
+        instead of through the host."""
+        shape = self._torch_output_shape(name, feed)
+        if shape is None:
+            binding.bind_output(name, self.device)
+            return None
+        dtype = ORT_TO_TORCH[self._output_types[name]]
+        tensor = torch.empty(shape, dtype=dtype, device=self.device)
+        binding.bind_output(name, tensor.device.type, tensor.device.index or 0, TORCH_TO_NUMPY[dtype], shape, tensor.data_ptr())
+        return tensor
+
+    def _torch_output_shape(self, name: str, feed: dict[str, Any]) -> tuple[int, ...] | None:
+        """(B, kv_heads, q, head_dim) of a new key or value output on a GPU, from the tokens fed; None for any other."""
+        if self.device != "cuda" or not name.startswith(NEW_KV) or self._output_types.get(name) not in ORT_TO_TORCH:
+            return None
+        _, heads, _, head_dim = self._output_shapes[name]
+        tokens = feed.get("inputs_embeds", feed.get("hidden_states"))
+        if tokens is None or not (isinstance(heads, int) and isinstance(head_dim, int)):
+            return None
+        batch, q = (tokens.shape() if callable(tokens.shape) else tokens.shape)[:2]
+        return (int(batch), heads, int(q), head_dim)
 
     def to_numpy(self, value) -> np.ndarray:
-        return value.numpy() if isinstance(value, self._ort.OrtValue) else np.asarray(value)
+        if isinstance(value, self._ort.OrtValue):
+            return value.numpy()
+        return value.detach().cpu().numpy() if torch.is_tensor(value) else np.asarray(value)
 
     def nbytes(self, value) -> int:
         """Size without a copy to the host (the value may live on the GPU)."""
         if isinstance(value, self._ort.OrtValue):
             dtype = self._ort_dtypes[value.data_type()]
             return int(np.prod(value.shape(), dtype=np.int64)) * np.dtype(dtype).itemsize
+        if torch.is_tensor(value):
+            return value.numel() * value.element_size()
         return np.asarray(value).nbytes
 
     _ort_dtypes = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64, "tensor(double)": np.float64}
@@ -240,7 +311,7 @@ class LazyOrtGraph:
         import onnxruntime as ort
 
         return ort.InferenceSession(
-            str(self.path), sess_options=session_options(transient=True), providers=self.providers,
+            str(self.path), sess_options=session_options(transient=True), providers=with_options(self.providers),
             disabled_optimizers=list(self.DISABLED_OPTIMIZERS)
         )
 
