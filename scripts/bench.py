@@ -90,9 +90,10 @@ def pipeline_run(pipe: StarPipeline) -> Callable[[dict, int], dict]:
     return run
 
 
-def hf_run(model) -> Callable[[dict, int], dict]:
+def hf_run(model, device: str = "cpu") -> Callable[[dict, int], dict]:
     """HF `generate`, greedy, exactly `tokens` new tokens, with HF's default attention (sdpa; the model is kept on eager
-    for the STAR reference, which reads CLIP's attention probabilities); a logits processor stamps every step's logits."""
+    for the STAR reference, which reads CLIP's attention probabilities); a logits processor stamps every step's logits
+    (on a GPU once the step's logits are computed)."""
     from transformers import LogitsProcessor, LogitsProcessorList
 
     class Stamp(LogitsProcessor):
@@ -100,12 +101,14 @@ def hf_run(model) -> Callable[[dict, int], dict]:
             self.times = []
 
         def __call__(self, input_ids, scores):
+            if scores.is_cuda:
+                torch.cuda.synchronize(scores.device)
             self.times.append(time.perf_counter())
             return scores
 
     def run(inputs, tokens):
         stamp = Stamp()
-        feed = {k: torch.from_numpy(v) for k, v in inputs.items()}
+        feed = {k: torch.from_numpy(v).to(device) for k, v in inputs.items()}
         model.set_attn_implementation("sdpa")
         try:
             with torch.no_grad():

@@ -1,0 +1,140 @@
+#!/usr/bin/env python
+"""GPU benchmark: HF transformers `generate` (unpruned, sdpa, on the GPU) against STAR engines on ONNX Runtime's CUDA
+provider, on one random model at real LLaVA-1.5-7B widths with reduced depth, interleaved as scripts/bench.py does
+(A B C ... per round after a warm-up round; medians with min-max; every ratio taken within a round).
+
+    python scripts/gpu_bench.py --model DIR [--dtype float16] [--keeps 576 58] [--rounds 5] [--tokens 32] [--out DIR]
+
+Needs torch with CUDA and onnxruntime-gpu (in place of onnxruntime). `--model`: a local HF LLaVA directory
+(scripts/make_checkpoint.py, or testing.save_random_llava); without one, a 4-layer real-width model is written to the
+work directory. Writes `<out>/gpu_bench.md` and `gpu_bench.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench import Config, emit, fmt, hf_run, inputs_for, interleave, per_round, pipeline_run, prompt_of, summary  # scripts/bench.py
+
+from star_export.flops import plan
+from star_export.manifest import tool_versions
+
+FIGURES = ("ttft_ms", "vision_ms", "prefill_ms", "decode_ms", "tokens_per_s")
+
+
+class GpuConfig(Config):
+    def once(self, inputs: dict, tokens: int) -> dict:
+        """Config.once without its RSS reading (host memory says nothing of a GPU run)."""
+        r = self.run(inputs, tokens)
+        r["tokens_per_s"] = self.batch * 1e3 / r["decode_ms"]
+        return r
+
+
+def build(a, work: Path):
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from star_export.export.build import export_engine
+    from star_export.runtime.engine import Engine
+
+    model_dir = a.model
+    if model_dir is None:
+        from star_export.testing import real_width_spec, save_random_llava
+
+        model_dir = str(save_random_llava(real_width_spec(vision_layers=3, text_layers=a.text_layers), work / "model"))
+    t = time.perf_counter()
+    engines = {}
+    for keep in a.keeps:
+        out = work / f"{a.dtype}-keep{keep}"
+        if not out.exists():
+            export_engine(model=model_dir, keep=keep, out=out, dtype=a.dtype, validate=False, show_progress=False,
+                          max_batch_size=max(a.batches), max_new_tokens=max(a.tokens, 8))
+        engines[keep] = Engine.from_dir(out, provider="cuda")
+        assert engines[keep].provider == "CUDAExecutionProvider", engines[keep].provider
+    print(f"exported and loaded engines in {time.perf_counter() - t:.0f} s", file=sys.stderr, flush=True)
+    hf = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=getattr(torch, a.dtype), attn_implementation="sdpa").to("cuda").eval()
+    return model_dir, engines, hf, AutoProcessor.from_pretrained(model_dir)
+
+
+def rows_of(configs: list[Config], engines: dict, text_tokens: int) -> list[dict]:
+    hf = {c.batch: c for c in configs if c.kind == "hf"}
+    base = {c.batch: c for c in configs if c.kind == "engine" and c.keep == 576}
+    rows = []
+    for c in configs:
+        row = {"config": c.name, "batch": c.batch, **{f: summary([r[f] for r in c.results]) for f in FIGURES}}
+        row["ttft_vs_hf"] = per_round(c, hf[c.batch], "ttft_ms") if c.kind == "engine" else None
+        row["decode_vs_hf"] = per_round(c, hf[c.batch], "decode_ms") if c.kind == "engine" else None
+        if c.kind == "engine" and c.batch in base and c.keep != 576:
+            p = plan(engines[c.keep].spec, engines[c.keep].schedule, text_tokens)
+            row["prefill_vs_576"] = per_round(c, base[c.batch], "prefill_ms")
+            row["flops_ideal_vs_576"] = p.flops["baseline"] / p.flops["star"]
+            row["decode_vs_576"] = per_round(c, base[c.batch], "decode_ms")
+        rows.append(row)
+    return rows
+
+
+def markdown(meta: dict, rows: list[dict]) -> str:
+    lines = [f"# GPU benchmark ({meta['date']})", "", f"`{meta['command']}`", "", f"{meta['gpu']}; {meta['machine']}; " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()), "",
+             f"Model: {meta['model']}; {meta['text_tokens']} text tokens; {meta['new_tokens']} new tokens per call; {meta['rounds']} rounds "
+             "after a warm-up; median (min–max); ratios per round: how many times faster than the reference named.", "",
+             "| config | batch | TTFT ms | vision ms | prefill ms | decode ms/token | tokens/s | TTFT vs HF | decode vs HF | prefill vs 576 (ideal) | decode vs 576 |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ideal = f" ({r['flops_ideal_vs_576']:.2f})" if r.get("flops_ideal_vs_576") else ""
+        cells = [fmt(r[f], 2 if f == "decode_ms" else 1) for f in FIGURES]
+        ratios = [fmt(r[k], 2) if r.get(k) else "-" for k in ("ttft_vs_hf", "decode_vs_hf")]
+        vs576 = [fmt(r["prefill_vs_576"], 2) + ideal if r.get("prefill_vs_576") else "-", fmt(r["decode_vs_576"], 2) if r.get("decode_vs_576") else "-"]
+        lines.append("| " + " | ".join([r["config"], str(r["batch"]), *cells, *ratios, *vs576]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=None, help="local HF LLaVA directory (default: a random real-width one, --text-layers deep)")
+    p.add_argument("--text-layers", type=int, default=4)
+    p.add_argument("--dtype", default="float16", choices=["float16", "float32"])
+    p.add_argument("--keeps", type=int, nargs="+", default=[576, 58])
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--tokens", type=int, default=32, help="new tokens per call")
+    p.add_argument("--text-tokens", type=int, default=40)
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 4])
+    p.add_argument("--out", default="docs/benchmarks/gpu")
+    p.add_argument("--work-dir", default=None)
+    a = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("gpu_bench.py: torch sees no CUDA GPU", file=sys.stderr)
+        return 2
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(a.work_dir or tempfile.mkdtemp(prefix="star-gpu-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    model_dir, engines, hf, processor = build(a, work)
+    prompt = prompt_of(processor.tokenizer, a.text_tokens)
+    cached = {b: inputs_for(processor, b, prompt) for b in a.batches}
+    configs = []
+    for b in a.batches:
+        configs.append(GpuConfig(f"HF generate {a.dtype} (sdpa)", b, hf_run(hf, "cuda"), kind="hf"))
+        configs += [GpuConfig(f"engine {a.dtype} keep {k}", b, pipeline_run(e.pipeline), keep=k) for k, e in engines.items()]
+    interleave(configs, lambda c: cached[c.batch], a.rounds, a.tokens, "gpu")
+    text_tokens = int(cached[a.batches[0]]["attention_mask"][0].sum()) - engines[a.keeps[0]].spec.num_vision_tokens
+    meta = {
+        "command": "python " + " ".join([sys.argv[0], *(argv or sys.argv[1:])]), "date": time.strftime("%Y-%m-%d %H:%M"),
+        "gpu": f"{torch.cuda.get_device_name()} (torch {torch.__version__}, CUDA {torch.version.cuda})",
+        "machine": f"{platform.processor() or platform.machine()}, {platform.platform()}", "versions": tool_versions() | {"numpy": np.__version__},
+        "model": model_dir, "text_tokens": text_tokens, "new_tokens": a.tokens, "rounds": a.rounds,
+    }
+    rows = rows_of(configs, engines, text_tokens)
+    (out / "gpu_bench.md").write_text(markdown(meta, rows))
+    print((out / "gpu_bench.md").read_text(), file=sys.stderr)
+    return emit({"meta": meta, "rows": rows, "runs": {c.name + f" batch {c.batch}": c.results for c in configs}}, str(out / "gpu_bench.json"))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
