@@ -226,13 +226,13 @@ def matmul_compute(scheme: WeightScheme, activation_dtype: str, providers) -> st
     import onnxruntime as ort
     import torch
 
-    from ..runtime.sessions import session_options
+    from ..runtime.sessions import session_options, with_options
 
     K, N = 2 * scheme.block_size, 16
     rng = np.random.default_rng(0)
     weight = rng.standard_normal((N, K)).astype(np.float32)
     a = rng.standard_normal((8, K)).astype(activation_dtype)
-    session = ort.InferenceSession(matmulnbits_model(scheme, activation_dtype, K, N, weight), session_options(), providers=list(providers))
+    session = ort.InferenceSession(matmulnbits_model(scheme, activation_dtype, K, N, weight), session_options(), providers=with_options(providers))
     y = session.run(None, {"A": a})[0].astype(np.float64)
     w = quantized_twin(weight, scheme, activation_dtype)
     models = {"float": a.astype(np.float64) @ w.T,
