@@ -414,6 +414,21 @@ def run_sweeps(a, processor, pipes, tok) -> dict:
     return sweeps
 
 
+def alternate_steps(pipes: dict, states: dict, steps: int) -> tuple[dict, dict]:
+    """`steps` greedy decode steps of each pipeline from its state, alternating A B B A A B ... (pipelines in dict
+    order). Returns per pipeline the step times (ms) and the tokens fed. `states` is updated in place."""
+    times, tokens = ({k: [] for k in pipes} for _ in range(2))
+    order = list(pipes)
+    for i in range(steps):
+        for k in order if i % 2 == 0 else order[::-1]:
+            token = states[k].logits.argmax(-1)
+            t = time.perf_counter()
+            states[k] = pipes[k].step(states[k], token)
+            times[k].append((time.perf_counter() - t) * 1e3)
+            tokens[k].append(token)
+    return times, tokens
+
+
 def run_decode_ab(a, processor, pipes, tok, steps: int = 48) -> dict:
     """Decode ms/step at keep 576 and at --keep, alternated step by step (A B B A A B ...) from one prefill each, per
     batch: the finest interleaving, for the one ratio that per-call rounds blur (their decode runs are 7 steps
@@ -423,15 +438,8 @@ def run_decode_ab(a, processor, pipes, tok, steps: int = 48) -> dict:
     for b in a.batches:
         feed = inputs_for(processor, b, prompt)
         keeps = (576, a.keep)
-        states, times = {}, {k: [] for k in keeps}
-        for k in keeps:
-            states[k], _ = pipes[k].prefill(feed["pixel_values"], feed["input_ids"], feed["attention_mask"], reserve=steps)
-        for i in range(steps):
-            for k in keeps if i % 2 == 0 else keeps[::-1]:
-                tokens = states[k].logits.argmax(-1)
-                t = time.perf_counter()
-                states[k] = pipes[k].step(states[k], tokens)
-                times[k].append((time.perf_counter() - t) * 1e3)
+        states = {k: pipes[k].prefill(feed["pixel_values"], feed["input_ids"], feed["attention_mask"], reserve=steps)[0] for k in keeps}
+        times, _ = alternate_steps({k: pipes[k] for k in keeps}, states, steps)
         ratios = [x / y for x, y in zip(times[576][1:], times[a.keep][1:])]  # the first step of each left out
         result[b] = {"steps": steps - 1, "keep576_ms": summary(times[576][1:]), "keep_ms": summary(times[a.keep][1:]),
                      "ratio_576_over_keep": summary(ratios)}

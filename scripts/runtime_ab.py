@@ -32,7 +32,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench import emit, summary
+from bench import alternate_steps, emit, summary
 from star_export.runtime.sessions import CPU_ARENA_ENV, CPU_ARENAS
 from star_export.runtime.threads import THREAD_POOL_ENV, THREAD_POOLS
 
@@ -107,14 +107,11 @@ def in_process_ab(a, knob: Knob, first: str, second: str) -> dict:
             states[v], _ = engines[v].pipeline.prefill(feed["pixel_values"], feed["input_ids"], feed["attention_mask"], reserve=a.steps)
             if kept:
                 prefill[v].append(time.perf_counter() - t)
-        for i in range(a.steps):
-            for v in order if i % 2 == 0 else order[::-1]:
-                token = states[v].logits.argmax(-1)
-                t = time.perf_counter()
-                states[v] = engines[v].pipeline.step(states[v], token)
-                if kept:
-                    steps[v].append((time.perf_counter() - t) * 1e3)
-                    tokens[v].append(token)
+        times, fed = alternate_steps({v: engines[v].pipeline for v in order}, states, a.steps)
+        if kept:
+            for v in order:
+                steps[v] += times[v]
+                tokens[v] += fed[v]
         print(f"round {r}/{a.rounds} done{'' if kept else ' (warm-up)'}", file=sys.stderr)
     return {"loaded_first": order[0], "rounds": a.rounds, "steps_per_round": a.steps,
             **{f"{v}_prefill_s": summary(prefill[v]) for v in (first, second)},
