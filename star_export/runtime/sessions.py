@@ -200,6 +200,13 @@ TORCH_TO_NUMPY = {torch.float32: np.float32, torch.float16: np.float16, torch.fl
 ORT_TO_TORCH = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16}
 
 
+def gpu_kv_outputs(outputs) -> dict[str, tuple[torch.dtype, int, int]]:
+    """A graph's new key and value outputs (`new_key_values.*`, (B, kv_heads, q, head_dim) with static heads and
+    head_dim) that a GPU run writes into torch tensors: name -> (dtype, kv_heads, head_dim)."""
+    return {o.name: (ORT_TO_TORCH[o.type], o.shape[1], o.shape[3]) for o in outputs
+            if o.name.startswith(NEW_KV) and o.type in ORT_TO_TORCH and len(o.shape) == 4 and isinstance(o.shape[1], int) and isinstance(o.shape[3], int)}
+
+
 class OrtGraph:
     """An ONNX Runtime session run through IO binding: outputs stay `OrtValue`s on the provider's device, and inputs
     are bound where they lie (numpy arrays without a copy on the CPU, torch tensors on the GPU), so KV cache buffers
@@ -217,8 +224,7 @@ class OrtGraph:
         self.device = "cuda" if self.provider in ("CUDAExecutionProvider", "TensorrtExecutionProvider") else "cpu"
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
-        self._output_types = {o.name: o.type for o in self.session.get_outputs()}
-        self._output_shapes = {o.name: tuple(o.shape) for o in self.session.get_outputs()}
+        self._torch_outputs = gpu_kv_outputs(self.session.get_outputs()) if self.device == "cuda" else {}
 
     def run(self, feed: dict[str, Any]) -> dict[str, Any]:
         binding = self.session.io_binding()
@@ -248,39 +254,27 @@ class OrtGraph:
         """Where output `name` goes: a new value on the provider's device. On a GPU, a segment's new keys and values go
         into torch tensors (returned), which the KV cache copies into its buffers on the device (kvcache.append)
         instead of through the host."""
-        shape = self._torch_output_shape(name, feed)
-        if shape is None:
+        spec = self._torch_outputs.get(name)
+        tokens = spec and feed.get("inputs_embeds", feed.get("hidden_states"))
+        if tokens is None or spec is None:
             binding.bind_output(name, self.device)
             return None
-        dtype = ORT_TO_TORCH[self._output_types[name]]
+        dtype, heads, head_dim = spec
+        batch, q = (tokens.shape() if callable(tokens.shape) else tokens.shape)[:2]
+        shape = (int(batch), heads, int(q), head_dim)
         tensor = torch.empty(shape, dtype=dtype, device=self.device)
         binding.bind_output(name, tensor.device.type, tensor.device.index or 0, TORCH_TO_NUMPY[dtype], shape, tensor.data_ptr())
         return tensor
 
-    def _torch_output_shape(self, name: str, feed: dict[str, Any]) -> tuple[int, ...] | None:
-        """(B, kv_heads, q, head_dim) of a new key or value output on a GPU, from the tokens fed; None for any other."""
-        if self.device != "cuda" or not name.startswith(NEW_KV) or self._output_types.get(name) not in ORT_TO_TORCH:
-            return None
-        _, heads, _, head_dim = self._output_shapes[name]
-        tokens = feed.get("inputs_embeds", feed.get("hidden_states"))
-        if tokens is None or not (isinstance(heads, int) and isinstance(head_dim, int)):
-            return None
-        batch, q = (tokens.shape() if callable(tokens.shape) else tokens.shape)[:2]
-        return (int(batch), heads, int(q), head_dim)
-
     def to_numpy(self, value) -> np.ndarray:
-        if isinstance(value, self._ort.OrtValue):
-            return value.numpy()
-        return value.detach().cpu().numpy() if torch.is_tensor(value) else np.asarray(value)
+        return value.numpy() if isinstance(value, self._ort.OrtValue) else TorchGraph.to_numpy(value)
 
     def nbytes(self, value) -> int:
         """Size without a copy to the host (the value may live on the GPU)."""
         if isinstance(value, self._ort.OrtValue):
             dtype = self._ort_dtypes[value.data_type()]
             return int(np.prod(value.shape(), dtype=np.int64)) * np.dtype(dtype).itemsize
-        if torch.is_tensor(value):
-            return value.numel() * value.element_size()
-        return np.asarray(value).nbytes
+        return TorchGraph.nbytes(value)
 
     _ort_dtypes = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64, "tensor(double)": np.float64}
 
