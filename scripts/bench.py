@@ -71,11 +71,14 @@ class Config:
     keep: int = 576
     kind: str = "engine"
     results: list[dict] = field(default_factory=list)
+    rss: bool = True  # read the process's peak RSS per run (False on a GPU, where host memory says nothing of the run)
 
     def once(self, inputs: dict, tokens: int) -> dict:
-        _reset_peak_rss()
+        if self.rss:
+            _reset_peak_rss()
         r = self.run(inputs, tokens)
-        r["peak_rss_gib"] = _peak_rss_gib()
+        if self.rss:
+            r["peak_rss_gib"] = _peak_rss_gib()
         r["tokens_per_s"] = self.batch * 1e3 / r["decode_ms"]
         return r
 

@@ -7,7 +7,9 @@ provider, on one random model at real LLaVA-1.5-7B widths with reduced depth, in
 
 Needs torch with CUDA and onnxruntime-gpu (in place of onnxruntime). `--model`: a local HF LLaVA directory
 (scripts/make_checkpoint.py, or testing.save_random_llava); without one, a 4-layer real-width model is written to the
-work directory. Writes `<out>/gpu_bench.md` and `gpu_bench.json`.
+work directory. `--kv-via-host` also runs each engine with its new keys and values copied through the host, as before
+they were written into torch tensors on the GPU, and reports the device-side copy's gain per round. Writes
+`<out>/gpu_bench.md` and `gpu_bench.json`.
 """
 
 from __future__ import annotations
@@ -30,12 +32,15 @@ from star_export.manifest import tool_versions
 FIGURES = ("ttft_ms", "vision_ms", "prefill_ms", "decode_ms", "tokens_per_s")
 
 
-class GpuConfig(Config):
-    def once(self, inputs: dict, tokens: int) -> dict:
-        """Config.once without its RSS reading (host memory says nothing of a GPU run)."""
-        r = self.run(inputs, tokens)
-        r["tokens_per_s"] = self.batch * 1e3 / r["decode_ms"]
-        return r
+HOST_KV = " (KV via host)"
+
+
+def kv_via_host(engine):
+    """The engine with its graphs' new keys and values returned as ONNX Runtime values (copied to the host and back
+    into the torch cache), as before they were written into torch tensors on the GPU (runtime/sessions.py)."""
+    for graph in engine.graphs.values():
+        graph._torch_outputs = {}
+    return engine
 
 
 def build(a, work: Path):
@@ -50,7 +55,7 @@ def build(a, work: Path):
 
         model_dir = str(save_random_llava(real_width_spec(vision_layers=3, text_layers=a.text_layers), work / "model"))
     t = time.perf_counter()
-    engines = {}
+    engines, host_kv = {}, {}
     for keep in a.keeps:
         out = work / f"{a.dtype}-keep{keep}"
         if not out.exists():
@@ -58,9 +63,11 @@ def build(a, work: Path):
                           max_batch_size=max(a.batches), max_new_tokens=max(a.tokens, 8))
         engines[keep] = Engine.from_dir(out, provider="cuda")
         assert engines[keep].provider == "CUDAExecutionProvider", engines[keep].provider
+        if a.kv_via_host:
+            host_kv[keep] = kv_via_host(Engine.from_dir(out, provider="cuda"))
     print(f"exported and loaded engines in {time.perf_counter() - t:.0f} s", file=sys.stderr, flush=True)
     hf = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=getattr(torch, a.dtype), attn_implementation="sdpa").to("cuda").eval()
-    return model_dir, engines, hf, AutoProcessor.from_pretrained(model_dir)
+    return model_dir, engines, host_kv, hf, AutoProcessor.from_pretrained(model_dir)
 
 
 def rows_of(configs: list[Config], engines: dict, text_tokens: int) -> list[dict]:
@@ -69,8 +76,11 @@ def rows_of(configs: list[Config], engines: dict, text_tokens: int) -> list[dict
     rows = []
     for c in configs:
         row = {"config": c.name, "batch": c.batch, **{f: summary([r[f] for r in c.results]) for f in FIGURES}}
-        row["ttft_vs_hf"] = per_round(c, hf[c.batch], "ttft_ms") if c.kind == "engine" else None
-        row["decode_vs_hf"] = per_round(c, hf[c.batch], "decode_ms") if c.kind == "engine" else None
+        row["ttft_vs_hf"] = per_round(c, hf[c.batch], "ttft_ms") if c.kind != "hf" else None
+        row["decode_vs_hf"] = per_round(c, hf[c.batch], "decode_ms") if c.kind != "hf" else None
+        if c.kind == HOST_KV:  # the same engine with its KV outputs bound to torch tensors on the GPU
+            device_kv = next(d for d in configs if d.kind == "engine" and d.batch == c.batch and d.keep == c.keep)
+            row["device_kv_vs_host"] = {f: per_round(device_kv, c, f) for f in ("ttft_ms", "prefill_ms", "decode_ms")}
         if c.kind == "engine" and c.batch in base and c.keep != 576:
             p = plan(engines[c.keep].spec, engines[c.keep].schedule, text_tokens)
             row["prefill_vs_576"] = per_round(c, base[c.batch], "prefill_ms")
@@ -92,6 +102,12 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         ratios = [fmt(r[k], 2) if r.get(k) else "-" for k in ("ttft_vs_hf", "decode_vs_hf")]
         vs576 = [fmt(r["prefill_vs_576"], 2) + ideal if r.get("prefill_vs_576") else "-", fmt(r["decode_vs_576"], 2) if r.get("decode_vs_576") else "-"]
         lines.append("| " + " | ".join([r["config"], str(r["batch"]), *cells, *ratios, *vs576]) + " |")
+    host = [r for r in rows if r.get("device_kv_vs_host")]
+    if host:
+        lines += ["", "KV outputs written into torch tensors on the GPU, against the same engine's KV copied through the host "
+                  "(how many times faster, per round):", "", "| config | batch | TTFT | prefill | decode |", "|---|---|---|---|---|"]
+        lines += ["| " + " | ".join([r["config"].replace(HOST_KV, ""), str(r["batch"]), *(fmt(r["device_kv_vs_host"][f], 2) for f in ("ttft_ms", "prefill_ms", "decode_ms"))]) + " |"
+                  for r in host]
     return "\n".join(lines) + "\n"
 
 
@@ -107,6 +123,8 @@ def main(argv=None) -> int:
     p.add_argument("--batches", type=int, nargs="+", default=[1, 4])
     p.add_argument("--out", default="docs/benchmarks/gpu")
     p.add_argument("--work-dir", default=None)
+    p.add_argument("--kv-via-host", action="store_true",
+                   help="also run each engine with its new keys and values copied through the host (the A/B of the device-side KV copy)")
     a = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("gpu_bench.py: torch sees no CUDA GPU", file=sys.stderr)
@@ -115,13 +133,14 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     work = Path(a.work_dir or tempfile.mkdtemp(prefix="star-gpu-bench-"))
     work.mkdir(parents=True, exist_ok=True)
-    model_dir, engines, hf, processor = build(a, work)
+    model_dir, engines, host_kv, hf, processor = build(a, work)
     prompt = prompt_of(processor.tokenizer, a.text_tokens)
     cached = {b: inputs_for(processor, b, prompt) for b in a.batches}
     configs = []
     for b in a.batches:
-        configs.append(GpuConfig(f"HF generate {a.dtype} (sdpa)", b, hf_run(hf, "cuda"), kind="hf"))
-        configs += [GpuConfig(f"engine {a.dtype} keep {k}", b, pipeline_run(e.pipeline), keep=k) for k, e in engines.items()]
+        configs.append(Config(f"HF generate {a.dtype} (sdpa)", b, hf_run(hf, "cuda"), kind="hf", rss=False))
+        configs += [Config(f"engine {a.dtype} keep {k}", b, pipeline_run(e.pipeline), keep=k, rss=False) for k, e in engines.items()]
+        configs += [Config(f"engine {a.dtype} keep {k}{HOST_KV}", b, pipeline_run(e.pipeline), keep=k, kind=HOST_KV, rss=False) for k, e in host_kv.items()]
     interleave(configs, lambda c: cached[c.batch], a.rounds, a.tokens, "gpu")
     text_tokens = int(cached[a.batches[0]]["attention_mask"][0].sum()) - engines[a.keeps[0]].spec.num_vision_tokens
     meta = {
