@@ -283,6 +283,11 @@ def per_round(a: Config, b: Config, figure: str) -> dict:
     return summary([rb[figure] / ra[figure] for ra, rb in zip(a.results, b.results)])
 
 
+def gflop(g: float) -> str:
+    """Whole GFLOP at real widths; three significant digits for a small model's prefill (well under one GFLOP)."""
+    return f"{g:.0f}" if g >= 100 else f"{g:.3g}"
+
+
 def fmt(s: dict, digits: int = 1) -> str:
     if s["median"] is None:
         return "-"
@@ -472,7 +477,7 @@ def write_outputs(out: Path, meta: dict, rows: list[dict], configs, keep: int) -
         w = csv.writer(f)
         w.writerow(["config", "batch"] + [f"{f}_{s}" for f in FIGURES for s in ("median", "min", "max")] + ["flops_g", "kv_mib", "kv_equals_plan"])
         for r in rows:
-            w.writerow([r["config"], r["batch"]] + [r[f][s] for f in FIGURES for s in ("median", "min", "max")] + [f"{r['flops_g']:.1f}", f"{r['kv_mib']:.1f}", r["kv_equals_plan"]])
+            w.writerow([r["config"], r["batch"]] + [r[f][s] for f in FIGURES for s in ("median", "min", "max")] + [round(r['flops_g'], 4), f"{r['kv_mib']:.1f}", r["kv_equals_plan"]])
     lines = [f"# Benchmark: {meta['date']}", "", f"`{meta['command']}`", "",
              machine_line(meta), "",
              f"Model `{meta['model']['path']}`: hidden {meta['model']['hidden']}, {meta['model']['text_layers']} decoder layers (pivot {meta['model']['pivot_layer']}), "
@@ -487,7 +492,7 @@ def write_outputs(out: Path, meta: dict, rows: list[dict], configs, keep: int) -
         ideal = f"{fmt(r['prefill_vs_576'], 2)}× ({r['flops_ideal_vs_576']:.2f}×)" if r.get("prefill_vs_576") else "-"
         kv = f"{r['kv_mib']:.1f} ({'yes' if r['kv_equals_plan'] else 'no' if r['kv_equals_plan'] is not None else 'n/a'})"
         lines.append(f"| {r['config']} | {r['batch']} | {fmt(r['ttft_ms'], 0)} | {fmt(r['vision_ms'], 0)} | {fmt(r['prefill_ms'], 0)} | {fmt(r['decode_ms'])} | "
-                     f"{fmt(r['tokens_per_s'])} | {fmt(r['peak_rss_gib'], 2)} | {r['flops_g']:.0f} | {kv} | {vs('ttft_vs_hf')} | {vs('decode_vs_hf')} | {ideal} | {vs('decode_vs_576')} |")
+                     f"{fmt(r['tokens_per_s'])} | {fmt(r['peak_rss_gib'], 2)} | {gflop(r['flops_g'])} | {kv} | {vs('ttft_vs_hf')} | {vs('decode_vs_hf')} | {ideal} | {vs('decode_vs_576')} |")
     lines += ["", "Peak RSS is the process's (every model of the run resident) during that call. Plots: " + ", ".join(f"`{p.name}`" for p in plot(out, rows, keep))]
     (out / "bench.md").write_text("\n".join(lines) + "\n")
 
