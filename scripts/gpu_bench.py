@@ -30,15 +30,15 @@ from star_export.flops import plan
 from star_export.manifest import tool_versions
 
 FIGURES = ("ttft_ms", "vision_ms", "prefill_ms", "decode_ms", "tokens_per_s")
-
-
 HOST_KV = " (KV via host)"
+KV_FIGURES = ("ttft_ms", "prefill_ms", "decode_ms")  # the device-side KV copy against the copy through the host
 
 
 def kv_via_host(engine):
     """The engine with its graphs' new keys and values returned as ONNX Runtime values (copied to the host and back
     into the torch cache), as before they were written into torch tensors on the GPU (runtime/sessions.py)."""
     for graph in engine.graphs.values():
+        assert hasattr(graph, "_torch_outputs"), "runtime/sessions.py no longer has OrtGraph._torch_outputs: update kv_via_host"
         graph._torch_outputs = {}
     return engine
 
@@ -80,7 +80,7 @@ def rows_of(configs: list[Config], engines: dict, text_tokens: int) -> list[dict
         row["decode_vs_hf"] = per_round(c, hf[c.batch], "decode_ms") if c.kind != "hf" else None
         if c.kind == HOST_KV:  # the same engine with its KV outputs bound to torch tensors on the GPU
             device_kv = next(d for d in configs if d.kind == "engine" and d.batch == c.batch and d.keep == c.keep)
-            row["device_kv_vs_host"] = {f: per_round(device_kv, c, f) for f in ("ttft_ms", "prefill_ms", "decode_ms")}
+            row["device_kv_vs_host"] = {f: per_round(device_kv, c, f) for f in KV_FIGURES}
         if c.kind == "engine" and c.batch in base and c.keep != 576:
             p = plan(engines[c.keep].spec, engines[c.keep].schedule, text_tokens)
             row["prefill_vs_576"] = per_round(c, base[c.batch], "prefill_ms")
@@ -106,7 +106,7 @@ def markdown(meta: dict, rows: list[dict]) -> str:
     if host:
         lines += ["", "KV outputs written into torch tensors on the GPU, against the same engine's KV copied through the host "
                   "(how many times faster, per round):", "", "| config | batch | TTFT | prefill | decode |", "|---|---|---|---|---|"]
-        lines += ["| " + " | ".join([r["config"].replace(HOST_KV, ""), str(r["batch"]), *(fmt(r["device_kv_vs_host"][f], 2) for f in ("ttft_ms", "prefill_ms", "decode_ms"))]) + " |"
+        lines += ["| " + " | ".join([r["config"].replace(HOST_KV, ""), str(r["batch"]), *(fmt(r["device_kv_vs_host"][f], 2) for f in KV_FIGURES)]) + " |"
                   for r in host]
     return "\n".join(lines) + "\n"
 
