@@ -373,6 +373,7 @@ def validate_parser() -> argparse.ArgumentParser:
 
 def _validate(args) -> int:
     from .runtime.generate import InputError
+    from .runtime.images import rule_from_engine_dir
     from .runtime.inputs import load_image
     from .validate import validate_engine
 
@@ -383,7 +384,7 @@ def _validate(args) -> int:
         args.engine,
         model=args.model,
         device=args.device,
-        images=[load_image(i) for i in args.image],
+        images=[load_image(i, rule_from_engine_dir(args.engine)) for i in args.image],
         prompts=args.prompt,
         max_new_tokens=args.max_new_tokens,
         provider=args.provider,

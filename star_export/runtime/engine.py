@@ -13,6 +13,7 @@ from ..errors import user_error_from
 from ..manifest import EngineError, read_manifest, verify_files
 from ..models import normalize_processor
 from .generate import DecoderLayout, Generation, InputError, Sampling, StarPipeline
+from .images import rule_from_engine_dir
 from .inputs import load_requests, prepare_inputs
 from ..export.decode_graphs import decode_graph_names
 from .decode import DecodeGraph
@@ -133,7 +134,7 @@ def run_engine(
     decodes with the segment graphs where the engine also has ONNX Runtime decode graphs."""
     # Requests are checked before the engine loads: sampling settings, image files, pairs.
     sampling = Sampling(max_new_tokens=max_new_tokens or 1, temperature=temperature, top_p=top_p, seed=seed)
-    images = load_requests(images, prompts)
+    images = load_requests(images, prompts, rule_from_engine_dir(engine_dir))
     engine = Engine.from_dir(engine_dir, provider=provider, allow_fallback=allow_fallback, decode_graphs=decode_graphs)
     if max_new_tokens is None:
         max_new_tokens = min(64, engine.limits["max_new_tokens"])

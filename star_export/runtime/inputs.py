@@ -9,63 +9,12 @@ from typing import Any, Sequence
 import numpy as np
 
 from .generate import InputError
+from .images import MAX_IMAGE_PIXELS, ResizeRule, check_pixels, read_image, to_rgb  # noqa: F401 (the package's names for them)
 
 
-MAX_IMAGE_PIXELS = 64_000_000  # 64 megapixels, e.g. 8000 x 8000: far above what the 336-px tower uses
-
-
-def load_image(path: str | Path):
-    """An RGB PIL image from a file. The pixel count is checked from the header, before any pixel is decoded
-    (a decompression bomb is refused without reading it); every mode Pillow opens is converted (to_rgb)."""
-    from PIL import Image, UnidentifiedImageError
-
-    path = Path(path)
-    if path.is_dir():
-        raise InputError(f"image {str(path)!r} is a directory: pass the path of an image file (PNG, JPEG, ...) with --image")
-    if not path.is_file():
-        raise InputError(f"image {str(path)!r} does not exist: pass the path of a PNG/JPEG file with --image")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:  # reads the header only
-                check_pixels(im.size, f"image {str(path)!r}")
-                return to_rgb(im)
-    except InputError:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise InputError(f"image {str(path)!r} declares too many pixels ({e}): limit {MAX_IMAGE_PIXELS:,}; downscale it") from e
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise InputError(f"image {str(path)!r} is not a readable image ({e.__class__.__name__}): pass a PNG/JPEG file") from e
-
-
-def check_pixels(size: tuple[int, int], name: str = "image") -> None:
-    width, height = size
-    if width < 1 or height < 1:
-        raise InputError(f"{name} is empty ({width} x {height} pixels)")
-    if width * height > MAX_IMAGE_PIXELS:
-        raise InputError(f"{name} has {width} x {height} = {width * height:,} pixels, over the limit of {MAX_IMAGE_PIXELS:,}: downscale it")
-
-
-def to_rgb(im):
-    """8-bit RGB from any Pillow mode: high bit depths are scaled, not clipped (a 16-bit PNG opens as 'I;16' or
-    'I'), transparency is composited onto white, EXIF orientation is applied, palette / CMYK / LAB / YCbCr convert."""
-    from PIL import Image, ImageOps
-
-    if im.mode == "RGB" and im.getexif().get(0x0112, 1) == 1:
-        return im  # already what the processor takes (e.g. converted once before)
-    im = ImageOps.exif_transpose(im)
-    if im.mode.startswith("I;16") or im.mode in ("I", "F"):
-        a = np.asarray(im, dtype=np.float64)
-        if im.mode == "F":
-            top = 1.0 if a.max(initial=0.0) <= 1.0 else 255.0  # floats in [0, 1], else taken as 0..255
-        else:
-            top = 65535.0 if im.mode.startswith("I;16") or a.max(initial=0) > 255 else 255.0
-        im = Image.fromarray(np.clip(np.rint(a / top * 255.0), 0, 255).astype(np.uint8), "L")
-    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (im.mode == "P" and "transparency" in im.info):
-        rgba = im.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return im.convert("RGB")
+def load_image(path: str | Path, rule: ResizeRule | None = None):
+    """An RGB PIL image from a file (runtime/images.py: checked from its header, decoded in full, converted)."""
+    return read_image(path, name=f"image {str(path)!r}", rule=rule)
 
 
 def format_prompt(processor, question: str) -> str:
@@ -73,6 +22,7 @@ def format_prompt(processor, question: str) -> str:
     already holds one `<image>` is taken as written."""
     if not isinstance(question, str):
         raise InputError(f"a prompt must be text, got {type(question).__name__}")
+    check_text(question, "a prompt")
     tags = question.count("<image>")
     if tags > 1:
         raise InputError(f"a prompt holds {tags} '<image>' tags; LLaVA-1.5 takes one image per prompt: keep at most one '<image>' (or none: the chat template adds it)")
@@ -82,27 +32,39 @@ def format_prompt(processor, question: str) -> str:
     return processor.apply_chat_template(conversation, add_generation_prompt=True)
 
 
+def check_text(text: str, name: str) -> None:
+    """Text the tokenizer can take: valid Unicode (a command line's invalid UTF-8 arrives as lone surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InputError(f"{name} is not valid UTF-8 text (at character {e.start}): pass UTF-8 text") from None
+
+
 def prompt_length(processor, question: str, num_vision_tokens: int) -> int:
     """Tokens a request takes: the chat-templated question with its `<image>` expanded to the visual tokens."""
     ids = processor.tokenizer(format_prompt(processor, question))["input_ids"]
     return len(ids) - 1 + num_vision_tokens
 
 
-def load_requests(images: Sequence[Any], questions: Sequence[str]) -> list:
-    """The requests' images as checked RGB pictures (paths are read, pictures converted), one per question."""
+def load_requests(images: Sequence[Any], questions: Sequence[str], rule: ResizeRule | None = None) -> list:
+    """The requests' images as checked RGB pictures (paths are read, pictures converted), one per question; with
+    `rule`, resized as the processor will (runtime/images.py)."""
     if len(images) != len(questions):
         raise InputError(f"{len(images)} image(s) but {len(questions)} prompt(s): give one --image per --prompt")
     if not images:
         raise InputError("no request: give at least one --image/--prompt pair")
-    images = [load_image(i) if isinstance(i, (str, Path)) else to_rgb(i) for i in images]
+    for q in questions:
+        if isinstance(q, str):
+            check_text(q, "a prompt")
+    images = [load_image(i, rule) if isinstance(i, (str, Path)) else to_rgb(i) for i in images]
     for im in images:
         check_pixels(im.size)
-    return images
+    return [rule.fit(im) for im in images] if rule is not None else images
 
 
 def prepare_inputs(processor, images: Sequence[Any], questions: Sequence[str]) -> dict[str, np.ndarray]:
     """pixel_values (B, 3, H, W) float32, input_ids / attention_mask (B, N) int64, left padded."""
-    images = load_requests(images, questions)
+    images = load_requests(images, questions, ResizeRule.from_processor(processor))
     processor.tokenizer.padding_side = "left"
     batch = processor(images=list(images), text=[format_prompt(processor, q) for q in questions], padding=True, return_tensors="np")
     return {

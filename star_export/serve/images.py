@@ -7,14 +7,12 @@ from __future__ import annotations
 
 import base64
 import binascii
-import io
 import re
 import urllib.error
 import urllib.request
-import warnings
 
-from ..runtime.inputs import MAX_IMAGE_PIXELS, check_pixels, to_rgb
 from ..runtime.generate import InputError
+from ..runtime.images import ResizeRule, read_image
 from .protocol import APIError
 
 PARAM = "messages.image_url.url"
@@ -22,10 +20,10 @@ DATA_URL = re.compile(r"data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=[
 REMOTE_TIMEOUT_S = 10
 
 
-def load(url: str, *, max_bytes: int, allow_remote: bool):
+def load(url: str, *, max_bytes: int, allow_remote: bool, rule: ResizeRule | None = None):
     """An RGB PIL image, or APIError 400 saying what is wrong with the URL or the picture."""
     data = _bytes(url, max_bytes, allow_remote)
-    return decode(data)
+    return decode(data, rule)
 
 
 def _bytes(url: str, max_bytes: int, allow_remote: bool) -> bytes:
@@ -83,20 +81,10 @@ def _fetch(url: str, max_bytes: int) -> bytes:
     return data
 
 
-def decode(data: bytes):
-    """Bytes -> RGB picture: pixel count from the header first (a decompression bomb is never decoded)."""
-    from PIL import Image, UnidentifiedImageError
-
+def decode(data: bytes, rule: ResizeRule | None = None):
+    """Bytes -> RGB picture through runtime/images.read_image (header checks first, a decompression bomb is never
+    decoded; with `rule`, resized as the processor will)."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as im:
-                check_pixels(im.size)
-                im.load()  # decode now: a truncated file fails here, in its own request
-                return to_rgb(im)
+        return read_image(data, name="the image", rule=rule)
     except InputError as e:
         raise APIError(400, str(e), param=PARAM, code="invalid_image") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise APIError(400, f"the image declares too many pixels: limit {MAX_IMAGE_PIXELS:,}; downscale it", param=PARAM, code="invalid_image") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
-        raise APIError(400, f"the image could not be decoded ({type(e).__name__}): send a PNG, JPEG or another format Pillow reads", param=PARAM, code="invalid_image") from None

@@ -1,0 +1,201 @@
+"""Images, from a file or from bytes, through one function (`read_image`) for star-run, star-validate, star-serve and
+Triton: checked from the header before any pixel is decoded, decoded in full before the file closes, converted to
+8-bit RGB, and brought to the size LLaVA's processor resizes to, exactly as it would.
+
+Bounds (both from the header, before decoding):
+- pixels: at most `MAX_IMAGE_PIXELS` (64 M, e.g. 8000 x 8000: a 200-megapixel phone photo must be downscaled first).
+- the processor's resize: CLIP's processor scales the *short* edge to 336 px before it crops the centre, so a
+  5000 x 1 image becomes 336 x 1,680,000 pixels (1.7 GB) from 5,000 decoded ones. The resized image is held to the
+  same pixel bound as a decoded one (`MAX_IMAGE_PIXELS`), which allows aspect ratios up to 64 M / 336^2 = 566 : 1
+  at 336 px; beyond that the image is refused (its centre crop would be a sliver of the picture anyway).
+
+Exactness: the transformers PIL backend resizes with `PIL.Image.resize((w, h), resample, reducing_gap=None)` on the
+RGB data and Pillow returns a copy when the size already matches, so resizing here first, to the size the processor
+computes (its own `get_resize_output_image_size`), leaves the processor's output bitwise unchanged
+(tests/test_images.py checks it) while the full-size picture is freed before the processor copies it twice. Other
+backends (torchvision) are not pre-resized; their resize is still bounded.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import stat
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .generate import InputError
+
+MAX_IMAGE_PIXELS = 64_000_000  # 64 megapixels, e.g. 8000 x 8000: far above what the 336-px tower uses
+MAX_RESIZED_PIXELS = MAX_IMAGE_PIXELS  # the processor's resized intermediate: no more than a decoded image may hold
+_ROWS = 256  # rows converted at a time from 16 / 32-bit pixels (bounded scratch memory)
+# Bytes per pixel of Pillow's modes, for the memory a decode holds (mode -> bytes); unknown modes count 4.
+_MODE_BYTES = {"1": 1, "L": 1, "P": 1, "LA": 2, "PA": 2, "La": 2, "RGB": 3, "YCbCr": 3, "LAB": 3, "HSV": 3, "RGBA": 4, "RGBa": 4, "RGBX": 4,
+               "CMYK": 4, "I": 4, "F": 4, "I;16": 2, "I;16L": 2, "I;16B": 2, "I;16N": 2}
+
+
+@dataclass(frozen=True, kw_only=True)
+class ResizeRule:
+    """What the model's image processor does to an image's size: the short edge to `shortest_edge` px."""
+
+    shortest_edge: int
+    resample: int = 3  # PIL.Image.Resampling.BICUBIC, CLIP's
+    exact: bool = False  # True: the processor is transformers' PIL backend, so resizing here first is exact
+
+    @classmethod
+    def from_processor(cls, processor) -> "ResizeRule | None":
+        ip = getattr(processor, "image_processor", processor)
+        size = getattr(ip, "size", None)
+        edge = _get(size, "shortest_edge")
+        if not getattr(ip, "do_resize", False) or not isinstance(edge, int) or edge < 1:
+            return None
+        resample = getattr(ip, "resample", 3)
+        plain = _get(size, "longest_edge") is None and _get(size, "height") is None
+        exact = getattr(ip, "backend", None) == "pil" and isinstance(resample, int) and plain
+        return cls(shortest_edge=edge, resample=int(resample) if isinstance(resample, int) else 3, exact=exact)
+
+    def target(self, size: tuple[int, int]) -> tuple[int, int]:
+        """(width, height) the processor resizes an image of `size` (width, height) to: its own computation."""
+        from transformers.image_transforms import get_resize_output_image_size
+        from transformers.image_utils import ChannelDimension
+
+        width, height = size
+        shape_only = np.broadcast_to(np.uint8(0), (1, height, width))  # no memory: only its shape is read
+        h, w = get_resize_output_image_size(shape_only, size=self.shortest_edge, default_to_square=False, input_data_format=ChannelDimension.FIRST)
+        return w, h
+
+    def check(self, size: tuple[int, int], name: str) -> None:
+        w, h = self.target(size)
+        if w * h > MAX_RESIZED_PIXELS:
+            short, long = sorted(size)
+            raise InputError(
+                f"{name} is {size[0]} x {size[1]} pixels, an aspect ratio of {long / short:,.0f} : 1: the processor would scale its short "
+                f"edge to {self.shortest_edge} px, {w} x {h} = {w * h:,} pixels (limit {MAX_RESIZED_PIXELS:,}); crop it to a ratio of at most "
+                f"{MAX_RESIZED_PIXELS // self.shortest_edge ** 2} : 1"
+            )
+
+    def fit(self, image, name: str = "image"):
+        """`image` (RGB) at the processor's resize size where that is exact; checked against the bound in any case."""
+        self.check(image.size, name)
+        target = self.target(image.size)
+        if not self.exact or target == image.size:
+            return image
+        return image.resize(target, resample=self.resample, reducing_gap=None)
+
+
+def _get(size: Any, key: str):
+    if size is None:
+        return None
+    return size.get(key) if isinstance(size, dict) else getattr(size, key, None)
+
+
+def check_pixels(size: tuple[int, int], name: str = "image") -> None:
+    width, height = size
+    if width < 1 or height < 1:
+        raise InputError(f"{name} is empty ({width} x {height} pixels)")
+    if width * height > MAX_IMAGE_PIXELS:
+        raise InputError(f"{name} has {width} x {height} = {width * height:,} pixels, over the limit of {MAX_IMAGE_PIXELS:,}: downscale it")
+
+
+def decode_bytes(size: tuple[int, int], mode: str) -> int:
+    """Memory a decode of an image of this header holds at its peak: the decoded pixels and the RGB copy."""
+    return size[0] * size[1] * (_MODE_BYTES.get(mode, 4) + 3)
+
+
+def _source(source: str | Path | bytes, name: str):
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return io.BytesIO(source)
+    path = Path(source)
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise InputError(f"{name} does not exist: pass the path of an image file (PNG, JPEG, ...)") from None
+    except OSError as e:  # a name too long, a loop of links, no permission on a parent
+        raise InputError(f"{name} cannot be read ({e.strerror}): pass the path of an image file you can read") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise InputError(f"{name} is a directory: pass the path of an image file (PNG, JPEG, ...)")
+    if not stat.S_ISREG(st.st_mode):
+        raise InputError(f"{name} is not a regular file (a pipe, socket or device): save the image to a file and pass its path")
+    if not os.access(path, os.R_OK):
+        raise InputError(f"{name} is not readable (permission denied): pass a file you can read")
+    return path
+
+
+def read_image(source: str | Path | bytes, *, name: str = "image", rule: ResizeRule | None = None):
+    """An 8-bit RGB PIL image, fully decoded, from a path or bytes; InputError (the user's to fix) for anything else.
+
+    Before any pixel is decoded: the pixel count and, with `rule`, the size the processor will resize to. Then the
+    first frame is decoded in full while the file is open, converted to RGB (`to_rgb`), and with `rule` resized as
+    the processor would (`ResizeRule.fit`)."""
+    from PIL import Image
+
+    opened = _source(source, name)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(opened) as im:  # reads the header only
+                check_pixels(im.size, name)
+                if rule is not None:
+                    rule.check(im.size, name)
+                im.load()  # decode now, while the file is open: a truncated file fails here
+                rgb = to_rgb(im)
+                rgb.load()
+    except InputError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise InputError(f"{name} declares too many pixels ({e}): limit {MAX_IMAGE_PIXELS:,}; downscale it") from None
+    except MemoryError:
+        raise InputError(f"{name} could not be decoded in the memory available: downscale it") from None
+    except Exception as e:  # Pillow's decoders raise many types on hostile or broken files (OSError, SyntaxError, struct.error, ...)
+        raise InputError(f"{name} is not a readable image ({type(e).__name__}: {str(e)[:120]}): pass a PNG, JPEG or another format Pillow reads") from None
+    return rule.fit(rgb, name) if rule is not None else rgb
+
+
+def to_rgb(im):
+    """8-bit RGB from any Pillow mode: high bit depths are scaled, not clipped (a 16-bit PNG opens as 'I;16' or
+    'I'), transparency is composited onto white, EXIF orientation is applied, palette / CMYK / LAB / YCbCr convert."""
+    from PIL import Image, ImageOps
+
+    if im.mode == "RGB" and im.getexif().get(0x0112, 1) == 1:
+        return im  # already what the processor takes (e.g. converted once before)
+    im = ImageOps.exif_transpose(im)
+    if im.mode.startswith("I;16") or im.mode in ("I", "F"):
+        im = Image.fromarray(_to_8bit(im), "L")
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return im.convert("RGB")
+
+
+def _to_8bit(im) -> np.ndarray:
+    """16 / 32-bit integer or float pixels scaled to 0..255 (not clipped), `_ROWS` rows at a time: the scratch memory
+    stays a few MB where one float64 copy of a 64-megapixel image would take 512 MB."""
+    a = np.asarray(im)
+    if im.mode == "F":
+        top = 1.0 if a.max(initial=0.0) <= 1.0 else 255.0  # floats in [0, 1], else taken as 0..255
+    else:
+        top = 65535.0 if im.mode.startswith("I;16") or a.max(initial=0) > 255 else 255.0
+    out = np.empty(a.shape, dtype=np.uint8)
+    for r in range(0, a.shape[0], _ROWS):
+        out[r : r + _ROWS] = np.clip(np.rint(a[r : r + _ROWS] / top * 255.0), 0, 255)
+    return out
+
+
+def rule_from_engine_dir(directory: str | Path) -> ResizeRule | None:
+    """The resize rule of an engine's saved processor, read from its JSON without loading the processor (so that
+    star-run checks images before the engine loads); None where it cannot be read (the engine load says why)."""
+    import json
+
+    try:
+        ip = json.loads((Path(directory) / "processor" / "processor_config.json").read_text())["image_processor"]
+        edge = ip["size"]["shortest_edge"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not ip.get("do_resize", True) or not isinstance(edge, int) or edge < 1:
+        return None
+    return ResizeRule(shortest_edge=edge, resample=int(ip.get("resample", 3)) if isinstance(ip.get("resample", 3), int) else 3)
