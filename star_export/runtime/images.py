@@ -32,12 +32,7 @@ from .generate import InputError
 
 MAX_IMAGE_PIXELS = 64_000_000  # 64 megapixels, e.g. 8000 x 8000: far above what the 336-px tower uses
 MAX_RESIZED_PIXELS = MAX_IMAGE_PIXELS  # the processor's resized intermediate: no more than a decoded image may hold
-_ROWS = 256  # rows converted at a time from 16 / 32-bit pixels (bounded scratch memory)
-# Bytes per pixel of Pillow's modes, for the memory a decode holds (mode -> bytes); unknown modes count 4.
-_MODE_BYTES = {"1": 1, "L": 1, "P": 1, "LA": 2, "PA": 2, "La": 2, "RGB": 3, "YCbCr": 3, "LAB": 3, "HSV": 3, "RGBA": 4, "RGBa": 4, "RGBX": 4,
-               "CMYK": 4, "I": 4, "F": 4, "I;16": 2, "I;16L": 2, "I;16B": 2, "I;16N": 2}
-
-
+_ROWS = 256  # rows converted at a time (bounded scratch memory)
 @dataclass(frozen=True, kw_only=True)
 class ResizeRule:
     """What the model's image processor does to an image's size: the short edge to `shortest_edge` px."""
@@ -101,9 +96,39 @@ def check_pixels(size: tuple[int, int], name: str = "image") -> None:
         raise InputError(f"{name} has {width} x {height} = {width * height:,} pixels, over the limit of {MAX_IMAGE_PIXELS:,}: downscale it")
 
 
-def decode_bytes(size: tuple[int, int], mode: str) -> int:
-    """Memory a decode of an image of this header holds at its peak: the decoded pixels and the RGB copy."""
-    return size[0] * size[1] * (_MODE_BYTES.get(mode, 4) + 3)
+def _gray(mode: str) -> bool:
+    return mode in ("1", "L", "F") or mode.startswith("I")
+
+
+def decode_bytes(size: tuple[int, int], mode: str, rotated: bool = False) -> int:
+    """Memory `read_image` holds at its peak for an image of this header: Pillow keeps 1 byte a pixel for '1' / 'L' /
+    'P', 2 for 16-bit, 4 for everything else (RGB included); the conversion adds its output (1 byte gray, 4 RGB),
+    and an EXIF rotation a second output (the source is freed first)."""
+    px = size[0] * size[1]
+    source = 1 if mode in ("1", "L", "P") else 2 if mode.startswith("I;16") else 4
+    out = 1 if _gray(mode) else 4
+    if mode == "RGB" and not rotated:
+        return px * source
+    return px * max(source + out, 2 * out if rotated else 0)
+
+
+def peek(data: bytes) -> tuple[tuple[int, int], str, bool] | None:
+    """(size, mode, rotated by EXIF) from an image file's header, nothing decoded; None where Pillow cannot read it."""
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(data)) as im:
+                if im.format == "PNG":  # PNG's getexif() decodes the image to look for a late eXIf chunk
+                    exif = Image.Exif()
+                    if im.info.get("exif"):
+                        exif.load(im.info["exif"])
+                else:
+                    exif = im.getexif()
+                return im.size, im.mode, exif.get(0x0112, 1) in _TRANSPOSE
+    except Exception:  # read_image says what is wrong with it
+        return None
 
 
 def _source(source: str | Path | bytes, name: str):
@@ -142,7 +167,7 @@ def read_image(source: str | Path | bytes, *, name: str = "image", rule: ResizeR
                 if rule is not None:
                     rule.check(im.size, name)
                 im.load()  # decode now, while the file is open: a truncated file fails here
-                rgb = to_rgb(im)
+                rgb = to_rgb(im, fit=(lambda x: rule.fit(x, name)) if rule is not None else None, consume=True)
                 rgb.load()
     except InputError:
         raise
@@ -152,38 +177,63 @@ def read_image(source: str | Path | bytes, *, name: str = "image", rule: ResizeR
         raise InputError(f"{name} could not be decoded in the memory available: downscale it") from None
     except Exception as e:  # Pillow's decoders raise many types on hostile or broken files (OSError, SyntaxError, struct.error, ...)
         raise InputError(f"{name} is not a readable image ({type(e).__name__}: {str(e)[:120]}): pass a PNG, JPEG or another format Pillow reads") from None
-    return rule.fit(rgb, name) if rule is not None else rgb
+    return rgb
 
 
-def to_rgb(im):
+_TRANSPOSE = {2: "FLIP_LEFT_RIGHT", 3: "ROTATE_180", 4: "FLIP_TOP_BOTTOM", 5: "TRANSPOSE", 6: "ROTATE_270", 7: "TRANSVERSE", 8: "ROTATE_90"}
+
+
+def to_rgb(im, fit=None, consume: bool = False):
     """8-bit RGB from any Pillow mode: high bit depths are scaled, not clipped (a 16-bit PNG opens as 'I;16' or
-    'I'), transparency is composited onto white, EXIF orientation is applied, palette / CMYK / LAB / YCbCr convert."""
-    from PIL import Image, ImageOps
+    'I'), transparency is composited onto white, EXIF orientation is applied, palette / CMYK / LAB / YCbCr convert.
 
-    if im.mode == "RGB" and im.getexif().get(0x0112, 1) == 1:
-        return im  # already what the processor takes (e.g. converted once before)
-    im = ImageOps.exif_transpose(im)
-    if im.mode.startswith("I;16") or im.mode in ("I", "F"):
-        im = Image.fromarray(_to_8bit(im), "L")
-    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (im.mode == "P" and "transparency" in im.info):
-        rgba = im.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return im.convert("RGB")
+    Every conversion is per pixel, so it runs `_ROWS` rows at a time into one output image (a 64-megapixel RGBA
+    picture holds its decoded pixels and the RGB result, not four full-size copies). `fit`, when given, resizes
+    the result; a gray picture is resized before it becomes RGB (the same bytes per band, a quarter of the memory).
+    `consume`: `im` is closed once converted (its pixels freed before an EXIF rotation copies the result)."""
+    from PIL import Image
+
+    orientation = im.getexif().get(0x0112, 1)
+    if im.mode == "RGB" and orientation == 1:
+        return fit(im) if fit is not None else im  # already what the processor takes
+    out = Image.new("L" if _gray(im.mode) else "RGB", im.size)
+    scale = _scale(im)
+    for top in range(0, im.size[1], _ROWS):
+        box = (0, top, im.size[0], min(top + _ROWS, im.size[1]))
+        out.paste(_band_to_8bit(im.crop(box), scale), box)
+    if consume:
+        im.close()
+    if orientation in _TRANSPOSE:
+        out = out.transpose(getattr(Image.Transpose, _TRANSPOSE[orientation]))
+    if fit is not None:
+        out = fit(out)
+    return out.convert("RGB") if out.mode != "RGB" else out
 
 
-def _to_8bit(im) -> np.ndarray:
-    """16 / 32-bit integer or float pixels scaled to 0..255 (not clipped), `_ROWS` rows at a time: the scratch memory
-    stays a few MB where one float64 copy of a 64-megapixel image would take 512 MB."""
-    a = np.asarray(im)
+def _scale(im) -> float | None:
+    """The value that maps to 255 for 16 / 32-bit pixels (scaled, not clipped), from the whole image; None for 8-bit."""
+    if im.mode.startswith("I;16"):
+        return 65535.0
+    if im.mode == "I":
+        return 65535.0 if im.getextrema()[1] > 255 else 255.0
     if im.mode == "F":
-        top = 1.0 if a.max(initial=0.0) <= 1.0 else 255.0  # floats in [0, 1], else taken as 0..255
-    else:
-        top = 65535.0 if im.mode.startswith("I;16") or a.max(initial=0) > 255 else 255.0
-    out = np.empty(a.shape, dtype=np.uint8)
-    for r in range(0, a.shape[0], _ROWS):
-        out[r : r + _ROWS] = np.clip(np.rint(a[r : r + _ROWS] / top * 255.0), 0, 255)
-    return out
+        return 1.0 if im.getextrema()[1] <= 1.0 else 255.0  # floats in [0, 1], else taken as 0..255
+    return None
+
+
+def _band_to_8bit(band, scale: float | None):
+    """One band of rows as 'L' (gray) or 'RGB' (anything with colour or transparency)."""
+    from PIL import Image
+
+    if scale is not None:
+        a = np.asarray(band)
+        return Image.fromarray(np.clip(np.rint(a / scale * 255.0), 0, 255).astype(np.uint8), "L")
+    if band.mode in ("1", "L"):
+        return band.convert("L")
+    if band.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (band.mode == "P" and "transparency" in band.info):
+        rgba = band.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return band.convert("RGB")
 
 
 def rule_from_engine_dir(directory: str | Path) -> ResizeRule | None:

@@ -50,8 +50,19 @@ def serve(engine_dir, *, host: str, port: int, settings_kwargs: dict, provider: 
     bound = sock.getsockname()[1]
     if not settings.api_key and host not in ("127.0.0.1", "localhost", "::1"):
         print(f"star-serve: warning: listening on {host} without an API key: anyone who reaches this port can use it (--api-key)", file=sys.stderr)
+    from .connections import connection_capacity, guarded_protocol
+
+    capacity = connection_capacity()
+    if settings.max_connections is not None and settings.max_connections > capacity:
+        raise UserError(f"--max-connections {settings.max_connections} is over what this process's file-descriptor limit allows ({max(capacity, 0)}): "
+                        "raise it (ulimit -n) or lower --max-connections")
+    if capacity < 1:
+        raise UserError("this process's file-descriptor limit leaves no room for connections: raise it (ulimit -n 4096)")
     app = create_app(engine, settings)
-    config = uvicorn.Config(app, log_level="info" if verbose else "warning", access_log=verbose, timeout_graceful_shutdown=10)
+    metrics = app.state.metrics
+    protocol = guarded_protocol(settings.header_timeout, settings.max_connections or capacity,
+                                on_refused=lambda reason: metrics.connections_closed.labels(reason).inc())
+    config = uvicorn.Config(app, log_level="info" if verbose else "warning", access_log=verbose, timeout_graceful_shutdown=10, http=protocol)
     S = engine.schedule
     say(f"serving '{settings.model_name}' ({S.num_vision_tokens} -> {S.stage1_keep} -> {S.keep} visual tokens, max batch "
         f"{engine.limits['max_batch_size']}, {engine.provider}) on http://{host}:{bound}/v1  (port {bound})")

@@ -4,9 +4,11 @@ list, health and Prometheus metrics. Every error, ours or the framework's, has O
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import threading
 import time
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
@@ -15,6 +17,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import user_error_from
+from ..runtime.images import ResizeRule
 from . import images as image_source
 from . import protocol
 from .metrics import Metrics
@@ -22,6 +25,8 @@ from .protocol import APIError
 from .scheduler import Event, Job, QueueFull, Scheduler, timeout_error
 
 TEXT_BODY_BYTES = 1 << 20  # room for the messages' text next to the image's base64
+SMALL_BODY_BYTES = 1 << 20  # bodies up to this size (a phone photo at 336 px is ~100 KB) never wait for an upload slot
+SLOT_WAIT_S = 30.0  # longest wait for an upload slot or image memory before 429
 
 
 @dataclass(frozen=True)
@@ -32,21 +37,40 @@ class ServeSettings:
     request_timeout: float = 300.0
     max_image_bytes: int = 20 << 20
     allow_remote_images: bool = False
+    header_timeout: float = 10.0  # seconds for a connection's request headers (serve/connections.py)
+    body_timeout: float = 60.0  # seconds for a whole request body; also the longest pause between two of its chunks
+    max_connections: int | None = None  # None: what the file-descriptor limit allows
+    max_image_memory: int = 320 << 20  # bytes that large bodies and images being decoded may hold together (MemoryBudget)
+    max_large_uploads: int = 2  # bodies over SMALL_BODY_BYTES read and parsed at once
 
     @property
     def max_body_bytes(self) -> int:
         return self.max_image_bytes * 4 // 3 + 4 + TEXT_BODY_BYTES  # base64 of the largest image, plus text
 
 
+def max_text_chars(tokenizer, max_input_len: int) -> int:
+    """Characters of text that certainly do not fit in `max_input_len` tokens: every token stands for at most the
+    longest piece of the vocabulary, so longer text is refused before it is tokenized (tokenizing 21 MB of text took
+    27 s)."""
+    longest = max((len(piece) for piece in tokenizer.get_vocab()), default=16)
+    return max_input_len * max(longest, 1)
+
+
 def create_app(engine, settings: ServeSettings) -> FastAPI:
     metrics = Metrics()
     scheduler = Scheduler(engine, settings.max_queue, metrics)
-    limits = protocol.ServeLimits(settings.model_name, engine.limits["max_new_tokens"], settings.max_image_bytes, settings.allow_remote_images)
-
-    from contextlib import asynccontextmanager
+    limits = protocol.ServeLimits(settings.model_name, engine.limits["max_new_tokens"], settings.max_image_bytes, settings.allow_remote_images,
+                                  max_input_len=engine.limits["max_input_len"],
+                                  max_text_chars=max_text_chars(engine.processor.tokenizer, engine.limits["max_input_len"]))
+    rule = ResizeRule.from_processor(engine.processor)
+    image_memory = MemoryBudget(settings.max_image_memory)
+    uploads = asyncio.Semaphore(settings.max_large_uploads)
 
     @asynccontextmanager
     async def lifespan(app):
+        from .connections import AcceptErrors
+
+        asyncio.get_running_loop().set_exception_handler(AcceptErrors())
         scheduler.start()
         yield
         await run_in_threadpool(scheduler.stop)
@@ -79,16 +103,31 @@ def create_app(engine, settings: ServeSettings) -> FastAPI:
             raise APIError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'.", code="invalid_api_key")
 
     async def read_body(request: Request) -> bytes:
+        """The whole body, within the size limit and `body_timeout` (in total, and between two chunks)."""
+        from starlette.requests import ClientDisconnect
+
         limit = settings.max_body_bytes
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             raise APIError(413, f"the request body is {int(declared):,} bytes, over this server's limit of {limit:,} "
-                                "(it follows --max-image-bytes)", code="body_too_large")
-        chunks, size = [], 0
-        async for piece in request.stream():
+                                "(it follows --max-image-bytes)", code="body_too_large", headers=CLOSE)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + settings.body_timeout
+        chunks, size, pieces = [], 0, request.stream().__aiter__()
+        while True:
+            try:
+                piece = await asyncio.wait_for(pieces.__anext__(), timeout=max(deadline - loop.time(), 0.001))
+            except StopAsyncIteration:
+                break
+            except asyncio.TimeoutError:
+                raise APIError(408, f"the request body did not arrive within {settings.body_timeout:g} s (--body-timeout)",
+                               code="body_timeout", headers=CLOSE) from None
+            except ClientDisconnect:
+                raise APIError(499, "the client closed the connection before its request body arrived", code="client_closed") from None
             size += len(piece)
             if size > limit:
-                raise APIError(413, f"the request body is over this server's limit of {limit:,} bytes (it follows --max-image-bytes)", code="body_too_large")
+                raise APIError(413, f"the request body is over this server's limit of {limit:,} bytes (it follows --max-image-bytes)",
+                               code="body_too_large", headers=CLOSE)
             chunks.append(piece)
         return b"".join(chunks)
 
@@ -116,8 +155,21 @@ def create_app(engine, settings: ServeSettings) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         authorize(request)
-        req = protocol.parse_request(await read_body(request), limits)
-        inputs = await run_in_threadpool(_prepare, engine, req, settings)
+        declared = request.headers.get("content-length")
+        large = not (declared is not None and declared.isdigit() and int(declared) <= SMALL_BODY_BYTES)
+        async with _slot(uploads if large else None):
+            # A large body's bytes, its JSON text and its decoded image: about 3x its size, held until the image
+            # bytes alone remain (their own share comes with the decode's).
+            share = await run_in_threadpool(image_memory.acquire, 3 * int(declared) if large and declared else 3 * settings.max_body_bytes) if large else 0
+            try:
+                req = protocol.parse_request(await read_body(request), limits)
+                data = await run_in_threadpool(image_source.fetch, req.image_url, max_bytes=settings.max_image_bytes,
+                                               allow_remote=settings.allow_remote_images)
+                req = dataclasses.replace(req, image_url="")  # the base64 text is no longer needed
+            finally:
+                image_memory.release(share)
+            inputs = await run_in_threadpool(_prepare, engine, req, data, rule, image_memory)
+            del data
         prompt_tokens = int(inputs["attention_mask"].sum())
         metrics.prompt_tokens.inc(prompt_tokens)
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
@@ -134,6 +186,8 @@ def create_app(engine, settings: ServeSettings) -> FastAPI:
         except QueueFull:
             raise APIError(429, f"the server's queue is full ({settings.max_queue} requests waiting, --max-queue): retry shortly",
                            code="queue_full", headers={"Retry-After": "1"}) from None
+        if not req.stream:
+            watcher = asyncio.create_task(_watch_disconnect(request, job, emit))
         if req.stream:
             return StreamingResponse(_stream(req, job, events, prompt_tokens, settings, metrics), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
@@ -149,6 +203,7 @@ def create_app(engine, settings: ServeSettings) -> FastAPI:
                     done = event
         finally:
             job.cancelled = True  # no-op when finished; frees the row when the client went away
+            watcher.cancel()
         metrics.e2e.observe(time.monotonic() - job.arrived)
         metrics.requests.labels("200").inc()
         use = protocol.usage(prompt_tokens, len(done.token_ids), done.star)
@@ -158,20 +213,87 @@ def create_app(engine, settings: ServeSettings) -> FastAPI:
 
 
 _PROCESSOR = threading.Lock()  # one request at a time through the processor: its fast tokenizer is not thread-safe
+CLOSE = {"Connection": "close"}  # a response sent before the body was read whole: the connection cannot be reused
 
 
-def _prepare(engine, req: protocol.ChatRequest, settings: ServeSettings) -> dict:
-    """Image and prompt -> the engine's inputs (in a worker thread: decoding and tokenizing are not free)."""
-    image = image_source.load(req.image_url, max_bytes=settings.max_image_bytes, allow_remote=settings.allow_remote_images)
+class MemoryBudget:
+    """Bytes that requests' bodies and images being decoded may hold together, across requests. A share waits until
+    it fits beside the others (waiting longer than SLOT_WAIT_S is 429); a request never waits while holding a share
+    (no two can wait on each other). An image whose decode alone needs more than the whole budget is refused (400),
+    so the server's memory stays within its idle size plus the budget."""
+
+    def __init__(self, limit: int):
+        self.limit, self.used, self.cv = limit, 0, threading.Condition()
+
+    def acquire(self, nbytes: int) -> int:
+        nbytes = min(nbytes, self.limit)
+        with self.cv:
+            if not self.cv.wait_for(lambda: self.used + nbytes <= self.limit, timeout=SLOT_WAIT_S):
+                raise APIError(429, "the server is holding other large images: retry shortly", code="server_busy", headers={"Retry-After": "1"})
+            self.used += nbytes
+        return nbytes
+
+    def release(self, nbytes: int) -> None:
+        with self.cv:
+            self.used -= nbytes
+            self.cv.notify_all()
+
+    @contextmanager
+    def hold(self, nbytes: int):
+        held = self.acquire(nbytes)
+        try:
+            yield
+        finally:
+            self.release(held)
+
+
+@asynccontextmanager
+async def _slot(semaphore: asyncio.Semaphore | None):
+    """One of the few upload slots for a large body (read, parsed and decoded), or none for a small one."""
+    if semaphore is None:
+        yield
+        return
     try:
-        with _PROCESSOR:
-            prompt = engine.processor.apply_chat_template(req.conversation, add_generation_prompt=True)
-            return engine.prepare([image], [prompt])
-    except Exception as e:
-        user = user_error_from(e)
-        if user is None:
+        await asyncio.wait_for(semaphore.acquire(), timeout=SLOT_WAIT_S)
+    except asyncio.TimeoutError:
+        raise APIError(429, "the server is receiving other large uploads: retry shortly", code="server_busy", headers={"Retry-After": "1"}) from None
+    try:
+        yield
+    finally:
+        semaphore.release()
+
+
+def _prepare(engine, req: protocol.ChatRequest, data: bytes, rule: ResizeRule | None, image_memory: MemoryBudget) -> dict:
+    """Image bytes and prompt -> the engine's inputs (in a worker thread: decoding and tokenizing are not free). The
+    decode holds its share of the image memory; the processor lock is held only for the (bounded) text and the
+    already-resized picture."""
+    cost = image_source.decode_cost(data, rule)
+    if cost > image_memory.limit:
+        raise APIError(400, f"the image needs about {cost / 2**20:,.0f} MiB to decode, over this server's {image_memory.limit / 2**20:,.0f} MiB "
+                            "for images (--max-image-memory): downscale it", param=image_source.PARAM, code="image_too_large")
+    with image_memory.hold(cost):
+        image = image_source.decode(data, rule)
+        try:
+            with _PROCESSOR:
+                prompt = engine.processor.apply_chat_template(req.conversation, add_generation_prompt=True)
+                return engine.prepare([image], [prompt])
+        except APIError:
             raise
-        raise APIError(400, str(user), param="messages", code="context_length_exceeded" if "max input length" in str(user) else None) from None
+        except Exception as e:
+            user = user_error_from(e)
+            if user is None:
+                raise
+            raise APIError(400, str(user), param="messages", code="context_length_exceeded" if "max input length" in str(user) else None) from None
+
+
+async def _watch_disconnect(request: Request, job: Job, emit) -> None:
+    """A non-streaming request's client leaving cancels its job at the next step (a stream's does so by itself)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            job.cancelled = True
+            emit(Event("error", error=APIError(499, "the client closed the connection", code="client_closed")))
+            return
 
 
 async def _next(events: asyncio.Queue, job: Job, settings: ServeSettings) -> Event:
@@ -186,7 +308,7 @@ async def _next(events: asyncio.Queue, job: Job, settings: ServeSettings) -> Eve
 
 async def _stream(req, job: Job, events: asyncio.Queue, prompt_tokens: int, settings: ServeSettings, metrics: Metrics):
     """chat.completion.chunk events: the role first, content deltas, the finish reason, usage if asked, [DONE]."""
-    model, status = settings.model_name, "200"
+    model, status, finished = settings.model_name, "200", False
     try:
         yield protocol.chunk(req, model, {"role": "assistant", "content": ""})
         while True:
@@ -205,6 +327,7 @@ async def _stream(req, job: Job, events: asyncio.Queue, prompt_tokens: int, sett
             metrics.e2e.observe(time.monotonic() - job.arrived)
             break
         yield protocol.DONE
+        finished = True
     finally:
         job.cancelled = True  # the client went away mid-stream, or the stream is over
-        metrics.requests.labels(status).inc()
+        metrics.requests.labels(status if finished or status != "200" else "499").inc()

@@ -12,7 +12,7 @@ import urllib.error
 import urllib.request
 
 from ..runtime.generate import InputError
-from ..runtime.images import ResizeRule, read_image
+from ..runtime.images import MAX_IMAGE_PIXELS, ResizeRule, decode_bytes, peek, read_image
 from .protocol import APIError
 
 PARAM = "messages.image_url.url"
@@ -22,11 +22,11 @@ REMOTE_TIMEOUT_S = 10
 
 def load(url: str, *, max_bytes: int, allow_remote: bool, rule: ResizeRule | None = None):
     """An RGB PIL image, or APIError 400 saying what is wrong with the URL or the picture."""
-    data = _bytes(url, max_bytes, allow_remote)
-    return decode(data, rule)
+    return decode(fetch(url, max_bytes=max_bytes, allow_remote=allow_remote), rule)
 
 
-def _bytes(url: str, max_bytes: int, allow_remote: bool) -> bytes:
+def fetch(url: str, *, max_bytes: int, allow_remote: bool) -> bytes:
+    """The image file's bytes from its URL (checked for size; not decoded)."""
     scheme = url.split(":", 1)[0].lower() if ":" in url else ""
     if scheme == "data":
         return _data_url(url, max_bytes)
@@ -79,6 +79,17 @@ def _fetch(url: str, max_bytes: int) -> bytes:
     if len(data) > max_bytes:
         raise APIError(400, f"the image at the URL is over this server's limit of {max_bytes:,} bytes (--max-image-bytes)", param=PARAM, code="image_too_large")
     return data
+
+
+def decode_cost(data: bytes, rule: ResizeRule | None) -> int:
+    """Bytes a decode of `data` holds at its peak, from its header (runtime/images.decode_bytes), plus the file
+    itself and the processor-size copy; a header that cannot be read costs its bytes (the decode will refuse it)."""
+    header = peek(data)
+    if header is None:
+        return 2 * len(data)
+    size, mode, rotated = header
+    resized = rule.target(size) if rule is not None and 0 < size[0] * size[1] <= MAX_IMAGE_PIXELS else (0, 0)
+    return len(data) + decode_bytes(size, mode, rotated) + 4 * resized[0] * resized[1]
 
 
 def decode(data: bytes, rule: ResizeRule | None = None):

@@ -19,6 +19,8 @@ class Metrics:
         self.batch_size = Histogram("star_decode_batch_size", "Rows per decode step", buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64), registry=r)
         self.tokens_generated = Counter("star_generation_tokens", "Tokens generated", registry=r)
         self.prompt_tokens = Counter("star_prompt_tokens", "Prompt tokens (image tokens counted unpruned)", registry=r)
+        self.connections_closed = Counter("star_connections_closed", "Connections closed before a request: header_timeout, connection_limit",
+                                          ["reason"], registry=r)
         self.visual = Counter("star_visual_tokens", "Visual tokens per STAR stage: input, after stage 1, kept after stage 2", ["stage"], registry=r)
 
     def token(self, since_last: float, first: bool) -> None:

@@ -22,7 +22,7 @@ class APIError(Exception):
     """An HTTP error with OpenAI's body: {"error": {"message", "type", "param", "code"}}."""
 
     TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error", 408: "timeout_error",
-             413: "invalid_request_error", 429: "rate_limit_error", 500: "server_error", 503: "server_error"}
+             413: "invalid_request_error", 429: "rate_limit_error", 499: "client_closed_request", 500: "server_error", 503: "server_error"}
 
     def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None, headers: dict | None = None):
         super().__init__(message)
@@ -137,6 +137,8 @@ class ServeLimits:
     max_new_tokens: int
     max_image_bytes: int
     allow_remote_images: bool
+    max_input_len: int = 2048
+    max_text_chars: int = 1 << 20  # text that cannot fit in max_input_len tokens (serve/app.py: max_text_chars)
 
 
 @dataclass(frozen=True)
@@ -151,14 +153,20 @@ class ChatRequest:
     created: int = field(default_factory=lambda: int(time.time()))
 
 
+MAX_JSON_DEPTH = 32  # a chat request nests 6 deep; json.loads itself fails near 1,000 (RecursionError)
+
+
 def parse_request(raw: bytes, limits: ServeLimits) -> ChatRequest:
     """The body of POST /v1/chat/completions, checked; raises APIError (400 / 404) naming what is wrong."""
     try:
         obj = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise APIError(400, f"The request body is not valid JSON ({e}).", code="invalid_json") from None
+    except RecursionError:
+        raise APIError(400, f"The request body nests too deeply (limit {MAX_JSON_DEPTH} levels).", code="invalid_json") from None
     if not isinstance(obj, dict):
         raise APIError(400, f"The request body must be a JSON object, got {type(obj).__name__}.", code="invalid_json")
+    _check_json(obj)
     try:
         body = ChatCompletionBody.model_validate(obj)
     except ValidationError as e:
@@ -173,6 +181,10 @@ def parse_request(raw: bytes, limits: ServeLimits) -> ChatRequest:
     if body.stream_options is not None and not body.stream:
         raise APIError(400, "'stream_options' is only allowed with 'stream': true.", param="stream_options")
     conversation, image_url = _conversation(body.messages)
+    chars = sum(len(part["text"]) for m in conversation for part in m["content"] if part["type"] == "text")
+    if chars > limits.max_text_chars:
+        raise APIError(400, f"the messages hold {chars:,} characters of text, more than this engine's {limits.max_input_len} input tokens "
+                            f"can hold (at most {limits.max_text_chars:,} characters): shorten them", param="messages", code="context_length_exceeded")
     return ChatRequest(
         id=f"chatcmpl-{uuid.uuid4().hex}",
         conversation=conversation,
@@ -182,6 +194,31 @@ def parse_request(raw: bytes, limits: ServeLimits) -> ChatRequest:
         stream=bool(body.stream),
         include_usage=bool(body.stream_options and body.stream_options.include_usage),
     )
+
+
+def _check_json(obj: Any) -> None:
+    """Depth within MAX_JSON_DEPTH and every string valid Unicode (JSON's \\ud800 escapes decode to lone surrogates,
+    which no tokenizer or encoder takes), walked without recursion."""
+    stack = [(obj, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise APIError(400, f"The request body nests too deeply (limit {MAX_JSON_DEPTH} levels).", code="invalid_json")
+        if isinstance(value, dict):
+            stack.extend((k, depth) for k in value)
+            stack.extend((v, depth + 1) for v in value.values())
+        elif isinstance(value, list):
+            stack.extend((v, depth + 1) for v in value)
+        elif isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise APIError(400, f"The request body holds a lone surrogate (\\u{ord(value[_surrogate(value)]):04x}): strings must be valid "
+                                    "Unicode.", code="invalid_json") from None
+
+
+def _surrogate(text: str) -> int:
+    return next(i for i, c in enumerate(text) if 0xD800 <= ord(c) <= 0xDFFF)
 
 
 def _conversation(messages: list[Message]) -> tuple[list[dict], str]:
