@@ -27,6 +27,8 @@ _OS_ERRORS = {
     errno.EACCES: "permission denied{where}: choose a path you can read and write",
     errno.EPERM: "operation not permitted{where}: choose a path you can read and write",
     errno.EMFILE: "too many open files: raise the limit (`ulimit -n`)",
+    errno.ENAMETOOLONG: "a file name is too long{where}: use shorter names",
+    errno.ELOOP: "too many levels of symbolic links{where}: point at the file itself",
 }
 
 
@@ -43,5 +45,16 @@ def user_error_from(exc: BaseException) -> UserError | None:
         if isinstance(exc, OSError) and exc.errno in _OS_ERRORS:
             where = f" ({exc.filename})" if exc.filename else ""
             return UserError(_OS_ERRORS[exc.errno].format(where=where))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def find_errno(exc: BaseException, *codes: int) -> OSError | None:
+    """The first OSError with one of `codes` in the chain of causes of `exc` (a library may have wrapped it)."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in codes:
+            return exc
         exc = exc.__cause__ or exc.__context__
     return None

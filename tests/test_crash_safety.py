@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -79,12 +80,121 @@ def test_only_dead_owners_builds_are_removed(tmp_path):
     foreign.mkdir()
     other_host = make_build_dir(out)
     (other_host / BUILD_MARKER).write_text(json.dumps({"pid": _dead_pid(), "host": "elsewhere"}))
-    old_engine = tmp_path / f".engine.old-{_dead_pid()}"
+    old_engine = tmp_path / f".engine.old-{_dead_pid()}"  # the engine a dead --force rebuild was replacing
     old_engine.mkdir()
     (old_engine / MANIFEST).write_text("{}")
+    out.mkdir()
+    (out / MANIFEST).write_text("{}")  # ... and the rebuild had put its new engine in place: the old one goes
     removed = {p for p, _ in remove_stale_builds(out)}
     assert removed == {dead, old_engine}
     assert live.is_dir() and foreign.is_dir() and other_host.is_dir()
+
+
+def test_an_engine_is_never_deleted_while_out_holds_none(tmp_path):
+    """A rebuild killed between its two renames (where the file system cannot exchange two directories) leaves --out
+    missing and the previous engine in `.NAME.old-PID`: the next export puts it back instead of deleting it."""
+    out = tmp_path / "engine"
+    old_engine = tmp_path / f".engine.old-{_dead_pid()}"
+    old_engine.mkdir()
+    (old_engine / MANIFEST).write_text('{"engine": "previous"}')
+    assert remove_stale_builds(out) == []
+    assert json.loads((out / MANIFEST).read_text()) == {"engine": "previous"} and not old_engine.exists()
+
+
+def _can_exchange(where: Path) -> bool:
+    from star_export.export.workdir import _exchange
+
+    a, b = where / "a", where / "b"
+    a.mkdir(), b.mkdir()
+    try:
+        return _exchange(a, b)
+    finally:
+        a.rmdir(), b.rmdir()
+
+
+def _fake_engine(path: Path, tag: str) -> Path:
+    path.mkdir()
+    (path / MANIFEST).write_text(json.dumps({"engine": tag}))
+    return path
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["exchange", "two-renames"])
+def test_killed_between_the_swaps_steps_keeps_an_engine(exchange, tmp_path):
+    """SIGKILL inside replace_dir, after its first rename: --out still holds a complete engine (the new one after an
+    atomic exchange), or the next export restores the previous one; either way no engine is lost."""
+    if exchange and not _can_exchange(tmp_path):
+        pytest.skip("this file system has no atomic directory exchange (renameat2); the two-renames case covers it")
+    out = _fake_engine(tmp_path / "engine", "previous")
+    build = make_build_dir(out)
+    (build / MANIFEST).write_text(json.dumps({"engine": "new"}))
+    script = f"""
+import os, signal
+from pathlib import Path
+from star_export.export import workdir
+if not {exchange}:
+    workdir._exchange = lambda a, b: False
+real = Path.rename
+def rename_then_die(self, target):
+    real(self, target)
+    os.kill(os.getpid(), signal.SIGKILL)
+Path.rename = rename_then_die
+workdir.replace_dir(Path({str(build)!r}), Path({str(out)!r}))
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    remove_stale_builds(out)  # what the next export does first (the build marker names this test's live pid)
+    tag = json.loads((out / MANIFEST).read_text())["engine"]
+    assert tag == ("new" if exchange else "previous")
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name != "engine"]
+    assert all(".tmp-" in n or ".old-" in n for n in leftovers), leftovers
+
+
+def test_a_second_export_into_the_same_out_is_exit_2(tmp_path):
+    out = tmp_path / "engine"
+    first = _start(out)
+    _wait_for_graphs(out, first)
+    second = subprocess.run([STAR_EXPORT, "--model", "tiny-llava", "--out", str(out), "--no-validate"], capture_output=True, text=True, timeout=600)
+    assert second.returncode == 2 and "another star-export is writing --out" in second.stderr, second.stderr
+    _, err = first.communicate(timeout=600)
+    assert first.returncode == 0, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["engine"] and (out / MANIFEST).is_file()
+
+
+def test_force_through_a_symlink_replaces_its_target_and_keeps_the_link(tiny_engine, tmp_path):
+    from star_export.cli import export_main
+
+    target = tmp_path / "store" / "engine"
+    target.parent.mkdir()
+    shutil.copytree(tiny_engine, target)
+    link = tmp_path / "current"
+    link.symlink_to(target)
+    assert export_main(["--out", str(link), "--force", "--no-validate", "--quiet", "--max-new-tokens", "4"]) == 0
+    assert link.is_symlink() and os.readlink(link) == str(target)
+    assert json.loads((target / MANIFEST).read_text())["limits"]["max_new_tokens"] == 4
+    assert sorted(p.name for p in target.parent.iterdir()) == ["engine"]
+
+
+def test_a_full_disk_is_exit_2_and_leaves_nothing(tmp_path, monkeypatch, capsys):
+    """Up front (too little free space for the planned engine) and mid-write (ENOSPC from any writer)."""
+    import errno
+
+    from star_export.cli import export_main
+    from star_export.export import build, workdir
+
+    out = tmp_path / "engine"
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(workdir.shutil, "disk_usage", lambda p: usage._replace(free=1024))
+    assert export_main(["--out", str(out), "--no-validate", "--quiet"]) == 2
+    assert "no space left for the engine" in capsys.readouterr().err
+    monkeypatch.undo()
+
+    def full(path, *a, **k):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    monkeypatch.setattr(build.np, "save", full)
+    assert export_main(["--out", str(out), "--no-validate", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "no space left on the device" in err and "GiB" in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
 
 
 def _dead_pid() -> int:

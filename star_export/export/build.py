@@ -6,6 +6,7 @@ Ctrl-C) removes the temporary directory, so no half-written engine is ever left 
 
 from __future__ import annotations
 
+import errno
 import shutil
 import sys
 import time
@@ -16,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ..config import StarSchedule
-from ..errors import UserError
+from ..errors import UserError, find_errno
 from ..manifest import graph_io, write_manifest
 from ..memory import available_bytes, check_fits
 from ..models import load_model, require_weights, spec_from_name
@@ -24,7 +25,7 @@ from ..reference import decoder_layout
 from .backends import backend_from_name
 from .onnx_export import OPSET
 from .quantize import WeightScheme
-from .workdir import check_out_dir, make_build_dir, remove_stale_builds, replace_dir
+from .workdir import OutDirError, check_disk, check_out_dir, make_build_dir, out_lock, remove_stale_builds, replace_dir, resolve_out
 
 
 class LimitError(UserError, ValueError):
@@ -166,7 +167,7 @@ def export_engine(
     """Load `model`, export its STAR engine to `out`, self-check it against the eager reference. Returns the manifest.
     `verbose`: print the self-check's whole report, not just its verdict (a failure always carries the report).
     Every argument is checked before the model loads (schedule, limits, backend, output directory)."""
-    out = Path(out)
+    out = resolve_out(out)
     be = backend_from_name(backend)
     be.check_dtype(dtype)
     be.check_available()
@@ -183,18 +184,36 @@ def export_engine(
     mode = plan.validation_mode(have) if validate else None
     lazy = mode == "streamed-lazy" or plan.run_bytes > have  # graphs checked (and run) one at a time
     progress = Progress(5 + validate + decode, enabled=show_progress)
-    for path, pid in remove_stale_builds(out):
-        progress.note(f"removed {path}: a build left by process {pid}, which no longer runs")
+    with out_lock(out):  # a second export into the same --out is exit 2 from here on
+        check_out_dir(out, force)  # again, under the lock
+        check_disk(out, plan.engine_bytes)
+        for path, pid in remove_stale_builds(out):
+            progress.note(f"removed {path}: a build left by process {pid}, which no longer runs")
+        try:
+            limits = {"max_batch_size": max_batch_size, "max_input_len": max_input_len, "max_new_tokens": max_new_tokens}
+            manifest = _build(model, out, keep=keep, stage1_keep=stage1_keep, pivot_layer=pivot_layer, dtype=dtype, backend=backend, limits=limits,
+                              force=force, validate=validate, weights=weights, decode=decode, mode=mode, lazy=lazy, verbose=verbose, progress=progress)
+        except Exception as e:
+            full = find_errno(e, errno.ENOSPC, errno.EDQUOT)
+            if full is None:
+                raise
+            raise OutDirError(f"no space left on the device of {str(out.parent)!r} ({full.filename or 'while writing the engine'}): the engine "
+                              f"needs about {plan.engine_bytes / 2**30:.2f} GiB: free some space, or choose another --out") from e
+    manifest["timings_s"] = progress.timings
+    return manifest
 
+
+def _build(model: str, out: Path, *, keep: int, stage1_keep: int | None, pivot_layer: int | None, dtype: str, backend: str, limits: dict,
+           force: bool, validate: bool, weights: WeightScheme, decode: bool, mode: str | None, lazy: bool, verbose: bool, progress: Progress) -> dict:
+    """Load, write into a build directory beside `out`, check, validate, swap into place (export_engine's checks done)."""
     with progress.stage(f"load {model}"):
         loaded = load_model(model)
         schedule = StarSchedule.from_spec(loaded.spec, keep=keep, stage1_keep=stage1_keep, pivot_layer=pivot_layer, defaults=loaded.defaults)
-        check_prompt_room(loaded, max_input_len)
+        check_prompt_room(loaded, limits["max_input_len"])
         progress.note(f"schedule: keep={schedule.keep} stage1_keep={schedule.stage1_keep} pivot_layer={schedule.pivot_layer} of {schedule.num_layers} layers")
 
     tmp = make_build_dir(out)
     try:
-        limits = {"max_batch_size": max_batch_size, "max_input_len": max_input_len, "max_new_tokens": max_new_tokens}
         manifest = write_engine(loaded, schedule, tmp, dtype=dtype, backend=backend, limits=limits, progress=progress, weights=weights,
                                 decode_graphs=decode)
         with progress.stage("check engine directory"):
@@ -212,11 +231,11 @@ def export_engine(
                 progress.note(report.table() if verbose else report.summary())
                 if not report.ok:
                     raise ValidationFailed(report)
+        check_out_dir(out, force)  # nothing else may have appeared there meanwhile
         replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    manifest["timings_s"] = progress.timings
     return manifest
 
 

@@ -5,20 +5,29 @@
       .NAME.old-PID/          the engine being replaced, for the instant of the swap
       NAME/                   the engine (star.json)
 
+      .NAME.lock              held (flock) by the export writing NAME: a second export into NAME exits 2
+
 Ctrl-C, SIGTERM or any error removes the build directory at once. A build killed outright (SIGKILL, a crash,
 power loss) leaves it behind: the next export into the same parent removes the ones whose owner is gone, and
 says so. Nothing without our marker (or, for `.old-`, without a star.json) is ever removed, and `--force`
-replaces only an engine directory or an empty one.
+replaces only an engine directory or an empty one. The swap of a `--force` rebuild is one atomic exchange of the
+two directories (renameat2 RENAME_EXCHANGE), so `--out` always holds a complete engine; where the file system
+cannot exchange, it falls back to two renames, and a kill between them leaves the previous engine in `.NAME.old-PID`,
+which the next export puts back rather than deletes.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import fcntl
 import json
 import os
 import shutil
 import socket
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import UserError
@@ -27,6 +36,75 @@ from ..manifest import BUILD_MARKER, MANIFEST
 
 class OutDirError(UserError, ValueError):
     pass
+
+
+NAME_MAX = 255  # bytes in one path component (Linux file systems)
+SUFFIX = len(".tmp-XXXXXXXX") + 1  # the longest name this module adds to --out's
+
+
+def resolve_out(out: str | Path) -> Path:
+    """--out as the absolute path the engine will be written to: a symlink is followed (the engine replaces what it
+    points to, and the link stays); refused: the current directory or one above it, a name that is not UTF-8 or
+    leaves no room for the build directory's suffix."""
+    text = str(out)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise OutDirError(f"--out {text.encode('utf-8', 'surrogateescape')!r} is not a valid UTF-8 path: choose a UTF-8 name") from None
+    path = Path(os.path.realpath(text)) if os.path.islink(text) else Path(os.path.abspath(text))
+    cwd = Path.cwd()
+    if path == cwd or path in cwd.parents:
+        raise OutDirError(f"--out {text!r} is the current directory (or holds it): give the engine a directory of its own, e.g. --out ./engine")
+    for part in path.parts[1:]:
+        if len(part.encode()) > NAME_MAX:
+            raise OutDirError(f"--out {text!r} has a path component of {len(part.encode())} bytes, over the file system's {NAME_MAX}: use shorter names")
+    if len(path.name.encode()) + SUFFIX > NAME_MAX:
+        raise OutDirError(f"--out's name {path.name[:40]!r}... is {len(path.name.encode())} bytes; the build directory beside it needs at most "
+                          f"{NAME_MAX - SUFFIX}: use a shorter name")
+    return path
+
+
+@contextmanager
+def out_lock(out: Path):
+    """Hold `.NAME.lock` beside --out for the whole export; another export holding it is exit 2. The file is removed
+    on release; an acquirer checks that the file it locked is still the one at the path (else it retries)."""
+    path = out.parent / f".{out.name}.lock"
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise OutDirError(f"--out {str(out)!r} is not writable (its lock {path.name!r}: {e.strerror}): choose a directory you can write to") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip()
+            os.close(fd)
+            raise OutDirError(f"another star-export is writing --out {str(out)!r}{f' (process {holder})' if holder else ''}: wait for it to "
+                              "finish, or choose another --out") from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # the holder removed it between our open and our lock: take the new one
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    try:
+        yield
+    finally:
+        try:
+            os.unlink(path)
+        finally:
+            os.close(fd)
+
+
+def check_disk(out: Path, need: int) -> None:
+    """Refuse up front when the file system of --out has less free space than the engine needs."""
+    free = shutil.disk_usage(out.parent).free
+    if free < need:
+        raise OutDirError(f"no space left for the engine on {str(out.parent)!r}: it needs about {need / 2**30:.2f} GiB, "
+                          f"{free / 2**30:.2f} GiB is free: free some space, or choose another --out")
 
 
 def check_out_dir(out: Path, force: bool) -> None:
@@ -82,6 +160,10 @@ def remove_stale_builds(out: Path) -> list[tuple[Path, int]]:
             continue
         pid = _owner(entry)
         if pid is not None and pid != os.getpid() and not _alive(pid):
+            if ".old-" in entry.name and not (out / MANIFEST).is_file():
+                if not out.exists():  # a swap cut between its two renames: the previous engine goes back
+                    entry.rename(out)
+                continue  # never delete a complete engine while --out holds none
             shutil.rmtree(entry, ignore_errors=True)
             removed.append((entry, pid))
     return removed
@@ -99,12 +181,31 @@ def make_build_dir(out: Path) -> Path:
     return tmp
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two directories atomically (Linux renameat2 RENAME_EXCHANGE); False where the system cannot."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    renameat2 = getattr(libc, "renameat2", None)
+    if renameat2 is None:
+        return False
+    AT_FDCWD, RENAME_EXCHANGE = -100, 2
+    if renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
 def replace_dir(tmp: Path, out: Path) -> None:
-    """Move the finished build into place; a previous engine at `out` goes only once the new one is there."""
+    """Move the finished build into place; a previous engine at `out` goes only once the new one is there, and `out`
+    is never without a complete engine (an atomic exchange, where the file system has one)."""
     if out.exists():
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        out.rename(old)
-        tmp.rename(out)
+        if _exchange(tmp, out):
+            tmp.rename(old)  # the previous engine, recognisable as ours to remove if this process dies now
+        else:
+            out.rename(old)
+            tmp.rename(out)
         shutil.rmtree(old, ignore_errors=True)
     else:
         tmp.rename(out)
