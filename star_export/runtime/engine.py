@@ -9,6 +9,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from ..config import ModelSpec, StarSchedule
+from ..engine_check import GRAPHS, check_fields, check_graphs, check_paths, check_processor, load_embeddings
 from ..errors import user_error_from
 from ..manifest import EngineError, read_manifest, verify_files
 from ..models import normalize_processor
@@ -20,7 +21,20 @@ from .decode import DecodeGraph
 from . import threads
 from .sessions import LazyOrtGraph, OrtGraph, resolve_providers
 
-GRAPHS = ("vision", "segment0", "pivot", "segment1")
+
+def load_processor(path: Path, spec: ModelSpec, layout: DecoderLayout):
+    """The engine's saved processor (tokenizer, image processor, chat template), checked against the graphs."""
+    from transformers import AutoProcessor
+
+    try:
+        processor = normalize_processor(AutoProcessor.from_pretrained(path, local_files_only=True), spec)
+    except Exception as e:  # tokenizers' and transformers' own exception types: a broken or foreign file
+        if user_error_from(e):
+            raise
+        raise EngineError(f"the processor in {str(path)!r} could not be loaded ({type(e).__name__}: {str(e)[:300]}): rebuild the engine with "
+                          "star-export --force") from e
+    check_processor(processor, spec, layout)
+    return processor
 
 
 def _load_graph(path: Path, providers, lazy: bool = False, graph: type = OrtGraph) -> OrtGraph | LazyOrtGraph:
@@ -42,8 +56,6 @@ class Engine:
         """`lazy`: one graph resident at a time (each session created per call: slow, for validating engines that do
         not fit in memory as a whole). `decode_graphs`: decode with the engine's ONNX Runtime decode graphs where it
         has them (export/decode_graphs.py; CPU provider only); False: with the segment graphs."""
-        from transformers import AutoProcessor
-
         self.directory = Path(directory)
         self.manifest = read_manifest(self.directory, verify=False)  # files are verified below, after the cheap checks
         m = self.manifest
@@ -51,10 +63,12 @@ class Engine:
             self.spec = ModelSpec.from_dict(m["model"])
             self.schedule = StarSchedule(**m["schedule"])
             self.layout = DecoderLayout(**m["layout"])
-            self.limits = {k: int(m["limits"][k]) for k in ("max_batch_size", "max_input_len", "max_new_tokens")}
-            files = {name: m["graphs"][name]["file"] for name in GRAPHS}
-        except (TypeError, KeyError, ValueError) as e:
+            limits = {k: m["limits"][k] for k in ("max_batch_size", "max_input_len", "max_new_tokens")}
+        except (TypeError, KeyError, ValueError, ZeroDivisionError) as e:
             raise EngineError(f"{self.directory / 'star.json'} is malformed ({type(e).__name__}: {e}): rebuild the engine with star-export --force") from e
+        check_fields(self.spec, self.schedule, self.layout, limits, m["dtype"])
+        self.limits = limits
+        check_paths(self.directory, m)
         self.providers = resolve_providers(provider, allow_fallback=allow_fallback)
         if self.providers[0] == "CPUExecutionProvider" and not lazy:
             from ..memory import check_run_fits
@@ -62,6 +76,10 @@ class Engine:
             check_run_fits(m)  # refuse now rather than be killed loading the sessions
         if verify:
             verify_files(self.directory, m)
+        check_graphs(self.directory, m, self.spec, self.schedule, self.layout)
+        self.embed_tokens = load_embeddings(self.directory, m, self.spec, self.layout)
+        self.processor = load_processor(self.directory / "processor", self.spec, self.layout)
+        files = {name: m["graphs"][name]["file"] for name in GRAPHS}
         self.graphs = {name: _load_graph(self.directory / files[name], self.providers, lazy) for name in GRAPHS}
         # The decode graphs run on ONNX Runtime's CPU provider only (their caches are bound as host memory); a lazy
         # engine, or one on another provider, decodes with the segment graphs.
@@ -69,8 +87,6 @@ class Engine:
         for name in decode_graph_names(m["graphs"]) if use else ():
             self.graphs[name] = _load_graph(self.directory / m["graphs"][name]["file"], self.providers, graph=DecodeGraph)
         self.provider = self.graphs["segment0"].provider
-        self.embed_tokens = np.load(self.directory / m["embed_tokens"], mmap_mode="r")
-        self.processor = normalize_processor(AutoProcessor.from_pretrained(self.directory / "processor", local_files_only=True), self.spec)
         self.pipeline = StarPipeline(self.graphs, self.embed_tokens, self.schedule, self.layout)
 
     @classmethod
