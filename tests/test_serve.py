@@ -47,15 +47,15 @@ def engine(serve_engine):
 
 @contextlib.contextmanager
 def running(engine, **settings):
-    """A star-serve app on a free loopback port, in a thread; yields (port, app)."""
+    """A star-serve app on a free loopback port, in a thread, configured as star-serve configures it; yields (port, app)."""
     import uvicorn
 
-    from star_export.serve import bind
+    from star_export.serve import bind, server_config
     from star_export.serve.app import ServeSettings, create_app
 
     app = create_app(engine, ServeSettings(model_name=MODEL, **({"max_image_bytes": MAX_IMAGE_BYTES} | settings)))
     sock = bind("127.0.0.1", 0)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="error"))
+    server = uvicorn.Server(server_config(app, app.state.settings.max_connections or 256))  # star-serve's own protocol and limits
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     for _ in range(200):

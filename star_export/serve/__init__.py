@@ -34,6 +34,18 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def server_config(app, max_connections: int, *, verbose: bool = False):
+    """The uvicorn configuration star-serve runs `app` (from app.create_app) with: h11 guarded by the app's header
+    timeout and `max_connections` (serve/connections.py), refusals counted in the app's metrics."""
+    import uvicorn
+
+    from .connections import guarded_protocol
+
+    settings, metrics = app.state.settings, app.state.metrics
+    protocol = guarded_protocol(settings.header_timeout, max_connections, on_refused=lambda reason: metrics.connections_closed.labels(reason).inc())
+    return uvicorn.Config(app, log_level="info" if verbose else "warning", access_log=verbose, timeout_graceful_shutdown=10, http=protocol)
+
+
 def serve(engine_dir, *, host: str, port: int, settings_kwargs: dict, provider: str = "auto", allow_fallback: bool = False,
           quiet: bool = False, verbose: bool = False) -> None:
     """Load and verify the engine, bind, then serve until SIGINT / SIGTERM."""
@@ -50,7 +62,7 @@ def serve(engine_dir, *, host: str, port: int, settings_kwargs: dict, provider: 
     bound = sock.getsockname()[1]
     if not settings.api_key and host not in ("127.0.0.1", "localhost", "::1"):
         print(f"star-serve: warning: listening on {host} without an API key: anyone who reaches this port can use it (--api-key)", file=sys.stderr)
-    from .connections import connection_capacity, guarded_protocol
+    from .connections import connection_capacity
 
     capacity = connection_capacity()
     if settings.max_connections is not None and settings.max_connections > capacity:
@@ -59,10 +71,7 @@ def serve(engine_dir, *, host: str, port: int, settings_kwargs: dict, provider: 
     if capacity < 1:
         raise UserError("this process's file-descriptor limit leaves no room for connections: raise it (ulimit -n 4096)")
     app = create_app(engine, settings)
-    metrics = app.state.metrics
-    protocol = guarded_protocol(settings.header_timeout, settings.max_connections or capacity,
-                                on_refused=lambda reason: metrics.connections_closed.labels(reason).inc())
-    config = uvicorn.Config(app, log_level="info" if verbose else "warning", access_log=verbose, timeout_graceful_shutdown=10, http=protocol)
+    config = server_config(app, settings.max_connections or capacity, verbose=verbose)
     S = engine.schedule
     say(f"serving '{settings.model_name}' ({S.num_vision_tokens} -> {S.stage1_keep} -> {S.keep} visual tokens, max batch "
         f"{engine.limits['max_batch_size']}, {engine.provider}) on http://{host}:{bound}/v1  (port {bound})")

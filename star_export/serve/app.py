@@ -76,7 +76,7 @@ def create_app(engine, settings: ServeSettings) -> FastAPI:
         await run_in_threadpool(scheduler.stop)
 
     app = FastAPI(title="star-serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.scheduler, app.state.metrics = scheduler, metrics
+    app.state.scheduler, app.state.metrics, app.state.settings, app.state.image_memory = scheduler, metrics, settings, image_memory
 
     def error_response(e: APIError) -> JSONResponse:
         metrics.requests.labels(str(e.status)).inc()

@@ -12,7 +12,7 @@ import urllib.error
 import urllib.request
 
 from ..runtime.generate import InputError
-from ..runtime.images import MAX_IMAGE_PIXELS, ResizeRule, decode_bytes, peek, read_image
+from ..runtime.images import ResizeRule, check_pixels, decode_bytes, peek, read_image
 from .protocol import APIError
 
 PARAM = "messages.image_url.url"
@@ -83,12 +83,19 @@ def _fetch(url: str, max_bytes: int) -> bytes:
 
 def decode_cost(data: bytes, rule: ResizeRule | None) -> int:
     """Bytes a decode of `data` holds at its peak, from its header (runtime/images.decode_bytes), plus the file
-    itself and the processor-size copy; a header that cannot be read costs its bytes (the decode will refuse it)."""
+    itself and the processor-size copy. A header that cannot be read, or that read_image refuses from its size alone,
+    costs its bytes: the decode refuses it before any pixel (and says why)."""
     header = peek(data)
     if header is None:
         return 2 * len(data)
     size, mode, rotated = header
-    resized = rule.target(size) if rule is not None and 0 < size[0] * size[1] <= MAX_IMAGE_PIXELS else (0, 0)
+    try:
+        check_pixels(size, "the image")
+        if rule is not None:
+            rule.check(size, "the image")
+    except InputError:
+        return 2 * len(data)
+    resized = rule.target(size) if rule is not None else (0, 0)
     return len(data) + decode_bytes(size, mode, rotated) + 4 * resized[0] * resized[1]
 
 
