@@ -111,6 +111,27 @@ class Ctx:
         ihdr = struct.pack(">IIBBBBB", 30000, 30000, 8, 2, 0, 0, 0)
         return self.file("bomb.png", b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b""))
 
+    def locked_out(self) -> str:
+        """--out while another export holds its lock (an open file description of our own stands in for it)."""
+        import fcntl
+        import os
+
+        self.lock_fd = os.open(self.root / f".{self.out.name}.lock", os.O_RDWR | os.O_CREAT)
+        fcntl.flock(self.lock_fd, fcntl.LOCK_EX)
+        return str(self.out)
+
+    def fifo(self) -> str:
+        import os
+
+        os.mkfifo(self.path("pipe.png"))
+        return str(self.path("pipe.png"))
+
+    def wide_png(self) -> str:
+        from PIL import Image
+
+        Image.new("RGB", (5000, 1)).save(self.path("wide.png"))
+        return str(self.path("wide.png"))
+
     def run(self, *args, images=None, prompts=("What is in the image?",)):
         images = [str(self.image)] * len(prompts) if images is None else images
         pairs = [a for i, p in zip(images, prompts) for a in ("--image", i, "--prompt", p)]
@@ -171,6 +192,11 @@ CASES = [
     ("force-on-a-user-directory", "export", lambda c: ["--out", c.user_dir(), "--force"], "is not an engine directory"),
     ("out-parent-missing", "export", lambda c: ["--out", str(c.path("a/b/engine"))], "does not exist: create it first"),
     ("out-unwritable", "export", lambda c: ["--out", "/proc/star-export-engine"], "not writable"),
+    ("out-is-the-current-directory", "export", lambda c: ["--out", "."], "is the current directory"),
+    ("out-name-too-long", "export", lambda c: ["--out", str(c.path("e" * 250))], "use a shorter name"),
+    ("out-component-over-255-bytes", "export", lambda c: ["--out", str(c.path("x" * 300) / "engine")], "over the file system's 255"),
+    ("out-not-utf8", "export", lambda c: ["--out", str(c.root / "engine-\udcff")], "is not a valid UTF-8 path"),
+    ("out-locked-by-another-export", "export", lambda c: ["--out", c.locked_out()], "another star-export is writing --out"),
     ("max-batch-size-0", "export", lambda c: ["--max-batch-size", "0", "--out", str(c.out)], "argument --max-batch-size: 0: allowed >= 1"),
     ("max-input-len-0", "export", lambda c: ["--max-input-len", "0", "--out", str(c.out)], "argument --max-input-len: 0: allowed >= 1"),
     ("max-input-len-below-image", "export", lambda c: ["--max-input-len", "100", "--out", str(c.out)], "leaves no room for a prompt"),
@@ -196,6 +222,11 @@ CASES = [
     ("image-is-text", "run", lambda c: c.run(images=[c.file("notes.png", b"just text")]), "not a readable image"),
     ("image-truncated", "run", lambda c: c.run(images=[c.file("cut.png", c.image.read_bytes()[:200])]), "not a readable image"),
     ("image-decompression-bomb", "run", lambda c: c.run(images=[c.bomb_png()]), "pixels"),
+    ("image-is-a-fifo", "run", lambda c: c.run(images=[c.fifo()]), "is not a regular file"),
+    ("image-extreme-aspect-ratio", "run", lambda c: c.run(images=[c.wide_png()]), "aspect ratio of 5,000 : 1"),
+    ("prompt-not-utf8", "run", lambda c: c.run(prompts=["What is \udcff?"]), "not valid UTF-8"),
+    ("engine-schedule-edited", "run", lambda c: [c.bad_engine(lambda d: c.manifest(d, lambda m: m | {"schedule": m["schedule"] | {"keep": m["schedule"]["keep"] // 2}})),
+                                                 "--image", str(c.image), "--prompt", "Hi"], "schedule.keep"),
     ("images-and-prompts-differ", "run", lambda c: [str(c.engine), "--image", str(c.image), "--image", str(c.image), "--prompt", "Hi"], "2 image(s) but 1 prompt(s)"),
     ("no-image", "run", lambda c: [str(c.engine), "--prompt", "Hi"], "the following arguments are required: --image"),
     ("two-image-tags", "run", lambda c: c.run(prompts=["<image> left <image> right"]), "2 '<image>' tags"),
@@ -222,6 +253,7 @@ CASES = [
     ("validate-image-without-prompt", "validate", lambda c: [str(c.engine), "--image", str(c.image)], "give them in pairs"),
     ("validate-image-missing", "validate", lambda c: [str(c.engine), "--image", str(c.path("nope.png")), "--prompt", "Hi"], "does not exist"),
     ("validate-two-image-tags", "validate", lambda c: [str(c.engine), "--image", str(c.image), "--prompt", "<image><image>"], "2 '<image>' tags"),
+    ("validate-prompt-not-utf8", "validate", lambda c: [str(c.engine), "--image", str(c.image), "--prompt", "\udcff"], "not valid UTF-8"),
     ("validate-max-new-tokens-0", "validate", lambda c: [str(c.engine), "--max-new-tokens", "0"], "argument --max-new-tokens: 0: allowed >= 1"),
     ("validate-manifest-missing-keys", "validate", lambda c: [c.bad_engine(lambda d: c.manifest(d, lambda m: {k: v for k, v in m.items() if k != "graphs"}))], "lacks or mistypes graphs"),
 ]

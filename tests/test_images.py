@@ -1,6 +1,8 @@
 """Issue 9: every image mode Pillow opens becomes the right 8-bit RGB picture; oversized images are refused
 from their header."""
 
+import io
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -62,3 +64,137 @@ def test_pixel_limit_from_the_header(tmp_path):
         check_pixels((MAX_IMAGE_PIXELS + 1, 1), "image")
     with pytest.raises(InputError, match="empty"):
         check_pixels((0, 5), "image")
+
+
+# ---------------------------------------------------------------- issue 33: real files, every format, exact pre-resize
+
+from pathlib import Path  # noqa: E402
+
+from PIL import ImageOps  # noqa: E402
+
+from star_export.runtime.images import MAX_RESIZED_PIXELS, ResizeRule, read_image  # noqa: E402
+
+PHOTO = np.random.default_rng(0).integers(0, 256, (90, 120, 3), dtype=np.uint8)  # noise: no format can flatter it
+# Every format Pillow writes that a user may hand over, with the options a camera or an editor would use.
+FORMATS = {
+    "jpeg": ("JPEG", "RGB", {"quality": 90}),
+    "jpeg-gray": ("JPEG", "L", {}),
+    "jpeg-cmyk": ("JPEG", "CMYK", {}),
+    "jpeg-progressive": ("JPEG", "RGB", {"progressive": True}),
+    "png": ("PNG", "RGB", {}),
+    "png-palette": ("PNG", "P", {}),
+    "png-rgba": ("PNG", "RGBA", {}),
+    "webp": ("WEBP", "RGB", {"quality": 80}),
+    "webp-lossless-rgba": ("WEBP", "RGBA", {"lossless": True}),
+    "gif": ("GIF", "P", {}),
+    "tiff": ("TIFF", "RGB", {"compression": "tiff_lzw"}),
+    "tiff-cmyk": ("TIFF", "CMYK", {}),
+    "bmp": ("BMP", "RGB", {}),
+    "ppm": ("PPM", "RGB", {}),
+    "tga": ("TGA", "RGB", {}),
+    "ico": ("ICO", "RGBA", {}),
+}
+
+
+def _write(tmp_path: Path, key: str) -> Path:
+    fmt, mode, options = FORMATS[key]
+    im = Image.fromarray(PHOTO).convert(mode) if mode != "P" else Image.fromarray(PHOTO).quantize(64)
+    path = tmp_path / f"{key}.{fmt.lower()}"
+    im.save(path, fmt, **options)
+    return path
+
+
+@pytest.mark.parametrize("key", list(FORMATS))
+def test_every_format_loads_in_full_before_its_file_closes(key, tmp_path):
+    """The picture is usable after the file is closed (an RGB JPEG was returned lazily), and equals Pillow's own
+    reading of the file converted to RGB (transparency onto white where there is an alpha channel)."""
+    path = _write(tmp_path, key)
+    got = load_image(path)
+    assert got.mode == "RGB" and got.size == Image.open(path).size
+    with Image.open(path) as im:
+        im.load()
+        want = np.asarray(im.convert("RGBA"), dtype=np.float64)
+    rgb, alpha = want[..., :3], want[..., 3:] / 255
+    want = rgb * alpha + 255 * (1 - alpha)
+    assert np.abs(np.asarray(got, dtype=np.float64) - want).max() <= 1 + (key.endswith("cmyk") and 2)
+    assert np.array_equal(np.asarray(read_image(path.read_bytes())), np.asarray(got)), "bytes and files read alike"
+
+
+@pytest.mark.parametrize("key", ["jpeg", "png", "webp", "gif", "tiff", "bmp"])
+def test_truncated_files_are_input_errors(key, tmp_path):
+    data = _write(tmp_path, key).read_bytes()
+    for cut in (len(data) // 2, 40, 8):
+        (tmp_path / "cut").write_bytes(data[:cut])
+        with pytest.raises(InputError, match="not a readable image|empty|pixels"):
+            load_image(tmp_path / "cut")
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_every_exif_orientation_matches_pillows_transpose(orientation, tmp_path):
+    im = Image.fromarray(PHOTO[:, :100])  # not square: a rotation shows in the size
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = tmp_path / "o.png"
+    im.save(path, exif=exif)
+    with Image.open(path) as opened:
+        want = ImageOps.exif_transpose(opened).convert("RGB")
+    assert np.array_equal(np.asarray(load_image(path)), np.asarray(want))
+
+
+def _engine_processor(tiny_engine):
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(tiny_engine / "processor", local_files_only=True)
+
+
+@pytest.mark.parametrize("size", [(120, 90), (336, 336), (337, 500), (2000, 30), (30, 2000), (641, 479), (7, 3), (4, 1200)])
+def test_pre_resizing_leaves_the_processors_output_bitwise_equal(size, tiny_engine):
+    """read_image resizes to the processor's own target first; pixel_values are bitwise those of the full image."""
+    processor = _engine_processor(tiny_engine)
+    rule = ResizeRule.from_processor(processor)
+    assert rule is not None and rule.exact, "the installed transformers' processor is the PIL backend this relies on"
+    w, h = size
+    image = Image.fromarray(np.random.default_rng(w * h).integers(0, 256, (h, w, 3), dtype=np.uint8))
+    full = processor.image_processor(images=image, return_tensors="np")["pixel_values"]
+    fitted = read_image(_as_png(image), rule=rule)
+    assert fitted.size == rule.target(size)
+    assert np.array_equal(processor.image_processor(images=fitted, return_tensors="np")["pixel_values"], full)
+
+
+def _as_png(image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_extreme_aspect_ratios_are_refused_from_the_header(tmp_path, tiny_engine):
+    """The bound is on the processor's resized image (MAX_RESIZED_PIXELS); the largest accepted ratio follows from it."""
+    rule = ResizeRule.from_processor(_engine_processor(tiny_engine))
+    edge = rule.shortest_edge
+    ratio = MAX_RESIZED_PIXELS // edge**2
+    rule.check((ratio, 1), "image")
+    rule.check((1, ratio), "image")
+    for size in ((ratio + 2, 1), (1, ratio + 2), (5000, 1), (1, 12000)):
+        with pytest.raises(InputError, match="aspect ratio"):
+            rule.check(size, "image")
+    path = tmp_path / "wide.png"
+    Image.new("RGB", (5000, 1)).save(path)
+    with pytest.raises(InputError, match="aspect ratio"):
+        load_image(path, rule)
+
+
+def test_a_fifo_is_not_a_regular_file(tmp_path):
+    import os
+
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    with pytest.raises(InputError, match="not a regular file"):
+        load_image(fifo)
+
+
+def test_star_run_on_a_plain_rgb_jpeg(tiny_engine, tmp_path, capsys):
+    """The case that failed: a phone-style RGB JPEG through star-run is exit 0."""
+    from star_export.cli import run_main
+
+    path = _write(tmp_path, "jpeg")
+    assert run_main([str(tiny_engine), "--image", str(path), "--prompt", "What is in the image?", "--max-new-tokens", "2"]) == 0, capsys.readouterr().err
