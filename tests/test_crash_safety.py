@@ -188,13 +188,29 @@ def test_a_full_disk_is_exit_2_and_leaves_nothing(tmp_path, monkeypatch, capsys)
     assert "no space left for the engine" in capsys.readouterr().err
     monkeypatch.undo()
 
-    def full(path, *a, **k):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
-    monkeypatch.setattr(build.np, "save", full)
-    assert export_main(["--out", str(out), "--no-validate", "--quiet"]) == 2
-    err = capsys.readouterr().err
-    assert "no space left on the device" in err and "GiB" in err and "Traceback" not in err
+    failures = (OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "embed_tokens.npy"),  # what Python's writers raise
+                Exception(f"{os.strerror(errno.ENOSPC)} (os error {errno.ENOSPC})"))  # what the Rust tokenizers raise
+    for failure in failures:
+        def full(*args, failure=failure, **kwargs):
+            raise failure
+        monkeypatch.setattr(build.np, "save", full)
+        assert export_main(["--out", str(out), "--no-validate", "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert "no space left on the device" in err and "take about" in err and "Traceback" not in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_short_write_on_a_full_file_system_counts_as_full(tmp_path, monkeypatch):
+    """torch.onnx's writer reports a short write as an OSError without errno: full only when the disk is."""
+    from star_export.export import workdir
+
+    short = RuntimeError("export failed")
+    short.__cause__ = OSError("35392 requested and 12288 written")
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(workdir.shutil, "disk_usage", lambda p: usage._replace(free=workdir.FULL_BELOW * 100))
+    assert not workdir.disk_full(short, tmp_path) and not workdir.disk_full(ValueError("a bug"), tmp_path)
+    monkeypatch.setattr(workdir.shutil, "disk_usage", lambda p: usage._replace(free=4096))
+    assert workdir.disk_full(short, tmp_path) and not workdir.disk_full(ValueError("a bug"), tmp_path)
 
 
 def _dead_pid() -> int:

@@ -6,7 +6,6 @@ Ctrl-C) removes the temporary directory, so no half-written engine is ever left 
 
 from __future__ import annotations
 
-import errno
 import shutil
 import sys
 import time
@@ -17,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ..config import StarSchedule
-from ..errors import UserError, find_errno
+from ..errors import UserError
 from ..manifest import graph_io, write_manifest
 from ..memory import available_bytes, check_fits
 from ..models import load_model, require_weights, spec_from_name
@@ -25,7 +24,7 @@ from ..reference import decoder_layout
 from .backends import backend_from_name
 from .onnx_export import OPSET
 from .quantize import WeightScheme
-from .workdir import OutDirError, check_disk, check_out_dir, make_build_dir, out_lock, remove_stale_builds, replace_dir, resolve_out
+from .workdir import OutDirError, check_disk, check_out_dir, disk_full, make_build_dir, out_lock, remove_stale_builds, replace_dir, resolve_out, size_text
 
 
 class LimitError(UserError, ValueError):
@@ -189,23 +188,19 @@ def export_engine(
         check_disk(out, plan.engine_bytes)
         for path, pid in remove_stale_builds(out):
             progress.note(f"removed {path}: a build left by process {pid}, which no longer runs")
-        try:
-            limits = {"max_batch_size": max_batch_size, "max_input_len": max_input_len, "max_new_tokens": max_new_tokens}
-            manifest = _build(model, out, keep=keep, stage1_keep=stage1_keep, pivot_layer=pivot_layer, dtype=dtype, backend=backend, limits=limits,
-                              force=force, validate=validate, weights=weights, decode=decode, mode=mode, lazy=lazy, verbose=verbose, progress=progress)
-        except Exception as e:
-            full = find_errno(e, errno.ENOSPC, errno.EDQUOT)
-            if full is None:
-                raise
-            raise OutDirError(f"no space left on the device of {str(out.parent)!r} ({full.filename or 'while writing the engine'}): the engine "
-                              f"needs about {plan.engine_bytes / 2**30:.2f} GiB: free some space, or choose another --out") from e
+        limits = {"max_batch_size": max_batch_size, "max_input_len": max_input_len, "max_new_tokens": max_new_tokens}
+        manifest = _build(model, out, keep=keep, stage1_keep=stage1_keep, pivot_layer=pivot_layer, dtype=dtype, backend=backend, limits=limits,
+                          force=force, validate=validate, weights=weights, decode=decode, mode=mode, lazy=lazy, verbose=verbose, progress=progress,
+                          need=plan.engine_bytes)
     manifest["timings_s"] = progress.timings
     return manifest
 
 
 def _build(model: str, out: Path, *, keep: int, stage1_keep: int | None, pivot_layer: int | None, dtype: str, backend: str, limits: dict,
-           force: bool, validate: bool, weights: WeightScheme, decode: bool, mode: str | None, lazy: bool, verbose: bool, progress: Progress) -> dict:
-    """Load, write into a build directory beside `out`, check, validate, swap into place (export_engine's checks done)."""
+           force: bool, validate: bool, weights: WeightScheme, decode: bool, mode: str | None, lazy: bool, verbose: bool, progress: Progress,
+           need: int) -> dict:
+    """Load, write into a build directory beside `out`, check, validate, swap into place (export_engine's checks done).
+    A full file system at any step (`need`: the engine's planned bytes) is an OutDirError."""
     with progress.stage(f"load {model}"):
         loaded = load_model(model)
         schedule = StarSchedule.from_spec(loaded.spec, keep=keep, stage1_keep=stage1_keep, pivot_layer=pivot_layer, defaults=loaded.defaults)
@@ -233,8 +228,12 @@ def _build(model: str, out: Path, *, keep: int, stage1_keep: int | None, pivot_l
                     raise ValidationFailed(report)
         check_out_dir(out, force)  # nothing else may have appeared there meanwhile
         replace_dir(tmp, out)
-    except BaseException:
+    except BaseException as e:
+        full = disk_full(e, tmp)  # judged before the build directory's space is given back
         shutil.rmtree(tmp, ignore_errors=True)
+        if full:
+            raise OutDirError(f"no space left on the device of {str(out.parent)!r} while writing the engine (its weights alone take about "
+                              f"{size_text(need)}): free some space, or choose another --out") from e
         raise
     return manifest
 

@@ -30,7 +30,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from ..errors import UserError
+from ..errors import UserError, find_errno
 from ..manifest import BUILD_MARKER, MANIFEST
 
 
@@ -99,12 +99,45 @@ def out_lock(out: Path):
             os.close(fd)
 
 
+def size_text(nbytes: float) -> str:
+    """Bytes as a person reads them: '3.2 GiB', '2.1 MiB'."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{int(nbytes)} bytes"
+
+
 def check_disk(out: Path, need: int) -> None:
     """Refuse up front when the file system of --out has less free space than the engine needs."""
     free = shutil.disk_usage(out.parent).free
     if free < need:
-        raise OutDirError(f"no space left for the engine on {str(out.parent)!r}: it needs about {need / 2**30:.2f} GiB, "
-                          f"{free / 2**30:.2f} GiB is free: free some space, or choose another --out")
+        raise OutDirError(f"no space left for the engine on {str(out.parent)!r}: its weights alone take about {size_text(need)}, "
+                          f"{size_text(free)} is free: free some space, or choose another --out")
+
+
+FULL_BELOW = 1 << 20  # free bytes under which a failed write is taken for a full file system
+
+
+def disk_full(exc: BaseException, where: Path) -> bool:
+    """Whether `exc` is a write that failed for want of space: ENOSPC / EDQUOT anywhere in its chain of causes, or
+    their text in a message (the Rust tokenizers raise "No space left on device (os error 28)" as a bare Exception),
+    or an OSError of any kind (some writers report a short write without errno: "35392 requested and 12288 written")
+    while the file system of `where` has less than FULL_BELOW bytes free."""
+    if find_errno(exc, errno.ENOSPC, errno.EDQUOT) is not None:
+        return True
+    texts = (os.strerror(errno.ENOSPC), os.strerror(errno.EDQUOT))
+    seen: set[int] = set()
+    oserror = False
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if any(text in str(exc) for text in texts):
+            return True
+        oserror |= isinstance(exc, OSError)
+        exc = exc.__cause__ or exc.__context__
+    try:
+        return oserror and shutil.disk_usage(where).free < FULL_BELOW
+    except OSError:
+        return False
 
 
 def check_out_dir(out: Path, force: bool) -> None:
