@@ -222,3 +222,22 @@ def format_memory(plan: MemoryPlan) -> str:
     lines.append(f"  this machine has {gib(have)} available: the self-check would run "
                  + (f"in mode '{plan.validation_mode(have)}'" if plan.validation_mode(have) else "in no mode (refused)"))
     return "\n".join(lines)
+
+
+LARGE_ALLOCATION = 1 << 20  # bytes from which a server process's allocations are mapped (and unmapped when freed)
+
+
+def return_large_frees() -> bool:
+    """In a long-running server: allocations of LARGE_ALLOCATION bytes or more get pages of their own, returned to the
+    system when freed. glibc's default raises its mmap threshold to the largest block freed (up to 32 MiB), after which
+    an image decode's buffers (Pillow's 16 MiB blocks, numpy arrays) come from per-thread heaps that keep the memory:
+    measured here, four 16-bit 8000 x 8000 PNGs left star-serve 530 MiB above idle for good (1.07x of idle with this).
+    False where the C library has no mallopt (not glibc)."""
+    import ctypes
+
+    M_MMAP_THRESHOLD = -3  # fixing it also stops glibc's dynamic adjustment
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(M_MMAP_THRESHOLD, LARGE_ALLOCATION))

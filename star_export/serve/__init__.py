@@ -54,6 +54,9 @@ def serve(engine_dir, *, host: str, port: int, settings_kwargs: dict, provider: 
     from ..runtime.engine import Engine
     from .app import ServeSettings, create_app
 
+    from ..memory import return_large_frees
+
+    return_large_frees()  # images decoded in worker threads give their memory back (memory.py)
     say = (lambda msg: None) if quiet else (lambda msg: print(f"star-serve: {msg}", file=sys.stderr, flush=True))
     say(f"loading {engine_dir} ...")
     engine = Engine.from_dir(engine_dir, provider=provider, allow_fallback=allow_fallback)

@@ -28,9 +28,11 @@ class TritonPythonModel:
     def initialize(self, args):
         import triton_python_backend_utils as pb_utils
 
+        from ..memory import return_large_frees
         from ..runtime.engine import Engine
         from ..runtime.threads import claim_process
 
+        return_large_frees()  # the stub process serves images for as long as Triton runs (memory.py)
         claim_process()  # a Triton python-backend instance has its stub process to itself: ONNX Runtime's shared pool
         self.pb = pb_utils
         config = json.loads(args["model_config"])
