@@ -428,9 +428,9 @@ def serve_parser() -> argparse.ArgumentParser:
     g.add_argument("--request-timeout", type=_seconds, default=300.0, help="seconds from arrival to the last token; later is 408")
     g.add_argument("--max-image-bytes", type=_positive, default=20 << 20, help="largest image accepted, in bytes (the body limit follows)")
     g.add_argument("--allow-remote-images", action="store_true", help="fetch http(s) image URLs (default: only inline data: URLs; files are never read)")
-    g.add_argument("--max-image-memory", type=_positive, default=320, metavar="MIB", help="memory that large request bodies and images being decoded "
-                   "may hold together, in MiB (a 64-megapixel RGB photo takes 256; a rotated, CMYK or transparent one twice that per pixel; "
-                   "an image that needs more is refused)")
+    g.add_argument("--max-image-memory", type=_positive, default=None, metavar="MIB", help="memory that large request bodies and images being decoded "
+                   "may hold together, in MiB (a 64-megapixel RGB photo takes 256; a rotated, CMYK or transparent one twice that; an image that "
+                   "needs more is refused; default: 320 or half the server's memory once the engine is loaded, whichever is larger)")
     g.add_argument("--max-connections", type=_positive, default=None, help="open connections; more are answered 429 (default: what the "
                    "file-descriptor limit allows)")
     g.add_argument("--header-timeout", type=_seconds, default=10.0, help="seconds a connection has to send its request headers")
@@ -461,7 +461,7 @@ def _serve(args) -> int:
         port=args.port,
         settings_kwargs={"model_name": args.model_name, "api_key": api_key, "max_queue": args.max_queue, "request_timeout": args.request_timeout,
                          "max_image_bytes": args.max_image_bytes, "allow_remote_images": args.allow_remote_images,
-                         "max_image_memory": args.max_image_memory << 20, "max_connections": args.max_connections,
+                         "max_image_memory": args.max_image_memory and args.max_image_memory << 20, "max_connections": args.max_connections,
                          "header_timeout": args.header_timeout, "body_timeout": args.body_timeout},
         provider=args.provider,
         allow_fallback=args.allow_fallback,

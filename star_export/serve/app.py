@@ -40,7 +40,8 @@ class ServeSettings:
     header_timeout: float = 10.0  # seconds for a connection's request headers (serve/connections.py)
     body_timeout: float = 60.0  # seconds for a whole request body; also the longest pause between two of its chunks
     max_connections: int | None = None  # None: what the file-descriptor limit allows
-    max_image_memory: int = 320 << 20  # bytes that large bodies and images being decoded may hold together (MemoryBudget)
+    max_image_memory: int | None = None  # bytes that large bodies and images being decoded may hold together (MemoryBudget);
+    # None: default_image_memory()
     max_large_uploads: int = 2  # bodies over SMALL_BODY_BYTES read and parsed at once
 
     @property
@@ -63,7 +64,7 @@ def create_app(engine, settings: ServeSettings) -> FastAPI:
                                   max_input_len=engine.limits["max_input_len"],
                                   max_text_chars=max_text_chars(engine.processor.tokenizer, engine.limits["max_input_len"]))
     rule = ResizeRule.from_processor(engine.processor)
-    image_memory = MemoryBudget(settings.max_image_memory)
+    image_memory = MemoryBudget(settings.max_image_memory or default_image_memory())
     uploads = asyncio.Semaphore(settings.max_large_uploads)
 
     @asynccontextmanager
@@ -162,7 +163,10 @@ def create_app(engine, settings: ServeSettings) -> FastAPI:
             # bytes alone remain (their own share comes with the decode's).
             share = await run_in_threadpool(image_memory.acquire, 3 * int(declared) if large and declared else 3 * settings.max_body_bytes) if large else 0
             try:
-                req = protocol.parse_request(await read_body(request), limits)
+                body = await read_body(request)
+                # a large body's JSON is parsed off the event loop (tens of MB take a noticeable fraction of a second)
+                req = await run_in_threadpool(protocol.parse_request, body, limits) if large else protocol.parse_request(body, limits)
+                del body
                 data = await run_in_threadpool(image_source.fetch, req.image_url, max_bytes=settings.max_image_bytes,
                                                allow_remote=settings.allow_remote_images)
                 req = dataclasses.replace(req, image_url="")  # the base64 text is no longer needed
@@ -214,6 +218,22 @@ def create_app(engine, settings: ServeSettings) -> FastAPI:
 
 _PROCESSOR = threading.Lock()  # one request at a time through the processor: its fast tokenizer is not thread-safe
 CLOSE = {"Connection": "close"}  # a response sent before the body was read whole: the connection cannot be reused
+
+
+MIN_IMAGE_MEMORY = 320 << 20  # a 64-megapixel RGB photo (256 MB decoded) and its body, one at a time
+
+
+def default_image_memory() -> int:
+    """MIN_IMAGE_MEMORY, or half of what this process holds once the engine is loaded, whichever is larger: images in
+    flight then never take the server past 1.5x its loaded size (plus at most MIN_IMAGE_MEMORY for a small engine),
+    and a 7B engine's server (several GB) decodes every image the pixel bound admits (at most 8 bytes a pixel: 512 MB
+    for a rotated or CMYK 64-megapixel photo), several at a time."""
+    try:
+        with open("/proc/self/status") as f:
+            rss = next(int(line.split()[1]) << 10 for line in f if line.startswith("VmRSS:"))
+    except (OSError, StopIteration, ValueError):
+        rss = 0
+    return max(MIN_IMAGE_MEMORY, rss // 2)
 
 
 class MemoryBudget:
