@@ -191,9 +191,10 @@ def test_a_full_disk_is_exit_2_and_leaves_nothing(tmp_path, monkeypatch, capsys)
     failures = (OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "embed_tokens.npy"),  # what Python's writers raise
                 Exception(f"{os.strerror(errno.ENOSPC)} (os error {errno.ENOSPC})"))  # what the Rust tokenizers raise
     for failure in failures:
-        def full(*args, failure=failure, **kwargs):
+        def full(loaded, schedule, directory, failure=failure, **kwargs):  # the engine's first write fails: the disk is full
+            (directory / "vision.onnx").write_bytes(b"partial")
             raise failure
-        monkeypatch.setattr(build.np, "save", full)
+        monkeypatch.setattr(build, "write_engine", full)
         assert export_main(["--out", str(out), "--no-validate", "--quiet"]) == 2
         err = capsys.readouterr().err
         assert "no space left on the device" in err and "take about" in err and "Traceback" not in err
