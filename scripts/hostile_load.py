@@ -9,11 +9,11 @@ Reported, and checked (exit 1 if any fails): every normal request answered withi
 sampled every 50 ms) under 2x its idle RSS (measured after one warm-up request); no 5xx answer to anyone; the greedy
 answer after the storm equals the one before. The hostile kinds (each client starts at its own kind and cycles):
 JSON nested 100,000 deep, a lone surrogate, a body of text just under the body limit, a 5000 x 1 PNG, a 1 x 12000
-PNG, a 16-bit 8000 x 8000 PNG (accepted: a 64-megapixel decode), an 8000 x 8000 EXIF-rotated JPEG and a CMYK one
-(over the image memory), a decompression-bomb header, an oversized body, a client leaving mid-upload, a
-non-streaming client leaving, a streaming client leaving after its first chunk; and, held open beside them (one of
-each per client at a time): idle sockets, headers sent a byte every 2 s, a body sent a byte every 2 s, and bursts of
-64 connections.
+PNG, a 16-bit 8000 x 8000 PNG (accepted: a 64-megapixel decode), 8000 x 8000 JPEGs EXIF-rotated, CMYK and
+progressive and an 8000 x 8000 WebP (over the default image memory of a small engine's server), a decompression-bomb
+header, an oversized body, a client leaving mid-upload, a non-streaming client leaving, a streaming client leaving
+after its first chunk; and, held open beside them (one of each per client at a time): idle sockets, headers sent a
+byte every 2 s, a body sent a byte every 2 s, and bursts of 64 connections.
 """
 
 from __future__ import annotations
@@ -78,6 +78,8 @@ def make_payloads(body_limit: int) -> tuple[bytes, dict[str, bytes]]:
     exif[0x0112] = 6
     rotated = _encoded(big, "JPEG", quality=50, exif=exif)
     cmyk = _encoded(big.convert("CMYK"), "JPEG", quality=50)
+    progressive = _encoded(big, "JPEG", quality=50, progressive=True, subsampling=0)
+    webp = _encoded(big, "WEBP", quality=10)
     del big
     text_body = _body(_data_url(_encoded(synthetic_image(1))), "cat " * ((body_limit - 50_000) // 4))
     nested = b'{"model": "' + MODEL.encode() + b'", "messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
@@ -90,6 +92,8 @@ def make_payloads(body_limit: int) -> tuple[bytes, dict[str, bytes]]:
         "png-16bit-8000x8000": _body(_data_url(sixteen)),
         "jpeg-rotated-8000x8000": _body(_data_url(rotated, "image/jpeg")),
         "jpeg-cmyk-8000x8000": _body(_data_url(cmyk, "image/jpeg")),
+        "jpeg-progressive-8000x8000": _body(_data_url(progressive, "image/jpeg")),
+        "webp-8000x8000": _body(_data_url(webp, "image/webp")),
         "bomb-header": _body(_data_url(_png_header(100_000, 100_000))),
         "oversized-body": b'{"model": "' + MODEL.encode() + b'", "user": "' + b"x" * (body_limit + 1000) + b'"}',
     }

@@ -198,3 +198,50 @@ def test_star_run_on_a_plain_rgb_jpeg(tiny_engine, tmp_path, capsys):
 
     path = _write(tmp_path, "jpeg")
     assert run_main([str(tiny_engine), "--image", str(path), "--prompt", "What is in the image?", "--max-new-tokens", "2"]) == 0, capsys.readouterr().err
+
+
+_MEASURE = """
+import sys
+from star_export.runtime.images import decode_bytes, peek, read_image
+
+def status(key):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) << 10 for line in f if line.startswith(key))
+
+data = open(sys.argv[1], "rb").read()
+header = peek(data)
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # the peak (VmHWM) starts again from the current RSS
+before = status("VmRSS:")
+image = read_image(data)
+print(decode_bytes(header), status("VmHWM:") - before)
+"""
+
+
+@pytest.mark.parametrize("key, options", [
+    ("png-rgba", {}), ("png-16bit", {}), ("jpeg-progressive-444", {"progressive": True, "subsampling": 0}), ("jpeg-cmyk", {}),
+    ("jpeg-rotated", {}), ("webp", {"quality": 50}), ("tiff-cmyk", {}),
+])
+def test_the_decode_cost_from_the_header_covers_the_measured_peak(key, options, tmp_path):
+    """decode_bytes (what star-serve's image memory is charged) against the peak RSS of read_image in a fresh process
+    (its peak reset just before), at 3000 x 3000; 4 MiB of slack for the allocator's granularity."""
+    import subprocess
+    import sys
+
+    rng = np.random.default_rng(1)
+    im = Image.fromarray(rng.integers(0, 256, (300, 300, 3), dtype=np.uint8)).resize((3000, 3000))
+    fmt = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP", "tiff": "TIFF"}[key.split("-")[0]]
+    if key.endswith("rgba"):
+        im = im.convert("RGBA")
+    elif key.endswith("cmyk"):
+        im = im.convert("CMYK")
+    elif key.endswith("16bit"):
+        im = Image.fromarray(np.asarray(im.convert("L"), dtype=np.uint16) * 257)
+    elif key.endswith("rotated"):
+        options = {"exif": Image.Exif()}
+        options["exif"][0x0112] = 6
+    path = tmp_path / f"im.{fmt.lower()}"
+    im.save(path, fmt, **options)
+    out = subprocess.run([sys.executable, "-c", _MEASURE, str(path)], capture_output=True, text=True, timeout=120)
+    estimate, measured = map(int, out.stdout.split())
+    assert measured <= estimate + (4 << 20), f"{key}: decode peak {measured / 2**20:.1f} MiB over the estimate {estimate / 2**20:.1f} MiB"

@@ -100,20 +100,57 @@ def _gray(mode: str) -> bool:
     return mode in ("1", "L", "F") or mode.startswith("I")
 
 
-def decode_bytes(size: tuple[int, int], mode: str, rotated: bool = False) -> int:
-    """Memory `read_image` holds at its peak for an image of this header: Pillow keeps 1 byte a pixel for '1' / 'L' /
-    'P', 2 for 16-bit, 4 for everything else (RGB included); the conversion adds its output (1 byte gray, 4 RGB),
-    and an EXIF rotation a second output (the source is freed first)."""
-    px = size[0] * size[1]
+# Bytes a pixel that a format's decoder holds beside Pillow's image while it decodes, measured at 16 megapixels
+# (peak RSS of a decode less the file and Pillow's image): PNG, baseline JPEG, TIFF, BMP, TGA, PPM and GIF at most 0.46
+# (DECODER_SCRATCH covers them); WebP 12.6 (libwebp's own RGBA buffer and copies: 16.6 in all); a progressive JPEG keeps
+# every DCT coefficient (2 bytes) of every component until its last scan: 2 x 3 for YCbCr without chroma subsampling
+# (measured 6.0; 3.0 with 4:2:0).
+DECODER_SCRATCH = 0.5
+DECODER_EXTRA = {"WEBP": 13.0}
+
+
+@dataclass(frozen=True)
+class Header:
+    """What an image file's header says, nothing decoded."""
+
+    size: tuple[int, int]
+    mode: str
+    format: str | None = None
+    rotated: bool = False  # an EXIF orientation that transposes
+    progressive: bool = False  # a progressive JPEG
+
+
+BAND_BYTES = 32  # scratch a pixel of the band being converted (to_rgb): its crop, and up to three float64 temporaries
+
+
+def decode_bytes(header: Header, final_size: tuple[int, int] | None = None) -> int:
+    """Memory `read_image` holds at its peak for an image with this header, phase by phase (to_rgb's order):
+    decoding, Pillow's image (1 byte a pixel for '1' / 'L' / 'P', 2 for 16-bit, 4 for everything else, RGB included)
+    and the decoder's own buffers (DECODER_EXTRA); converting, the source, the output (1 byte gray, 4 RGB) and one band
+    of scratch (_ROWS rows x BAND_BYTES); an EXIF rotation, the output twice (the source is freed first); a gray
+    picture becoming RGB at `final_size` (the processor's size where read_image resizes first; default: the image's),
+    1 + 4 bytes a pixel. tests/test_images.py checks it against measured peaks."""
+    width, height = header.size
+    px = width * height
+    mode = header.mode
     source = 1 if mode in ("1", "L", "P") else 2 if mode.startswith("I;16") else 4
     out = 1 if _gray(mode) else 4
-    if mode == "RGB" and not rotated:
-        return px * source
-    return px * max(source + out, 2 * out if rotated else 0)
+    extra = DECODER_EXTRA.get(header.format or "", DECODER_SCRATCH)
+    if header.format == "JPEG" and header.progressive:
+        extra += 2 * len(mode if mode != "RGB" else "YCC")  # one 2-byte coefficient per component and pixel
+    phases = [px * (source + extra)]
+    if mode != "RGB" or header.rotated:
+        phases.append(px * (source + out) + _ROWS * width * BAND_BYTES)
+    if header.rotated:
+        phases.append(2 * px * out)
+    if out == 1:
+        final = final_size or header.size
+        phases.append(final[0] * final[1] * (1 + 4))
+    return int(max(phases))
 
 
-def peek(data: bytes) -> tuple[tuple[int, int], str, bool] | None:
-    """(size, mode, rotated by EXIF) from an image file's header, nothing decoded; None where Pillow cannot read it."""
+def peek(data: bytes) -> Header | None:
+    """The header of an image file's bytes, nothing decoded; None where Pillow cannot read it."""
     from PIL import Image
 
     try:
@@ -126,7 +163,8 @@ def peek(data: bytes) -> tuple[tuple[int, int], str, bool] | None:
                         exif.load(im.info["exif"])
                 else:
                     exif = im.getexif()
-                return im.size, im.mode, exif.get(0x0112, 1) in _TRANSPOSE
+                progressive = bool(im.info.get("progressive") or im.info.get("progression"))
+                return Header(im.size, im.mode, im.format, exif.get(0x0112, 1) in _TRANSPOSE, progressive)
     except Exception:  # read_image says what is wrong with it
         return None
 

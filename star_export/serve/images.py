@@ -88,15 +88,15 @@ def decode_cost(data: bytes, rule: ResizeRule | None) -> int:
     header = peek(data)
     if header is None:
         return 2 * len(data)
-    size, mode, rotated = header
     try:
-        check_pixels(size, "the image")
+        check_pixels(header.size, "the image")
         if rule is not None:
-            rule.check(size, "the image")
+            rule.check(header.size, "the image")
     except InputError:
         return 2 * len(data)
-    resized = rule.target(size) if rule is not None else (0, 0)
-    return len(data) + decode_bytes(size, mode, rotated) + 4 * resized[0] * resized[1]
+    resized = rule.target(header.size) if rule is not None else None
+    fitted = resized if rule is not None and rule.exact else None  # read_image resizes first only where that is exact
+    return len(data) + decode_bytes(header, fitted) + (4 * resized[0] * resized[1] if resized else 0)
 
 
 def decode(data: bytes, rule: ResizeRule | None = None):
