@@ -72,6 +72,10 @@ HOSTILE = {
     "a 1 x 12000 PNG": (400, "invalid_image", _with_url(_b64(_encoded(Image.new("L", (1, 12000)))))),
     "an 8000 x 8000 RGBA PNG header (over the image memory)": (400, "image_too_large", _with_url(_b64(_png(8000, 8000, color_type=6)))),
     "a 30000 x 30000 16-bit PNG header": (400, "invalid_image", _with_url(_b64(_png(30000, 30000, color_type=0, depth=16)))),
+    "an integer of 5,000 digits": (400, "invalid_json", _good().replace(b'"max_tokens": 4', b'"max_tokens": ' + b"9" * 5000)),
+    "a 1 MB model name": (404, "model_not_found", _good(model="m" * 1_000_000)),
+    "a 1 MB unknown parameter": (400, None, _good(**{"k" * 1_000_000: 1})),
+    "a 1 MB media type": (400, "invalid_image", _with_url("data:image/" + "x" * 1_000_000 + ";base64,AAAA")),
     "a GIF header of 65535 x 65535": (400, "invalid_image", _with_url(_b64(b"GIF89a" + struct.pack("<HH", 65535, 65535) + b"\x00\x00\x00;"))),
 }
 
@@ -82,6 +86,7 @@ def test_hostile_bodies_are_4xx_and_the_answer_is_unchanged(engine):
         for name, (status, code, body) in HOSTILE.items():
             got, _, payload = _post(port, body, {})
             _assert_openai_error(got, payload, status, code)
+            assert len(payload) < 2048, f"{name}: a {len(payload):,}-byte error repeats what the client sent"
         assert ask(port, synthetic_image(0), "What is in the image?", n=4).choices[0].model_extra["token_ids"] == want
         assert _server_errors(port) == 0 and app.state.image_memory.used == 0
 

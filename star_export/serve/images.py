@@ -46,7 +46,7 @@ def _data_url(url: str, max_bytes: int) -> bytes:
         raise APIError(400, "a data URL must be base64: data:image/<format>;base64,<data>", param=PARAM, code="invalid_image_url")
     mime = (m.group("mime") or "").lower()
     if mime and not mime.startswith("image/"):
-        raise APIError(400, f"the data URL's media type is {mime!r}: send an image (image/png, image/jpeg, ...)", param=PARAM, code="invalid_image")
+        raise APIError(400, f"the data URL's media type is {mime[:100]!r}: send an image (image/png, image/jpeg, ...)", param=PARAM, code="invalid_image")
     payload = url[m.end():]
     if len(payload) // 4 * 3 > max_bytes + 3:  # checked before decoding
         raise APIError(400, f"the image is about {len(payload) // 4 * 3:,} bytes, over this server's limit of {max_bytes:,} "

@@ -115,9 +115,15 @@ NEUTRAL: dict[str, tuple] = {
 }
 
 
+def _shown(text: str, limit: int = 100) -> str:
+    """A value the client sent, as an error message repeats it: at most `limit` characters (a 5 MB model name is not
+    sent back)."""
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text):,} characters)"
+
+
 def _validation_error(e: ValidationError) -> APIError:
     err = e.errors()[0]
-    loc = ".".join(str(p) for p in err["loc"] if not (isinstance(p, str) and p in ("str", "list[tagged-union[TextPart,ImagePart]]", "function-after")))
+    loc = _shown(".".join(str(p) for p in err["loc"] if not (isinstance(p, str) and p in ("str", "list[tagged-union[TextPart,ImagePart]]", "function-after"))))
     if err["type"] == "extra_forbidden":
         return APIError(400, f"Unrecognized request argument supplied: {loc}", param=loc)
     if err["type"] == "missing":
@@ -160,8 +166,8 @@ def parse_request(raw: bytes, limits: ServeLimits) -> ChatRequest:
     """The body of POST /v1/chat/completions, checked; raises APIError (400 / 404) naming what is wrong."""
     try:
         obj = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise APIError(400, f"The request body is not valid JSON ({e}).", code="invalid_json") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an integer of over 4,300 digits
+        raise APIError(400, f"The request body is not valid JSON ({_shown(str(e), 200)}).", code="invalid_json") from None
     except RecursionError:
         raise APIError(400, f"The request body nests too deeply (limit {MAX_JSON_DEPTH} levels).", code="invalid_json") from None
     if not isinstance(obj, dict):
@@ -175,7 +181,7 @@ def parse_request(raw: bytes, limits: ServeLimits) -> ChatRequest:
         if getattr(body, name) not in allowed:
             raise APIError(400, f"'{name}' is not supported by this server (only its default is accepted).", param=name, code="unsupported_parameter")
     if body.model != limits.model_name:
-        raise APIError(404, f"The model '{body.model}' does not exist: this server serves '{limits.model_name}' (GET /v1/models).", param="model", code="model_not_found")
+        raise APIError(404, f"The model '{_shown(body.model)}' does not exist: this server serves '{limits.model_name}' (GET /v1/models).", param="model", code="model_not_found")
     if body.n not in (None, 1):
         raise APIError(400, f"n={body.n}: this server generates one choice per request (n=1).", param="n", code="unsupported_value")
     if body.stream_options is not None and not body.stream:
