@@ -15,7 +15,7 @@ import signal
 import sys
 import threading
 
-from .errors import EXIT_INTERNAL, EXIT_MISMATCH, EXIT_USAGE, Terminated, user_error_from
+from .errors import EXIT_INTERNAL, EXIT_MISMATCH, EXIT_USAGE, Terminated, require_extra, user_error_from
 from .runtime.threads import claim_process
 
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
@@ -447,6 +447,8 @@ def serve_parser() -> argparse.ArgumentParser:
 def _serve(args) -> int:
     from .serve import serve
 
+    if not args.write_triton_repo:
+        require_extra("serve", "star-serve")  # before the engine loads
     if args.write_triton_repo:
         from .serve.triton_repo import check_target
 

@@ -32,6 +32,28 @@ _OS_ERRORS = {
 }
 
 
+# Optional packages, by top-level module, and the extra of pyproject.toml that installs them.
+EXTRAS = {"fastapi": "serve", "starlette": "serve", "uvicorn": "serve", "prometheus_client": "serve", "tensorrt": "tensorrt",
+          "sentencepiece": "checkpoint", "matplotlib": "bench"}
+
+
+def missing_extra(module: str, what: str) -> UserError:
+    extra = EXTRAS[module]
+    return UserError(f"{what} needs the Python package {module!r}, which is not installed: pip install 'star-export[{extra}]'")
+
+
+def require_extra(extra: str, what: str) -> None:
+    """Exit-2 error naming the extra to install when any package of `extra` cannot be imported (checked up front, so
+    that a command does not fail after minutes of work)."""
+    import importlib
+
+    for module in (m for m, e in EXTRAS.items() if e == extra):
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            raise missing_extra(module, what) from None
+
+
 def user_error_from(exc: BaseException) -> UserError | None:
     """The user's side of an exception, or None when it is not the user's to fix (a bug). A full disk or
     missing memory is found anywhere in the chain of causes (a library may have wrapped it)."""
@@ -42,6 +64,8 @@ def user_error_from(exc: BaseException) -> UserError | None:
         seen.add(id(exc))
         if isinstance(exc, MemoryError):
             return UserError("out of memory: close other programs, or use a smaller model / batch")
+        if isinstance(exc, ModuleNotFoundError) and (exc.name or "").split(".")[0] in EXTRAS:
+            return missing_extra(exc.name.split(".")[0], "this command")
         if isinstance(exc, OSError) and exc.errno in _OS_ERRORS:
             where = f" ({exc.filename})" if exc.filename else ""
             return UserError(_OS_ERRORS[exc.errno].format(where=where))

@@ -541,3 +541,19 @@ def test_a_failing_decode_step_fails_its_rows_and_the_server_goes_on(engine, mon
         assert status == 200
         r = ask(port, synthetic_image(0), QUESTIONS[0], n=6)
         assert r.choices[0].model_extra["token_ids"] == batch1(engine, synthetic_image(0), QUESTIONS[0], 6)
+
+
+def test_star_serve_without_its_extra_names_it(serve_engine, monkeypatch, capsys):
+    """A plain `pip install star-export` has no server packages: exit 2 naming the extra, before the engine loads."""
+    import sys
+
+    from star_export.cli import serve_main
+    from star_export.errors import user_error_from
+
+    monkeypatch.setitem(sys.modules, "uvicorn", None)  # `import uvicorn` now raises ModuleNotFoundError
+    assert serve_main([str(serve_engine), "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "pip install 'star-export[serve]'" in err and "'uvicorn'" in err and "loading" not in err
+    assert user_error_from(RuntimeError("a bug")) is None
+    missing = ModuleNotFoundError("No module named 'matplotlib.pyplot'", name="matplotlib.pyplot")
+    assert "star-export[bench]" in str(user_error_from(missing))
