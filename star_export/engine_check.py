@@ -20,10 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from .export.decode_graphs import DECODE_GRAPHS
-from .manifest import MANIFEST, EngineError, graph_io
+from .manifest import DECODE_GRAPHS, GRAPHS, MANIFEST, EngineError, graph_io
 
-GRAPHS = ("vision", "segment0", "pivot", "segment1")
 DECODE_OF = {decode: segment for segment, decode in DECODE_GRAPHS.items()}
 MAX_LIMIT = 2**31 - 1  # positions and lengths are int32 in some ONNX Runtime kernels
 REBUILD = "the engine was edited or assembled from different builds: rebuild it with star-export --force"

@@ -15,6 +15,8 @@ from .errors import UserError
 FORMAT_VERSION = 2  # 2: decoder segments return this call's keys and values only (new_key_values.*), not whole caches
 MANIFEST = "star.json"
 BUILD_MARKER = ".star-export-build"  # in a build directory only (export/workdir.py); never part of an engine
+GRAPHS = ("vision", "segment0", "pivot", "segment1")  # every engine's graphs
+DECODE_GRAPHS = {"segment0": "decode0", "segment1": "decode1"}  # segment graph -> its optional decode graph (export/decode_graphs.py)
 # What a reader needs, with its JSON type.
 REQUIRED = {"source": dict, "dtype": str, "model": dict, "schedule": dict, "limits": dict, "layout": dict, "embed_tokens": str, "graphs": dict, "files": dict}
 

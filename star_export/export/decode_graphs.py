@@ -25,8 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-# segment graph -> its decode graph
-DECODE_GRAPHS = {"segment0": "decode0", "segment1": "decode1"}
+from ..manifest import DECODE_GRAPHS  # segment graph -> its decode graph
+
 WEIGHT_OPS = ("MatMul", "MatMulNBits")
 
 
