@@ -54,14 +54,21 @@ def require_extra(extra: str, what: str) -> None:
             raise missing_extra(module, what) from None
 
 
+def causes(exc: BaseException | None):
+    """`exc` and its causes (or contexts), each once: a library may have wrapped the failure that matters."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
 def user_error_from(exc: BaseException) -> UserError | None:
     """The user's side of an exception, or None when it is not the user's to fix (a bug). A full disk or
     missing memory is found anywhere in the chain of causes (a library may have wrapped it)."""
     if isinstance(exc, UserError):
         return exc
-    seen: set[int] = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
+    for exc in causes(exc):
         if isinstance(exc, MemoryError):
             return UserError("out of memory: close other programs, or use a smaller model / batch")
         if isinstance(exc, ModuleNotFoundError) and (exc.name or "").split(".")[0] in EXTRAS:
@@ -69,16 +76,9 @@ def user_error_from(exc: BaseException) -> UserError | None:
         if isinstance(exc, OSError) and exc.errno in _OS_ERRORS:
             where = f" ({exc.filename})" if exc.filename else ""
             return UserError(_OS_ERRORS[exc.errno].format(where=where))
-        exc = exc.__cause__ or exc.__context__
     return None
 
 
 def find_errno(exc: BaseException, *codes: int) -> OSError | None:
     """The first OSError with one of `codes` in the chain of causes of `exc` (a library may have wrapped it)."""
-    seen: set[int] = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, OSError) and exc.errno in codes:
-            return exc
-        exc = exc.__cause__ or exc.__context__
-    return None
+    return next((e for e in causes(exc) if isinstance(e, OSError) and e.errno in codes), None)

@@ -30,7 +30,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from ..errors import UserError, find_errno
+from ..errors import UserError, causes, find_errno
 from ..manifest import BUILD_MARKER, MANIFEST
 
 
@@ -126,16 +126,11 @@ def disk_full(exc: BaseException, where: Path) -> bool:
     if find_errno(exc, errno.ENOSPC, errno.EDQUOT) is not None:
         return True
     texts = (os.strerror(errno.ENOSPC), os.strerror(errno.EDQUOT))
-    seen: set[int] = set()
-    oserror = False
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if any(text in str(exc) for text in texts):
-            return True
-        oserror |= isinstance(exc, OSError)
-        exc = exc.__cause__ or exc.__context__
+    chain = list(causes(exc))
+    if any(text in str(e) for e in chain for text in texts):
+        return True
     try:
-        return oserror and shutil.disk_usage(where).free < FULL_BELOW
+        return any(isinstance(e, OSError) for e in chain) and shutil.disk_usage(where).free < FULL_BELOW
     except OSError:
         return False
 
