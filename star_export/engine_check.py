@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from .manifest import DECODE_GRAPHS, GRAPHS, MANIFEST, EngineError, graph_io
+from .manifest import DECODE_GRAPHS, GRAPHS, MANIFEST, EngineError, graph_io_of
 
 DECODE_OF = {decode: segment for segment, decode in DECODE_GRAPHS.items()}
 MAX_LIMIT = 2**31 - 1  # positions and lengths are int32 in some ONNX Runtime kernels
@@ -102,6 +102,7 @@ class GraphIO:
     file: str
     inputs: dict[str, dict]
     outputs: dict[str, dict]
+    topk_ks: tuple[int, ...]  # the K of every TopK node whose K is a constant
 
     def shape(self, field: str, value_name: str, kind: str = "outputs") -> list:
         table = getattr(self, kind)
@@ -110,35 +111,38 @@ class GraphIO:
         return table[value_name]["shape"]
 
 
-def _topk_ks(path: Path) -> list[int]:
-    """The K of every TopK node of the graph at `path` whose K is a constant."""
+def _topk_ks(graph) -> tuple[int, ...]:
+    """The K of every TopK node of `graph` (an `onnx.GraphProto`) whose K is a constant."""
     import onnx
     from onnx import numpy_helper
 
-    graph = onnx.load(str(path), load_external_data=False).graph
     consts = {t.name: t for t in graph.initializer if t.data_location != onnx.TensorProto.EXTERNAL}
     consts |= {n.output[0]: n.attribute[0].t for n in graph.node if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"}
     ks = []
     for node in graph.node:
         if node.op_type == "TopK" and len(node.input) > 1 and node.input[1] in consts:
             ks.extend(int(k) for k in numpy_helper.to_array(consts[node.input[1]]).reshape(-1))
-    return ks
+    return tuple(ks)
 
 
-def _external_files(path: Path) -> set[str]:
+def _external_files(graph) -> set[str]:
     import onnx
 
-    graph = onnx.load(str(path), load_external_data=False).graph
     return {e.value for t in graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL for e in t.external_data if e.key == "location"}
 
 
 def read_graph(directory: Path, manifest: dict, name: str) -> GraphIO:
-    """Graph `name`'s inputs and outputs as its ONNX file declares them, checked against star.json's table."""
+    """Graph `name`'s inputs and outputs as its ONNX file declares them (the file read once), checked against
+    star.json's table."""
+    import onnx
+
     entry = manifest["graphs"][name]
     path = engine_file(directory, entry.get("file"), f"graphs.{name}.file")
     try:
-        io = graph_io(path)
-        external = _external_files(path)
+        graph = onnx.load(str(path), load_external_data=False).graph
+        io = graph_io_of(graph)
+        external = _external_files(graph)
+        ks = _topk_ks(graph)
     except Exception as e:  # onnx's DecodeError and friends: not an ONNX file
         raise EngineError(f"{entry['file']} in {str(directory)!r} is not an ONNX graph ({type(e).__name__}): {REBUILD}") from e
     for location in sorted(external):
@@ -148,7 +152,7 @@ def read_graph(directory: Path, manifest: dict, name: str) -> GraphIO:
         if entry.get(kind) != io[kind]:
             raise _fail(f"graphs.{name}.{kind}", [v.get("name") if isinstance(v, dict) else v for v in entry.get(kind) or []],
                         f"{entry['file']} declares {[v['name'] for v in io[kind]]} (with their shapes and dtypes)")
-    return GraphIO(name, entry["file"], {v["name"]: v for v in io["inputs"]}, {v["name"]: v for v in io["outputs"]})
+    return GraphIO(name, entry["file"], {v["name"]: v for v in io["inputs"]}, {v["name"]: v for v in io["outputs"]}, ks)
 
 
 def _expect(field: str, says: Any, graph: GraphIO, value_name: str, axis: int, kind: str = "outputs") -> None:
@@ -189,9 +193,8 @@ def check_graphs(directory: Path, manifest: dict, spec, schedule, layout) -> Non
     _expect("schedule.keep", S.keep, pivot, "stage2_indices", 1)
     _expect("model.hidden_size", H, pivot, "hidden_states", 2, "inputs")
     for field, graph, says in (("schedule.stage1_keep", vision, S.stage1_keep), ("schedule.keep", pivot, S.keep)):
-        ks = _topk_ks(directory / graph.file)
-        if not ks or any(k != says for k in ks):
-            raise _fail(field, says, f"{graph.file}'s TopK keeps {sorted(set(ks)) or 'no constant K'}")
+        if not graph.topk_ks or any(k != says for k in graph.topk_ks):
+            raise _fail(field, says, f"{graph.file}'s TopK keeps {sorted(set(graph.topk_ks)) or 'no constant K'}")
     layers = {"segment0": list(range(P + 1)), "segment1": list(range(P + 1, L))}
     for g in ("segment0", "segment1") + tuple(decode):
         segment = DECODE_OF.get(g, g)

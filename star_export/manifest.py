@@ -53,7 +53,11 @@ def graph_io(path: Path) -> dict[str, list[dict[str, Any]]]:
     """Names, shapes (dimension names for dynamic axes) and dtypes of a graph's inputs and outputs."""
     import onnx
 
-    graph = onnx.load(str(path), load_external_data=False).graph
+    return graph_io_of(onnx.load(str(path), load_external_data=False).graph)
+
+
+def graph_io_of(graph) -> dict[str, list[dict[str, Any]]]:
+    """`graph_io` of a loaded `onnx.GraphProto`."""
 
     def describe(values):
         out = []
