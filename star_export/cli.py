@@ -447,8 +447,6 @@ def serve_parser() -> argparse.ArgumentParser:
 def _serve(args) -> int:
     from .serve import serve
 
-    if not args.write_triton_repo:
-        require_extra("serve", "star-serve")  # before the engine loads
     if args.write_triton_repo:
         from .serve.triton_repo import check_target
 
@@ -456,6 +454,7 @@ def _serve(args) -> int:
         _write_triton(args, args.engine, args.write_triton_repo)
         return 0
 
+    require_extra("serve", "star-serve")  # before the engine loads
     api_key = args.api_key if args.api_key is not None else os.environ.get("STAR_API_KEY") or None
     serve(
         args.engine,
