@@ -137,36 +137,35 @@ def socket_kinds(server: Server, normal: bytes, stop: threading.Event) -> dict:
         with server.sock() as s:
             return _read_status(s)  # the header timeout closes it
 
+    def trickle(s: socket.socket, data: bytes) -> int | str | None:
+        """Send `data` a byte every 2 s; the server's answer as soon as one comes (or "closed", "stopped"); None once
+        all is sent unanswered."""
+        s.settimeout(2)
+        for i in range(len(data)):
+            if stop.is_set():
+                return "stopped"
+            try:
+                s.sendall(data[i:i + 1])
+            except OSError:
+                return _read_status(s)  # closed by a timeout, perhaps with an answer first
+            try:
+                answer = s.recv(64)
+            except (socket.timeout, TimeoutError):
+                continue
+            except OSError:
+                return "closed"  # reset by the server
+            return int(answer.split(b" ", 2)[1]) if answer.startswith(b"HTTP/1.1 ") else "closed"
+        s.settimeout(120)
+        return None
+
     def slow_headers():
         with server.sock() as s:
-            head = _head(len(normal))
-            for i in range(len(head)):
-                if stop.is_set():
-                    return "stopped"
-                try:
-                    s.sendall(head[i:i + 1])
-                except OSError:
-                    return "closed"  # by the header timeout
-                time.sleep(2)
-            return _read_status(s)
+            return trickle(s, _head(len(normal))) or _read_status(s)  # the header timeout closes it
 
     def slow_body():
         with server.sock() as s:
             s.sendall(_head(len(normal)))
-            for i in range(len(normal)):
-                if stop.is_set():
-                    return "stopped"
-                try:
-                    s.sendall(normal[i:i + 1])
-                except OSError:
-                    break
-                s.settimeout(2)
-                try:
-                    if data := s.recv(64):
-                        return int(data.split(b" ", 2)[1])  # the body timeout answered
-                except (socket.timeout, TimeoutError):
-                    pass
-            return _read_status(s)
+            return trickle(s, normal) or _read_status(s)  # the body timeout answers 408
 
     def leave_mid_upload():
         with server.sock() as s:
