@@ -8,7 +8,7 @@ within a round and then summarised. Writes `<out>/bench.md`, `bench.csv`, `bench
 
     python scripts/bench.py --model DIR [--rounds 3] [--tokens 8] [--out docs/benchmarks] [--sweeps]
 
-`--model`: a local HF LLaVA directory (scripts/make_checkpoint.py, or testing.save_random_llava); its pivot layer
+`--model`: a local HF LLaVA directory (`python -m star_export.checkpoints`, or testing.save_random_llava); its pivot layer
 is STAR's default for its depth. Engines: one float32 export whose decoder segments are shared by every keep (they
 do not depend on keep; vision and pivot graphs are per keep), plus int8 / int4 weight-only engines at --keep.
 """

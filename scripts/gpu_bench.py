@@ -6,7 +6,7 @@ provider, on one random model at real LLaVA-1.5-7B widths with reduced depth, in
     python scripts/gpu_bench.py --model DIR [--dtype float16] [--keeps 576 58] [--rounds 5] [--tokens 32] [--out DIR]
 
 Needs torch with CUDA and onnxruntime-gpu (in place of onnxruntime). `--model`: a local HF LLaVA directory
-(scripts/make_checkpoint.py, or testing.save_random_llava); without one, a 4-layer real-width model is written to the
+(`python -m star_export.checkpoints`, or testing.save_random_llava); without one, a 4-layer real-width model is written to the
 work directory. `--kv-via-host` also runs each engine with its new keys and values copied through the host, as before
 they were written into torch tensors on the GPU, and reports the device-side copy's gain per round. Writes
 `<out>/gpu_bench.md` and `gpu_bench.json`.

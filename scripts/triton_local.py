@@ -1,8 +1,10 @@
 #!/usr/bin/env python
 """Run a model repository on the `tritonserver` binary bundled in the `nvidia-pytriton` wheel (no container, no GPU).
 
-    bash scripts/setup_triton.sh                       # .venv-triton: pytriton, numpy < 2, star-export
+    python scripts/triton_local.py --setup             # .venv-triton: pytriton, numpy < 2, star-export (idempotent)
     python scripts/triton_local.py REPO [--http-port 8000 --grpc-port 8001 --metrics-port 8002]
+
+A REPO run sets .venv-triton up first where it is missing.
 
 What makes the bundled binary work here (FIELD_NOTES, and issue 12's note):
 - the Python backend's stub for this interpreter's version is copied next to `libtriton_python.so` in a backend folder
@@ -30,10 +32,21 @@ ROOT = Path(__file__).resolve().parents[1]
 VENV = ROOT / ".venv-triton"
 
 
+def setup(python: str | None = None) -> None:
+    """Create .venv-triton (idempotent): the environment Triton's Python-backend stub runs model.py in. The stub
+    bundled in nvidia-pytriton is built against numpy 1.x (under numpy 2 its BYTES tensors arrive corrupted), so it
+    pins numpy < 2; torch goes in first as torch==2.13.0 (the CPU wheel, as scripts/setup.sh does)."""
+    pip = [str(VENV / "bin" / "python"), "-m", "pip", "install", "-q"]
+    if not (VENV / "bin" / "python").is_file():
+        subprocess.run([python or os.environ.get("PYTHON", "python3"), "-m", "venv", str(VENV)], check=True)
+    for args in (["--upgrade", "pip"], ["torch==2.13.0"], ["numpy<2", "nvidia-pytriton>=0.7", "-e", str(ROOT)]):
+        subprocess.run(pip + args, check=True)
+
+
 def site_packages(venv: Path = VENV) -> Path:
     found = sorted(venv.glob("lib/python3.*/site-packages"))
     if not found or not (found[0] / "pytriton" / "tritonserver" / "bin" / "tritonserver").is_file():
-        raise SystemExit(f"no pytriton in {venv}: run `bash scripts/setup_triton.sh` first")
+        raise SystemExit(f"no pytriton in {venv}: run `python scripts/triton_local.py --setup` first")
     return found[0]
 
 
@@ -87,11 +100,18 @@ def start(repo: Path, http: int, grpc: int, metrics: int, log: Path, timeout: fl
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("repo", type=Path)
+    p.add_argument("repo", type=Path, nargs="?", help="model repository to serve")
+    p.add_argument("--setup", action="store_true", help="create or update .venv-triton and exit")
     p.add_argument("--http-port", type=int, default=8000)
     p.add_argument("--grpc-port", type=int, default=8001)
     p.add_argument("--metrics-port", type=int, default=8002)
     args = p.parse_args()
+    if args.setup or not (VENV / "bin" / "python").is_file():
+        setup()
+        if args.setup:
+            return 0
+    if args.repo is None:
+        p.error("give the model repository to serve, or --setup")
     argv, env = command(args.repo, args.http_port, args.grpc_port, args.metrics_port, Path(tempfile.mkdtemp(prefix="triton-")))
     os.execve(argv[0], argv, env)
 

@@ -37,7 +37,3 @@ def script(name: str):
     spec.loader.exec_module(module)
     return module
 
-
-def make_checkpoint_script():
-    """scripts/make_checkpoint.py as a module."""
-    return script("make_checkpoint")

@@ -70,9 +70,9 @@ class Ctx:
 
     def seven_b(self) -> str:
         """The published llava-1.5-7b-hf config.json alone: the memory check runs before any weight is read."""
-        from helpers import make_checkpoint_script
+        from star_export import checkpoints
 
-        return self.model_dir(make_checkpoint_script().config(32, 24), weights=b"\x00" * 16)
+        return self.model_dir(checkpoints.config(32, 24), weights=b"\x00" * 16)
 
     def raw_model_dir(self, config_bytes: bytes) -> str:
         d = self.path("model")

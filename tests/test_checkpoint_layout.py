@@ -1,4 +1,4 @@
-"""Issue 10: a checkpoint in the published llava-hf/llava-1.5-7b-hf layout (scripts/make_checkpoint.py), exported
+"""Issue 10: a checkpoint in the published llava-hf/llava-1.5-7b-hf layout (star_export/checkpoints.py), exported
 through the CLI: old tensor names, fp16 shards, sentencepiece tokenizer, processor and chat-template files."""
 
 from __future__ import annotations
@@ -7,20 +7,19 @@ import json
 
 import pytest
 
-from helpers import make_checkpoint_script
+from star_export import checkpoints
 
 
 def test_published_layout_files_and_names(tmp_path):
     """The layout itself, cheaply: tokenizer ids, config numbers, old tensor names (from the meta model)."""
-    script = make_checkpoint_script()
-    cfg = script.config(32, 24)
+    cfg = checkpoints.config(32, 24)
     assert (cfg["image_token_index"], cfg["pad_token_id"], cfg["vocab_size"], cfg["torch_dtype"]) == (32000, 32001, 32064, "float16")
-    names = dict(script.tensor_shapes(script.config(2, 2)))
+    names = dict(checkpoints.tensor_shapes(checkpoints.config(2, 2)))
     assert names["language_model.lm_head.weight"] == (32064, 4096)
     assert names["language_model.model.layers.1.mlp.down_proj.weight"] == (4096, 11008)
     assert names["multi_modal_projector.linear_1.weight"] == (4096, 1024)
     assert "vision_tower.vision_model.post_layernorm.weight" in names
-    script.train_tokenizer(tmp_path, seed=0)
+    checkpoints.train_tokenizer(tmp_path, seed=0)
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tmp_path)
@@ -33,7 +32,7 @@ def test_real_width_published_layout_exports_through_the_cli(tmp_path, capsys):
     from star_export.cli import export_main, run_main
     from star_export.runtime.inputs import synthetic_image
 
-    ckpt = make_checkpoint_script().make_checkpoint(tmp_path / "ckpt", text_layers=2, vision_layers=2, log=lambda s: None)
+    ckpt = checkpoints.make_checkpoint(tmp_path / "ckpt", text_layers=2, vision_layers=2, log=lambda s: None)
     shards = json.loads((ckpt / "model.safetensors.index.json").read_text())["weight_map"]
     assert "language_model.model.layers.0.self_attn.q_proj.weight" in shards
     assert export_main(["--model", str(ckpt), "--keep", "58", "--dtype", "float16", "--out", str(tmp_path / "e16")]) == 0

@@ -18,8 +18,9 @@ from conftest import QUESTIONS
 from star_export.runtime.engine import Engine
 
 # Both paths compute in float32 on the same weights: their logits differ by rounding (~1e-6 of their scale: 2e-6 on this
-# engine, 2.7e-6 at real widths, scripts/gqa_step_ab.py), while a wrong cache slot, mask or RoPE position moves attention
-# outputs by a large fraction of max |v| (0.25 for a position off by one, tests/test_attention_ab.py); 1e-3 lies between.
+# engine, 2.7e-6 at real widths), while a wrong cache slot, mask or RoPE position moves attention outputs by a large
+# fraction of max |v| (0.25 for a position off by one); 1e-3 lies between. Both measured with the decode A/B scripts
+# (docs/performance.md, "Decided experiments").
 RELATIVE = 1e-3
 
 
@@ -164,3 +165,30 @@ def test_star_run_can_decode_with_the_segment_graphs(decode_engine, tmp_path, ca
     assert outputs[False]["token_ids"] == outputs[True]["token_ids"]
     assert run_main([str(decode_engine), "--image", str(image), "--prompt", "Describe.", "--max-new-tokens", "2"]) == 0
     assert "| CPUExecutionProvider (decode graphs)" in capsys.readouterr().err  # the summary line says which path decoded
+
+
+def test_attention_block_is_found_behind_transposed_weights(tiny_engine, tmp_path):
+    """The exporter folds the Transpose of small weights only: at other sizes (hidden 128, float32) a projection's MatMul
+    reads Transpose(weight). The block finder names the same projections whether the weights are folded or not."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    from star_export.export.decode_graphs import attention_block
+
+    path = tiny_engine / "segment0.onnx"
+    model = onnx.load(str(path))
+    graph = model.graph
+    weights = {t.name: t for t in graph.initializer}
+    matmuls = [n for n in graph.node if n.op_type == "MatMul" and n.input[1] in weights and len(weights[n.input[1]].dims) == 2]
+    assert matmuls
+    for node in matmuls:
+        name = node.input[1]
+        unfolded = numpy_helper.from_array(numpy_helper.to_array(weights[name]).T.copy(), f"{name}.unfolded")
+        graph.initializer.append(unfolded)
+        graph.node.insert(list(graph.node).index(node), helper.make_node("Transpose", [unfolded.name], [f"{name}.t"], perm=[1, 0]))
+        node.input[1] = f"{name}.t"
+    onnx.save(model, str(tmp_path / "segment0.onnx"))
+    for layer in range(len([i for i in graph.input if i.name.startswith("past_key_values.")]) // 2):
+        _, folded, absolute, _ = attention_block(path, layer)
+        _, behind, absolute_behind, _ = attention_block(tmp_path / "segment0.onnx", layer)
+        assert (behind, absolute_behind) == (folded, absolute)

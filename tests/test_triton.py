@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from conftest import QUESTIONS
+from helpers import script
 from star_export.runtime.generate import Sampling
 from star_export.runtime.inputs import synthetic_image
 
@@ -70,9 +71,8 @@ def triton(tmp_path_factory):
     """tiny-llava engine + repository written by `star-export --triton-repo`, served by a real tritonserver."""
     from star_export.cli import export_main
 
-    subprocess.run(["bash", str(ROOT / "scripts" / "setup_triton.sh")], check=True, timeout=1800)
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import triton_local
+    triton_local = script("triton_local")
+    triton_local.setup()
 
     root = tmp_path_factory.mktemp("triton")
     engine, repo = root / "engine", root / "repo"

@@ -1,7 +1,6 @@
-#!/usr/bin/env python
 """Write a random LLaVA-1.5 checkpoint laid out like the published `llava-hf/llava-1.5-7b-hf` repository.
 
-    python scripts/make_checkpoint.py OUT [--text-layers 32] [--vision-layers 24] [--std 0.02] [--seed 0]
+    python -m star_export.checkpoints OUT [--text-layers 32] [--vision-layers 24] [--std 0.02] [--seed 0]
 
 What it writes (FIELD_NOTES, "Real checkpoints"): `config.json` (`image_token_index` 32000, `pad_token_id`
 32001, vocab 32064, `torch_dtype` float16), fp16 safetensors shards of at most 5 GB with the OLD tensor names
