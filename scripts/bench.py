@@ -155,7 +155,8 @@ def gemm_rates(threads: int, rounds: int = 5, m: int = 622, k: int = 4096, n: in
     kernels alone."""
     import onnxruntime as ort
 
-    from star_export.export.quantize import WeightScheme, matmulnbits_model
+    from star_export.config import WeightScheme
+    from star_export.validate.quantized import matmulnbits_model
     from star_export.runtime.sessions import session_options
 
     rng = np.random.default_rng(0)
@@ -205,9 +206,9 @@ def build_pipes(a, loaded, layout, work: Path) -> tuple[dict, dict]:
 
 
 def build_configs(a, loaded, layout, work: Path) -> tuple[list[Config], dict]:
-    from star_export.export.build import export_engine
-    from star_export.export.quantize import WeightScheme
-    from star_export.reference import reference_pipeline
+    from star_export.build import export_engine
+    from star_export.config import WeightScheme
+    from star_export.validate.reference import reference_pipeline
     from star_export.runtime.engine import Engine
 
     t = time.perf_counter()
@@ -322,7 +323,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     work = Path(a.work_dir or tempfile.mkdtemp(prefix="star-bench-"))
 
-    from star_export.reference import decoder_layout
+    from star_export.graphs.stages import decoder_layout
 
     loaded = load_model(a.model).cast("float32")
     loaded.model.eval()

@@ -46,7 +46,7 @@ def kv_via_host(engine):
 def build(a, work: Path):
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    from star_export.export.build import export_engine
+    from star_export.build import export_engine
     from star_export.runtime.engine import Engine
 
     model_dir = a.model

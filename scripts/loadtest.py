@@ -135,10 +135,10 @@ def main() -> int:
         args.engine = Path(tmp.name) / "tiny"
         if export_main(["--out", str(args.engine), "--no-validate", "--quiet", "--max-batch-size", "16", "--max-new-tokens", "64"]) != 0:
             return 1
-    from star_export.manifest import read_manifest
+    from star_export.manifest import EngineManifest
     from star_export.serve import default_model_name
 
-    model = default_model_name(read_manifest(args.engine, verify=False))
+    model = default_model_name(EngineManifest.read(args.engine, verify=False))
     requests = make_requests()
     proc, port = start_server(args.engine)
     try:

@@ -175,6 +175,9 @@ def export_parser() -> argparse.ArgumentParser:
     g.add_argument("--dry-run", action="store_true", help="print the plan (tokens per stage, FLOPs, KV bytes) without weights; writes nothing")
     g.add_argument("--text-tokens", type=_positive, default=DEFAULT_TEXT_TOKENS, help="text tokens assumed by --dry-run")
     g.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+    g.add_argument("--add-decode-graphs", default=None, metavar="ENGINE",
+                   help="write ONNX Runtime decode graphs into ENGINE, an engine exported without them, re-sign its star.json, "
+                        "and exit (minutes: they share the segments' weight files; check the result with star-validate)")
     _triton_flags(p.add_argument_group("Triton Inference Server"), "--triton-repo", "also write a Triton model repository for the engine (README: Serving)")
     return p
 
@@ -203,26 +206,24 @@ def _gib(text: str) -> int:
 
 
 def _scheme(args):
-    from .export.quantize import WeightScheme
+    from .config import SchemeError, WeightScheme
 
     if args.weights == "float" and (args.block_size != 128 or args.asymmetric or args.accuracy_level is not None):
-        from .export.quantize import SchemeError
-
         raise SchemeError("--block-size / --asymmetric / --accuracy-level apply to --weights int8 / int4 only")
     level = {} if args.accuracy_level is None else {"accuracy_level": args.accuracy_level}
     return WeightScheme(args.weights, block_size=args.block_size, symmetric=not args.asymmetric, **level)
 
 
 def _export(args) -> int:
+    if args.add_decode_graphs:
+        return _add_decode_graphs(args)
     if args.dry_run:
+        from .export.write import wants_decode_graphs
         from .flops import dry_run, format_plan
-
         from .memory import format_memory, memory_plan
 
         plan, spec, schedule = dry_run(model=args.model, keep=args.keep, stage1_keep=args.stage1_keep, pivot_layer=args.pivot_layer,
                                        text_tokens=args.text_tokens, full=True)
-        from .export.build import wants_decode_graphs
-
         scheme = _scheme(args)
         memory = memory_plan(spec, schedule, args.dtype, scheme, wants_decode_graphs(args.decode_graphs, args.dtype, scheme, args.backend))
         if args.json:
@@ -230,7 +231,7 @@ def _export(args) -> int:
         else:
             print(format_plan(plan, args.model) + "\n" + format_memory(memory))
         return 0
-    from .export.build import ValidationFailed, export_engine
+    from .build import ValidationFailed, export_engine
     from .export.workdir import OutDirError
 
     if not args.out:
@@ -266,6 +267,15 @@ def _export(args) -> int:
         _write_triton(args, args.out, args.triton_repo)
     summary = {k: manifest[k] for k in ("schedule", "dtype", "weights", "backend", "timings_s")} | {"out": str(args.out), "files": sorted(manifest["files"])}
     print(json.dumps(summary, indent=2) if args.json else f"engine written to {args.out}")
+    return 0
+
+
+def _add_decode_graphs(args) -> int:
+    from .export.write import Progress, add_decode_graphs
+
+    written = add_decode_graphs(args.add_decode_graphs, Progress(1, enabled=not args.quiet))
+    print(f"decode graphs written into {args.add_decode_graphs}: {', '.join(written)}" if written
+          else f"{args.add_decode_graphs}: no decode graphs written (it has them already, or see the warning above)")
     return 0
 
 

@@ -1,13 +1,15 @@
-"""Frozen configuration objects: the model's architecture numbers and the STAR schedule.
+"""Frozen configuration objects: the model's architecture numbers, the STAR schedule, the weight scheme, the
+decoder layout the runtime needs, and an engine's limits.
 
-`ModelSpec` is what a plan needs about a model (no weights); `StarSchedule` is one pruning
-schedule (STAR.md "Budgets and defaults"), validated at construction.
+`ModelSpec` is what a plan needs about a model (no weights); `StarSchedule` is one pruning schedule (STAR.md
+"Budgets and defaults"), validated at construction; `WeightScheme` how the decoder's weights are stored;
+`DecoderLayout` what the generation loop needs to build feeds and caches; `Limits` what one call may ask.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Mapping
 
 from .errors import UserError
@@ -176,3 +178,82 @@ class StarSchedule:
 
     def asdict(self) -> dict[str, int]:
         return dataclasses.asdict(self)
+
+
+SCHEMES = ("float", "int8", "int4")
+QUANTIZED_GRAPHS = ("segment0", "segment1")  # a quantized --weights scheme applies to these; vision stays float
+
+
+class SchemeError(UserError, ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class WeightScheme:
+    """`float`: weights in the engine's dtype. `int8` / `int4`: weight-only, blockwise along K."""
+
+    kind: str = "float"
+    block_size: int = 128  # MatMulNBitsQuantizer's default
+    symmetric: bool = True  # no zero points: q - 2^(bits-1)
+    # MatMulNBits' attribute. 0: unset (float compute); 4: int8 compute where the runtime has it (ONNX Runtime's CPU
+    # kernels: measured here 6.5x faster at one row, 2x at 622 rows). 4 is onnxruntime-genai's default for CPU.
+    accuracy_level: int = 4
+
+    def __post_init__(self):
+        if self.kind not in SCHEMES:
+            raise SchemeError(f"--weights {self.kind!r}: allowed {', '.join(SCHEMES)}")
+        if self.quantized and (self.block_size < 16 or self.block_size & (self.block_size - 1)):
+            raise SchemeError(f"--block-size {self.block_size}: allowed a power of two >= 16 (default 128)")
+        if self.accuracy_level not in (0, 1, 2, 3, 4):
+            raise SchemeError(f"--accuracy-level {self.accuracy_level}: allowed 0-4 (0: unset, float compute)")
+
+    @property
+    def quantized(self) -> bool:
+        return self.kind != "float"
+
+    @property
+    def bits(self) -> int:
+        return {"int8": 8, "int4": 4}[self.kind]
+
+    def bytes_per_weight(self, dtype_bytes: int) -> float:
+        """Stored bytes per weight element: packed values + one scale (in the activation dtype) per block."""
+        if not self.quantized:
+            return float(dtype_bytes)
+        return self.bits / 8 + dtype_bytes / self.block_size + (0 if self.symmetric else 0.5 / self.block_size)
+
+    def asdict(self) -> dict:
+        d = asdict(self)
+        return d if self.quantized else {"kind": "float"}
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "WeightScheme":
+        return cls(**(d or {"kind": "float"}))
+
+
+@dataclass(frozen=True, kw_only=True)
+class DecoderLayout:
+    """What the loop needs to know about the decoder to build feeds and empty caches."""
+
+    num_layers: int
+    num_key_value_heads: int
+    head_dim: int
+    image_token_id: int
+    num_vision_tokens: int
+    eos_token_id: int | None
+    pad_token_id: int
+    dtype: str  # numpy dtype name of activations and caches
+
+
+LIMIT_FIELDS = ("max_batch_size", "max_input_len", "max_new_tokens")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Limits:
+    """What one call of an engine may ask: rows per call, prompt tokens (image tokens included), generated tokens."""
+
+    max_batch_size: int
+    max_input_len: int
+    max_new_tokens: int
+
+    def asdict(self) -> dict[str, int]:
+        return asdict(self)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from .config import ModelSpec, StarSchedule
+from .models import spec_from_name
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1, "fp8": 1}
 
@@ -79,8 +80,6 @@ def format_plan(p: Plan, model: str) -> str:
 def dry_run(*, model: str, keep: int, stage1_keep: int | None = None, pivot_layer: int | None = None, text_tokens: int = 52, full: bool = False):
     """The plan for `model` (alias or local directory) from its architecture numbers alone: no weights.
     `full`: also return the spec and schedule (for the memory plan)."""
-    from .models import spec_from_name
-
     spec, defaults = spec_from_name(model)
     schedule = StarSchedule.from_spec(spec, keep=keep, stage1_keep=stage1_keep, pivot_layer=pivot_layer, defaults=defaults)
     result = plan(spec, schedule, text_tokens)

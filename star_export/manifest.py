@@ -1,4 +1,9 @@
-"""`star.json`: what an engine directory holds, built from what, with which schedule; and its checks."""
+"""`star.json`: what an engine directory holds, built from what, with which schedule; and its checks.
+
+`EngineManifest.read(directory)` is the one place star.json is parsed: the JSON, its format version, the types of its
+top-level fields, and the typed configs (model, schedule, layout, limits, weight scheme) built from them. Writers
+(export/write.py) build the JSON body as a dict and `write_manifest` signs it with the file table.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +12,12 @@ import json
 import platform
 from datetime import datetime, timezone
 from importlib import metadata
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from types import MappingProxyType
+from typing import Any, Mapping
 
+from .config import LIMIT_FIELDS, DecoderLayout, Limits, ModelSpec, StarSchedule, WeightScheme
 from .errors import UserError
 
 FORMAT_VERSION = 2  # 2: decoder segments return this call's keys and values only (new_key_values.*), not whole caches
@@ -19,6 +27,11 @@ GRAPHS = ("vision", "segment0", "pivot", "segment1")  # every engine's graphs
 DECODE_GRAPHS = {"segment0": "decode0", "segment1": "decode1"}  # segment graph -> its optional decode graph (export/decode_graphs.py)
 # What a reader needs, with its JSON type.
 REQUIRED = {"source": dict, "dtype": str, "model": dict, "schedule": dict, "limits": dict, "layout": dict, "embed_tokens": str, "graphs": dict, "files": dict}
+
+
+def decode_graph_names(graphs) -> list[str]:
+    """The decode graphs among `graphs` (a manifest's "graphs" table, or an engine's loaded graphs): none, or both."""
+    return [name for name in DECODE_GRAPHS.values() if name in graphs]
 
 
 class EngineError(UserError):
@@ -90,8 +103,8 @@ def write_manifest(directory: Path, body: dict[str, Any]) -> dict[str, Any]:
     return manifest
 
 
-def read_manifest(directory: str | Path, *, verify: bool = True) -> dict[str, Any]:
-    """Load and check `star.json`: format version, every file present, every sha256 equal."""
+def _parse(directory: str | Path) -> dict[str, Any]:
+    """`star.json` as JSON, its format version and the types of its top-level fields checked."""
     directory = Path(directory)
     path = directory / MANIFEST
     if directory.exists() and not directory.is_dir():
@@ -120,12 +133,74 @@ def read_manifest(directory: str | Path, *, verify: bool = True) -> dict[str, An
     wrong = [f"{key} ({kind.__name__})" for key, kind in REQUIRED.items() if not isinstance(manifest.get(key), kind)]
     if wrong:
         raise EngineError(f"{path} lacks or mistypes {', '.join(wrong)}: it was not written by star-export, or was edited; rebuild the engine with star-export --force")
-    if verify:
-        verify_files(directory, manifest)
     return manifest
 
 
-def verify_files(directory: Path, manifest: dict[str, Any]) -> None:
+@dataclass(frozen=True)
+class EngineManifest:
+    """An engine directory's star.json, read once and typed. `raw` is the JSON as written (what the directory checks
+    of engine_check.py read field by field, naming each)."""
+
+    directory: Path
+    format_version: int
+    source: Mapping[str, Any]
+    dtype: str
+    backend: str
+    model: ModelSpec
+    schedule: StarSchedule
+    layout: DecoderLayout
+    limits: Limits
+    weights: WeightScheme
+    embed_tokens: str
+    graphs: Mapping[str, Mapping[str, Any]]  # name -> {"file", "inputs", "outputs", ...}
+    files: Mapping[str, Mapping[str, Any]]  # relative path -> {"sha256", "bytes"}
+    versions: Mapping[str, str]
+    raw: Mapping[str, Any]
+
+    @classmethod
+    def read(cls, directory: str | Path, *, verify: bool = True) -> "EngineManifest":
+        """Load and check `star.json` (format version, field types; with `verify`, every file present and every
+        sha256 equal)."""
+        directory = Path(directory)
+        m = _parse(directory)
+        try:
+            manifest = cls(
+                directory=directory,
+                format_version=m["format_version"],
+                source=MappingProxyType(m["source"]),
+                dtype=m["dtype"],
+                backend=str(m.get("backend", "onnx")),
+                model=ModelSpec.from_dict(m["model"]),
+                schedule=StarSchedule(**m["schedule"]),
+                layout=DecoderLayout(**m["layout"]),
+                limits=Limits(**{k: m["limits"][k] for k in LIMIT_FIELDS}),
+                weights=WeightScheme.from_dict(m.get("weights")),
+                embed_tokens=m["embed_tokens"],
+                graphs=MappingProxyType(m["graphs"]),
+                files=MappingProxyType(m["files"]),
+                versions=MappingProxyType(m.get("versions") or {}),
+                raw=MappingProxyType(m),
+            )
+        except (TypeError, KeyError, ValueError, ZeroDivisionError) as e:
+            raise EngineError(f"{directory / MANIFEST} is malformed ({type(e).__name__}: {e}): rebuild the engine with star-export --force") from e
+        if verify:
+            manifest.verify_files()
+        return manifest
+
+    @property
+    def decode_graphs(self) -> list[str]:
+        """The engine's ONNX Runtime decode graphs: none, or both."""
+        return decode_graph_names(self.graphs)
+
+    @property
+    def source_name(self) -> str | None:
+        return self.source.get("name")
+
+    def verify_files(self) -> None:
+        verify_files(self.directory, self.raw)
+
+
+def verify_files(directory: Path, manifest: Mapping[str, Any]) -> None:
     """Every file of the manifest's table present and matching its sha256 (reads every byte of the engine)."""
     missing = [name for name in manifest.get("files", {}) if not (directory / name).is_file()]
     if missing:

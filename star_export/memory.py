@@ -14,9 +14,11 @@ Rules behind the estimates (measured, FIELD_NOTES and issue 10's note):
 
 from __future__ import annotations
 
+import ctypes
+import os
 from dataclasses import asdict, dataclass
 
-from .config import ModelSpec, StarSchedule
+from .config import QUANTIZED_GRAPHS, ModelSpec, StarSchedule, WeightScheme
 from .errors import UserError
 
 GiB = 1 << 30
@@ -92,8 +94,6 @@ class MemoryPlan:
 def memory_plan(spec: ModelSpec, schedule: StarSchedule, dtype: str, scheme=None, decode_graphs: bool = False) -> MemoryPlan:
     """`decode_graphs`: the engine has ONNX Runtime decode graphs (export/decode_graphs.py). On disk they share the
     segments' weight files; running, each session holds its own (packed) copy, so the decoder's weights count twice."""
-    from .export.quantize import QUANTIZED_GRAPHS, WeightScheme
-
     scheme = scheme or WeightScheme()
     b = DTYPE_BYTES[dtype]
     run_b = 4 if dtype == "float16" else b  # ORT CPU widens float16 weights
@@ -135,8 +135,6 @@ def available_bytes() -> int:
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    import os
-
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
@@ -148,8 +146,6 @@ def check_fits(spec: ModelSpec, schedule: StarSchedule, dtype: str, scheme, vali
                decode_graphs: bool = False) -> MemoryPlan:
     """Refuse (MemoryPlanError) a build this machine cannot hold, naming the need and what would fit (alternatives as
     `--decode-graphs auto` builds them)."""
-    from .export.quantize import WeightScheme
-
     plan = memory_plan(spec, schedule, dtype, scheme, decode_graphs)
     have = budget if budget is not None else available_bytes()
     if plan.need(validate) <= have:
@@ -188,17 +184,10 @@ def validation_mode(spec: ModelSpec, schedule: StarSchedule, dtype: str, scheme,
     return mode
 
 
-def check_run_fits(manifest: dict, budget: int | None = None) -> None:
-    """Refuse (before any session loads) an engine that cannot run on the CPU provider in this machine's memory."""
-    from .export.decode_graphs import decode_graph_names
-    from .export.quantize import WeightScheme
-
-    try:
-        spec, schedule = ModelSpec.from_dict(manifest["model"]), StarSchedule(**manifest["schedule"])
-        plan = memory_plan(spec, schedule, manifest["dtype"], WeightScheme.from_dict(manifest.get("weights")),
-                           bool(decode_graph_names(manifest["graphs"])))
-    except (UserError, KeyError, TypeError, ValueError):
-        return  # loading the engine names what is wrong with its manifest
+def check_run_fits(manifest, budget: int | None = None) -> None:
+    """Refuse (before any session loads) an engine (its `manifest.EngineManifest`) that cannot run on the CPU provider
+    in this machine's memory."""
+    plan = memory_plan(manifest.model, manifest.schedule, manifest.dtype, manifest.weights, bool(manifest.decode_graphs))
     have = budget if budget is not None else available_bytes()
     if plan.run_bytes - RUNTIME_OVERHEAD > have:  # the weights alone do not fit: certain failure, not an estimate
         raise MemoryPlanError(
@@ -233,11 +222,30 @@ def return_large_frees() -> bool:
     an image decode's buffers (Pillow's 16 MiB blocks, numpy arrays) come from per-thread heaps that keep the memory:
     measured here, four 16-bit 8000 x 8000 PNGs left star-serve 530 MiB above idle for good (1.07x of idle with this).
     False where the C library has no mallopt (not glibc)."""
-    import ctypes
-
     M_MMAP_THRESHOLD = -3  # fixing it also stops glibc's dynamic adjustment
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
         return False
     return bool(mallopt(M_MMAP_THRESHOLD, LARGE_ALLOCATION))
+
+
+# ------------------------------------------------------------------ pages of memory-mapped weights
+
+MADV_PAGEOUT = 21
+PAGE = 4096
+try:
+    _libc = ctypes.CDLL(None, use_errno=True)
+except OSError:  # not Linux / glibc: pages stay until the kernel reclaims them
+    _libc = None
+
+
+def release_pages(tensor) -> None:
+    """Advise the kernel to reclaim the pages behind `tensor` (non-destructive: mapped file pages are re-read on the
+    next access, anonymous ones are never dropped). Best effort; errors are ignored."""
+    if _libc is None or tensor.device.type != "cpu" or tensor.numel() == 0:
+        return
+    start = tensor.data_ptr()
+    end = start + tensor.numel() * tensor.element_size()
+    aligned = start - start % PAGE
+    _libc.madvise(ctypes.c_void_p(aligned), ctypes.c_size_t(end - aligned), MADV_PAGEOUT)

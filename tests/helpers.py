@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from star_export.reference import reference_pipeline
+from star_export.validate.reference import reference_pipeline
 from star_export.validate import ValidationReport, check_graph_call
 
 

@@ -13,7 +13,7 @@ from conftest import QUESTIONS
 from star_export.cli import export_main, run_main, validate_main
 from star_export.config import StarSchedule
 from star_export.manifest import MANIFEST, sha256_file
-from star_export.reference import generate
+from star_export.validate.reference import generate
 from star_export.runtime.generate import Sampling
 from star_export.runtime.inputs import synthetic_image
 
@@ -309,7 +309,7 @@ def test_force_replaces_and_failed_self_check_writes_nothing(tmp_path, monkeypat
     first = json.loads((out / MANIFEST).read_text())
     assert first["schedule"]["keep"] == 29
     # a self-check that fails: the export fails (exit 1) and the existing engine is untouched
-    import star_export.validate as validate
+    import star_export.build as build
 
     class Failed:
         ok = False
@@ -320,7 +320,7 @@ def test_force_replaces_and_failed_self_check_writes_nothing(tmp_path, monkeypat
         def summary(self):
             return "FAILED: 21/22 checks"
 
-    monkeypatch.setattr(validate, "validate_engine", lambda *a, **k: Failed())
+    monkeypatch.setattr(build, "validate_engine", lambda *a, **k: Failed())
     assert export_main(["--model", "tiny-llava", "--keep", "58", "--out", str(out), "--force"]) == 1
     assert "does not match the eager reference" in capsys.readouterr().err
     assert json.loads((out / MANIFEST).read_text()) == first

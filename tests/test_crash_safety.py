@@ -179,7 +179,8 @@ def test_a_full_disk_is_exit_2_and_leaves_nothing(tmp_path, monkeypatch, capsys)
     import errno
 
     from star_export.cli import export_main
-    from star_export.export import build, workdir
+    from star_export import build
+    from star_export.export import workdir
 
     out = tmp_path / "engine"
     usage = shutil.disk_usage(tmp_path)

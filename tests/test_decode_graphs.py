@@ -102,8 +102,9 @@ def test_the_validator_checks_the_decode_graphs_and_fails_a_wrong_one(decode_eng
 
 
 def test_an_engine_whose_blocks_are_not_found_is_written_without_decode_graphs(tiny_engine, tmp_path, capsys, monkeypatch):
-    from star_export.export import build, decode_graphs
-    from star_export.export.build import Progress
+    from star_export.export import decode_graphs
+    from star_export.export import write as build
+    from star_export.export.write import Progress
 
     directory = tmp_path / "engine"
     shutil.copytree(tiny_engine, directory)
@@ -123,8 +124,8 @@ def test_an_engine_whose_blocks_are_not_found_is_written_without_decode_graphs(t
 
 
 def test_decode_graph_options_are_checked_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    from star_export import build
     from star_export.cli import export_main
-    from star_export.export import build
 
     monkeypatch.setattr(build, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
     assert export_main(["--out", str(tmp_path / "e"), "--decode-graphs", "on", "--dtype", "float16"]) == 2
@@ -139,7 +140,7 @@ def test_decode_graph_options_are_checked_before_the_model_loads(tmp_path, capsy
 def test_the_memory_plan_counts_the_decoder_weights_twice():
     """Each decode graph's session holds its own copy of its segment's (packed) weights; the files are shared."""
     from star_export.config import StarSchedule
-    from star_export.export.quantize import WeightScheme
+    from star_export.config import WeightScheme
     from star_export.memory import memory_plan
     from star_export.models import spec_from_name
 

@@ -10,7 +10,8 @@ from star_export.config import StarSchedule
 from star_export.export.onnx_export import export_onnx
 from star_export.export.trt_rules import check_tensorrt_rules
 from star_export.flops import plan
-from star_export.reference import decoder_layout, reference_pipeline
+from star_export.graphs.stages import decoder_layout
+from star_export.validate.reference import reference_pipeline
 from star_export.runtime.generate import Sampling, StarPipeline
 from star_export.runtime.inputs import prepare_inputs
 from star_export.runtime.sessions import OrtGraph

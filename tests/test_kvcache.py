@@ -11,7 +11,6 @@ import pytest
 from conftest import QUESTIONS
 from star_export.runtime import batch as rows_of
 from star_export.runtime.engine import Engine
-from star_export.runtime.generate import Sampling
 
 ATOL = 1e-5  # fp32 logits, absolute: the same computation over a buffer with more masked (zero) slots
 

@@ -15,8 +15,9 @@ import pytest
 from onnx import TensorProto, helper
 
 from star_export.config import StarSchedule
-from star_export.export.quantize import (SchemeError, WeightScheme, dequantize, int8_activations, matmul_compute, matmulnbits_model,
-                                        quantize_weight, quantized_twin)
+from star_export.config import SchemeError, WeightScheme
+from star_export.export.quantize import quantize_weight
+from star_export.validate.quantized import dequantize, int8_activations, matmul_compute, matmulnbits_model, quantized_twin
 from star_export.memory import graph_weights, memory_plan, total_params
 from star_export.runtime.sessions import session_options
 
@@ -128,7 +129,7 @@ def test_memory_plan_for_7b_matches_the_published_sizes():
 def test_int4_engine_passes_the_validator_and_reports_its_cost(tmp_path, tiny):
     """A tiny int4 engine: MatMulNBits in the decoder segments only, the scheme in star.json, the validator's float
     rule against references holding the dequantized weights, and the cost against the unquantized model reported."""
-    from star_export.export.build import export_engine
+    from star_export.build import export_engine
     from star_export.validate import validate_engine
 
     out = tmp_path / "e4"
@@ -149,7 +150,7 @@ def test_int4_engine_passes_the_validator_and_reports_its_cost(tmp_path, tiny):
 def test_validator_catches_an_engine_quantized_differently(tmp_path, tiny):
     """Planted defect: an int4 engine whose star.json claims block 128 while its weights were packed with block 32
     (so the reference dequantizes other weights): the float rule must fail it."""
-    from star_export.export.build import export_engine
+    from star_export.build import export_engine
     from star_export.manifest import MANIFEST
     from star_export.validate import validate_engine
 
@@ -168,7 +169,8 @@ def test_int8_compute_engine_passes_and_a_float_reference_fails_it(tmp_path, tin
     as the engine does, so the float rule holds. Planted defect: references with float activations (what the validator
     did before) must fail the same engine -- the check can tell the two arithmetics apart."""
     from star_export import validate
-    from star_export.export.build import export_engine
+    from star_export.validate import run as validate_run
+    from star_export.build import export_engine
 
     out = tmp_path / "e"
     scheme = WeightScheme(kind, block_size=block, symmetric=symmetric)
@@ -180,6 +182,6 @@ def test_int8_compute_engine_passes_and_a_float_reference_fails_it(tmp_path, tin
     assert any(f"computes in {compute}" in n for n in report.notes), report.notes
     if compute != "int8":
         pytest.skip(f"this CPU's ONNX Runtime computes {kind} MatMulNBits in float: no int8 arithmetic to tell apart")
-    monkeypatch.setattr(validate, "matmul_compute", lambda *a: "float")
+    monkeypatch.setattr(validate_run, "matmul_compute", lambda *a: "float")
     report = validate.validate_engine(out, loaded=tiny, max_new_tokens=6)
     assert not report.ok, report.table()

@@ -1,4 +1,4 @@
-"""The eager reference (`star_export.reference`) against independent paths.
+"""The eager reference (`star_export.validate.reference`) against independent paths.
 
 Every expected value here is computed from the unmodified Hugging Face model and its public outputs
 (`generate`, `output_attentions`, `output_hidden_states`, the decoder layers called one by one), never
@@ -24,7 +24,8 @@ import numpy as np
 import pytest
 import torch
 
-from star_export import reference
+from star_export.graphs import stages
+from star_export.validate import reference
 from star_export.config import StarSchedule
 from star_export.runtime.generate import Sampling, StarPipeline
 from star_export.runtime.inputs import prepare_inputs
@@ -54,9 +55,9 @@ def _run_reference(loaded, schedule, images, questions, max_new_tokens):
     if _dtype(loaded) == torch.float32:
         return reference.generate(loaded, schedule, images, questions, sampling)
     # float64: `reference.reference_pipeline` with the activation dtype set to float64.
-    graphs = {name: TorchGraph(m, i, o) for name, (m, i, o) in reference.graph_modules(loaded, schedule).items()}
+    graphs = {name: TorchGraph(m, i, o) for name, (m, i, o) in stages.graph_modules(loaded, schedule).items()}
     embed = loaded.model.get_input_embeddings().weight.detach().numpy()
-    pipe = StarPipeline(graphs, embed, schedule, reference.decoder_layout(loaded, "float64"))
+    pipe = StarPipeline(graphs, embed, schedule, stages.decoder_layout(loaded, "float64"))
     inp = prepare_inputs(loaded.processor, images, questions)
     return pipe.generate(inp["pixel_values"].astype(np.float64), inp["input_ids"], inp["attention_mask"], sampling)
 

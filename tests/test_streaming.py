@@ -10,15 +10,16 @@ import pytest
 import torch
 
 from star_export.config import StarSchedule
-from star_export.export.quantize import WeightScheme
+from star_export.config import WeightScheme
 from star_export.memory import VALIDATION_MODES, memory_plan
-from star_export.streaming import Streamer, release_pages, streamed_pipeline
+from star_export.memory import release_pages
+from star_export.validate.streaming import Streamer, streamed_pipeline
 from star_export.validate import validate_engine
 
 
 @pytest.fixture(scope="module")
 def engines(tmp_path_factory):
-    from star_export.export.build import export_engine
+    from star_export.build import export_engine
 
     root = tmp_path_factory.mktemp("streamed")
     made = {}

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from star_export import budget
-from star_export.validate import Check, ValidationReport, compare_outputs
+from star_export.validate import Check, ValidationReport, budget
+from star_export.validate.checks import compare_outputs
 
 RNG = np.random.default_rng(0)
 TRUTH = RNG.normal(size=(3, 50))

@@ -12,7 +12,7 @@ import torch
 import star_export.graphs.decoder as decoder
 import star_export.graphs.vision as vision
 from star_export.config import StarSchedule
-from star_export.export.build import write_engine
+from star_export.export.write import write_engine
 from star_export.validate import validate_engine
 
 LIMITS = {"max_batch_size": 4, "max_input_len": 2048, "max_new_tokens": 32}

@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from star_export.budget import MULTIPLIER
+from star_export.validate.budget import MULTIPLIER
 from star_export.cli import export_main, validate_main
 from star_export.testing import real_width_case, save_random_llava, validation_sweep
 

@@ -13,7 +13,7 @@ from star_export.config import ModelSpec, StarSchedule
 from star_export.export.onnx_export import export_onnx
 from star_export.export.trt_rules import check_tensorrt_rules
 from star_export.models import LoadedModel, build_random_llava
-from star_export.reference import graph_modules
+from star_export.graphs.stages import graph_modules
 from star_export.runtime.inputs import prepare_inputs, synthetic_image
 from star_export.runtime.sessions import OrtGraph
 from star_export.testing import real_width_spec

@@ -7,7 +7,7 @@ from typing import Callable
 
 from ..errors import UserError
 from .onnx_export import export_onnx
-from .quantize import QUANTIZED_GRAPHS, WeightScheme
+from ..config import QUANTIZED_GRAPHS, WeightScheme
 from .trt_rules import assert_tensorrt_rules
 
 

@@ -30,11 +30,6 @@ from ..manifest import DECODE_GRAPHS  # segment graph -> its decode graph
 WEIGHT_OPS = ("MatMul", "MatMulNBits")
 
 
-def decode_graph_names(graphs) -> list[str]:
-    """The decode graphs among `graphs` (a manifest's "graphs" table, or an engine's loaded graphs): none, or both."""
-    return [name for name in DECODE_GRAPHS.values() if name in graphs]
-
-
 class DecodeGraphError(ValueError):
     """A segment graph whose attention blocks are not where this release's exporter puts them."""
 

@@ -21,12 +21,12 @@ from pathlib import Path
 import torch
 from torch.export import Dim
 
-from ..config import StarSchedule
+from ..config import QUANTIZED_GRAPHS, StarSchedule, WeightScheme
 from ..errors import user_error_from
+from ..graphs.stages import graph_modules
+from ..memory import release_pages
 from ..models import TORCH_DTYPES, LoadedModel, cast_module
-from ..reference import graph_modules
-from ..streaming import release_pages
-from .quantize import QUANTIZED_GRAPHS, WeightScheme, quantize_linears
+from .quantize import quantize_linears
 
 OPSET = 18
 

@@ -8,17 +8,17 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from ..config import ModelSpec, StarSchedule
+from ..config import DecoderLayout, ModelSpec
 from ..engine_check import GRAPHS, check_fields, check_graphs, check_paths, check_processor, load_embeddings
 from ..errors import user_error_from
-from ..manifest import EngineError, read_manifest, verify_files
+from ..manifest import EngineError, EngineManifest, decode_graph_names
+from ..memory import check_run_fits
 from ..models import normalize_processor
-from .generate import DecoderLayout, Generation, InputError, Sampling, StarPipeline
+from . import threads
+from .decode import DecodeGraph
+from .generate import Generation, InputError, Sampling, StarPipeline
 from .images import rule_from_engine_dir
 from .inputs import load_requests, prepare_inputs
-from ..export.decode_graphs import decode_graph_names
-from .decode import DecodeGraph
-from . import threads
 from .sessions import LazyOrtGraph, OrtGraph, resolve_providers
 
 
@@ -57,25 +57,18 @@ class Engine:
         not fit in memory as a whole). `decode_graphs`: decode with the engine's ONNX Runtime decode graphs where it
         has them (export/decode_graphs.py; CPU provider only); False: with the segment graphs."""
         self.directory = Path(directory)
-        self.manifest = read_manifest(self.directory, verify=False)  # files are verified below, after the cheap checks
-        m = self.manifest
-        try:
-            self.spec = ModelSpec.from_dict(m["model"])
-            self.schedule = StarSchedule(**m["schedule"])
-            self.layout = DecoderLayout(**m["layout"])
-            limits = {k: m["limits"][k] for k in ("max_batch_size", "max_input_len", "max_new_tokens")}
-        except (TypeError, KeyError, ValueError, ZeroDivisionError) as e:
-            raise EngineError(f"{self.directory / 'star.json'} is malformed ({type(e).__name__}: {e}): rebuild the engine with star-export --force") from e
-        check_fields(self.spec, self.schedule, self.layout, limits, m["dtype"])
-        self.limits = limits
+        # files are verified below, after the cheap checks
+        self.manifest = manifest = EngineManifest.read(self.directory, verify=False)
+        m = manifest.raw
+        self.spec, self.schedule, self.layout = manifest.model, manifest.schedule, manifest.layout
+        self.scheme, self.limits = manifest.weights, manifest.limits
+        check_fields(self.spec, self.schedule, self.layout, self.limits.asdict(), manifest.dtype)
         check_paths(self.directory, m)
         self.providers = resolve_providers(provider, allow_fallback=allow_fallback)
         if self.providers[0] == "CPUExecutionProvider" and not lazy:
-            from ..memory import check_run_fits
-
-            check_run_fits(m)  # refuse now rather than be killed loading the sessions
+            check_run_fits(manifest)  # refuse now rather than be killed loading the sessions
         if verify:
-            verify_files(self.directory, m)
+            manifest.verify_files()
         check_graphs(self.directory, m, self.spec, self.schedule, self.layout)
         self.embed_tokens = load_embeddings(self.directory, m, self.spec, self.layout)
         self.processor = load_processor(self.directory / "processor", self.spec, self.layout)
@@ -84,7 +77,7 @@ class Engine:
         # The decode graphs run on ONNX Runtime's CPU provider only (their caches are bound as host memory); a lazy
         # engine, or one on another provider, decodes with the segment graphs.
         use = decode_graphs and not lazy and self.providers[0] == "CPUExecutionProvider"
-        for name in decode_graph_names(m["graphs"]) if use else ():
+        for name in manifest.decode_graphs if use else ():
             self.graphs[name] = _load_graph(self.directory / m["graphs"][name]["file"], self.providers, graph=DecodeGraph)
         self.provider = self.graphs["segment0"].provider
         self.pipeline = StarPipeline(self.graphs, self.embed_tokens, self.schedule, self.layout)
@@ -95,25 +88,25 @@ class Engine:
 
     def prepare(self, images: Sequence[Any], prompts: Sequence[str]) -> dict[str, np.ndarray]:
         lim = self.limits
-        if len(prompts) > lim["max_batch_size"]:
+        if len(prompts) > lim.max_batch_size:
             raise InputError(
-                f"{len(prompts)} prompts exceed this engine's max batch size {lim['max_batch_size']}: "
+                f"{len(prompts)} prompts exceed this engine's max batch size {lim.max_batch_size}: "
                 "send fewer per call, or rebuild with a larger --max-batch-size"
             )
         inputs = prepare_inputs(self.processor, images, prompts)
         lengths = inputs["attention_mask"].sum(-1)
-        if lengths.max() > lim["max_input_len"]:
+        if lengths.max() > lim.max_input_len:
             raise InputError(
                 f"prompt of {int(lengths.max())} tokens (with {self.spec.num_vision_tokens} image tokens) exceeds this "
-                f"engine's max input length {lim['max_input_len']}: shorten it, or rebuild with a larger --max-input-len"
+                f"engine's max input length {lim.max_input_len}: shorten it, or rebuild with a larger --max-input-len"
             )
         return inputs
 
     def stream(self, images, prompts, sampling: Sampling = Sampling()):
         """Yields (tokens of this step (B,), Generation so far) after every step."""
-        if sampling.max_new_tokens > self.limits["max_new_tokens"]:
+        if sampling.max_new_tokens > self.limits.max_new_tokens:
             raise InputError(
-                f"max_new_tokens={sampling.max_new_tokens} exceeds this engine's limit {self.limits['max_new_tokens']}: "
+                f"max_new_tokens={sampling.max_new_tokens} exceeds this engine's limit {self.limits.max_new_tokens}: "
                 "ask for fewer, or rebuild with a larger --max-new-tokens"
             )
         inputs = self.prepare(images, prompts)
@@ -153,10 +146,10 @@ def run_engine(
     images = load_requests(images, prompts, rule_from_engine_dir(engine_dir))
     engine = Engine.from_dir(engine_dir, provider=provider, allow_fallback=allow_fallback, decode_graphs=decode_graphs)
     if max_new_tokens is None:
-        max_new_tokens = min(64, engine.limits["max_new_tokens"])
+        max_new_tokens = min(64, engine.limits.max_new_tokens)
     sampling = replace(sampling, max_new_tokens=max_new_tokens)
     if info is not None:
-        S, source = engine.schedule, engine.manifest["source"]
+        S, source = engine.schedule, engine.manifest.source
         info.update(visual_tokens=S.num_vision_tokens, stage1_keep=S.stage1_keep, keep=S.keep, model=source.get("name"), random_weights=bool(source.get("random_weights")))
     printed, result = "", None
     for _, result in engine.stream(images, prompts, sampling):

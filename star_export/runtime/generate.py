@@ -16,9 +16,9 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from ..config import StarSchedule
+from ..config import DecoderLayout, StarSchedule  # noqa: F401  (DecoderLayout re-exported)
 from ..errors import UserError
-from ..export.decode_graphs import decode_graph_names
+from ..manifest import decode_graph_names
 from .kvcache import NEW, KVCache
 
 CACHE_LENGTH = "cache_length"  # a feed key, not a graph input: the filled slots of the caches fed (decode graphs read it)
@@ -81,20 +81,6 @@ class DecodeState:
     cache1: KVCache
     next_pos: np.ndarray
     logits: np.ndarray
-
-
-@dataclass(frozen=True, kw_only=True)
-class DecoderLayout:
-    """What the loop needs to know about the decoder to build feeds and empty caches."""
-
-    num_layers: int
-    num_key_value_heads: int
-    head_dim: int
-    image_token_id: int
-    num_vision_tokens: int
-    eos_token_id: int | None
-    pad_token_id: int
-    dtype: str  # numpy dtype name of activations and caches
 
 
 def sample_next(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator) -> np.ndarray:

@@ -10,9 +10,10 @@ from pathlib import Path
 from ..errors import UserError
 
 
-def default_model_name(manifest: dict) -> str:
-    """The name clients send as `model`: the source model's, a local directory by its last component."""
-    name = str(manifest["source"].get("name") or "star-engine")
+def default_model_name(manifest) -> str:
+    """The name clients send as `model` (`manifest`: the engine's `EngineManifest`): the source model's, a local
+    directory by its last component."""
+    name = str(manifest.source_name or "star-engine")
     return Path(name).name if os.path.isabs(name) else name
 
 
@@ -77,5 +78,5 @@ def serve(engine_dir, *, host: str, port: int, settings_kwargs: dict, provider: 
     config = server_config(app, settings.max_connections or capacity, verbose=verbose)
     S = engine.schedule
     say(f"serving '{settings.model_name}' ({S.num_vision_tokens} -> {S.stage1_keep} -> {S.keep} visual tokens, max batch "
-        f"{engine.limits['max_batch_size']}, {engine.provider}) on http://{host}:{bound}/v1  (port {bound})")
+        f"{engine.limits.max_batch_size}, {engine.provider}) on http://{host}:{bound}/v1  (port {bound})")
     uvicorn.Server(config).run(sockets=[sock])

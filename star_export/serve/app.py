@@ -20,6 +20,7 @@ from ..errors import user_error_from
 from ..runtime.images import ResizeRule
 from . import images as image_source
 from . import protocol
+from .connections import AcceptErrors
 from .metrics import Metrics
 from .protocol import APIError
 from .scheduler import Event, Job, QueueFull, Scheduler, timeout_error
@@ -60,17 +61,15 @@ def max_text_chars(tokenizer, max_input_len: int) -> int:
 def create_app(engine, settings: ServeSettings) -> FastAPI:
     metrics = Metrics()
     scheduler = Scheduler(engine, settings.max_queue, metrics)
-    limits = protocol.ServeLimits(settings.model_name, engine.limits["max_new_tokens"], settings.max_image_bytes, settings.allow_remote_images,
-                                  max_input_len=engine.limits["max_input_len"],
-                                  max_text_chars=max_text_chars(engine.processor.tokenizer, engine.limits["max_input_len"]))
+    limits = protocol.ServeLimits(settings.model_name, engine.limits.max_new_tokens, settings.max_image_bytes, settings.allow_remote_images,
+                                  max_input_len=engine.limits.max_input_len,
+                                  max_text_chars=max_text_chars(engine.processor.tokenizer, engine.limits.max_input_len))
     rule = ResizeRule.from_processor(engine.processor)
     image_memory = MemoryBudget(settings.max_image_memory or default_image_memory())
     uploads = asyncio.Semaphore(settings.max_large_uploads)
 
     @asynccontextmanager
     async def lifespan(app):
-        from .connections import AcceptErrors
-
         asyncio.get_running_loop().set_exception_handler(AcceptErrors())
         scheduler.start()
         yield
@@ -150,7 +149,7 @@ def create_app(engine, settings: ServeSettings) -> FastAPI:
         m = engine.manifest
         return {"object": "list", "data": [{
             "id": settings.model_name, "object": "model", "created": int(engine.directory.stat().st_mtime), "owned_by": "star-export",
-            "star": {"source": m["source"].get("name"), "schedule": m["schedule"], "limits": engine.limits, "weights": m.get("weights")},
+            "star": {"source": m.source_name, "schedule": m.schedule.asdict(), "limits": m.limits.asdict(), "weights": m.weights.asdict()},
         }]}
 
     @app.post("/v1/chat/completions")

@@ -76,7 +76,7 @@ class Scheduler:
     def __init__(self, engine, max_queue: int, metrics=None):
         """`metrics`: a serve/metrics.Metrics, or None."""
         self.engine, self.pipeline, self.metrics = engine, engine.pipeline, metrics or _NoMetrics()
-        self.max_batch = engine.limits["max_batch_size"]
+        self.max_batch = engine.limits.max_batch_size
         self.max_queue = max_queue
         # A copy of its own: a fast tokenizer mutated by a request's encoding (padding settings) while this thread decodes
         # fails with "Already borrowed".

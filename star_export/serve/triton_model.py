@@ -82,7 +82,7 @@ class TritonPythonModel:
         if data is None or data.size == 0:
             raise APIError(400, "image_bytes_input is missing: LLaVA-1.5 takes exactly one image per request (the encoded file's bytes, UINT8)")
         image = images.decode(np.ascontiguousarray(data, dtype=np.uint8).tobytes(), ResizeRule.from_processor(self.engine.processor))
-        limit = self.engine.limits["max_new_tokens"]
+        limit = self.engine.limits.max_new_tokens
         max_tokens = self._scalar(request, "max_tokens", int, min(64, limit))
         check_max_tokens(max_tokens, limit)
         try:

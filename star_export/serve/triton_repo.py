@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 
 from ..errors import UserError
-from ..manifest import read_manifest
+from ..manifest import EngineManifest
 
 MODEL_PY = '''"""{what} (written by star-export; see star_export/serve/triton_model.py)."""
 from star_export.serve.triton_model import {cls} as TritonPythonModel  # noqa: F401
@@ -105,9 +105,9 @@ def write_repository(engine_dir, repo, *, model_name: str = "star_llava", kind: 
     path or copied into its version folder with `copy_engine`) and REPO/<model_name> (HTTP / gRPC `infer`: one
     response, forwarded to the first). Written in hidden staging folders and renamed into place. Returns both."""
     engine_dir, repo = Path(engine_dir).resolve(), Path(repo)
-    manifest = read_manifest(engine_dir, verify=False)
+    manifest = EngineManifest.read(engine_dir, verify=False)
     names = check_target(repo, model_name, kind, force)
-    batch = int(manifest["limits"]["max_batch_size"])
+    batch = manifest.limits.max_batch_size
     staged = {name: repo / f".{name}.tmp" for name in names}
     try:
         for name, staging in staged.items():

@@ -13,36 +13,19 @@ which weight transform: a quantized engine's dequantized twins) is active while 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 from typing import Callable
 
 import numpy as np
 import torch
 
-from .config import StarSchedule
-from .models import TORCH_DTYPES, LoadedModel
-from .reference import decoder_layout, graph_modules, widen_numerics
-from .runtime.generate import StarPipeline
-from .runtime.sessions import TorchGraph
-
-MADV_PAGEOUT = 21
-_PAGE = 4096
-try:
-    _libc = ctypes.CDLL(None, use_errno=True)
-except OSError:  # not Linux / glibc: pages stay until the kernel reclaims them
-    _libc = None
-
-
-def release_pages(tensor: torch.Tensor) -> None:
-    """Advise the kernel to reclaim the pages behind `tensor` (non-destructive: mapped file pages are re-read on the
-    next access, anonymous ones are never dropped). Best effort; errors are ignored."""
-    if _libc is None or tensor.device.type != "cpu" or tensor.numel() == 0:
-        return
-    start = tensor.data_ptr()
-    end = start + tensor.numel() * tensor.element_size()
-    aligned = start - start % _PAGE
-    _libc.madvise(ctypes.c_void_p(aligned), ctypes.c_size_t(end - aligned), MADV_PAGEOUT)
-
+from ..config import StarSchedule
+from ..graphs.stages import decoder_layout, graph_modules
+from ..memory import release_pages
+from ..models import TORCH_DTYPES, LoadedModel
+from ..runtime.generate import StarPipeline
+from ..runtime.sessions import TorchGraph
+from .quantized import dequantize, engine_packing, engine_weight, quantized_modules
+from .reference import widen_numerics
 
 def units(model) -> list[torch.nn.Module]:
     """The modules cast as a whole: every parameter of the model but the token embeddings lies in exactly one."""
@@ -136,8 +119,6 @@ def quantized_transform(model, scheme, engine_dtype: str) -> Transform:
     """The engine's dequantized weights for the decoder Linears and lm_head (quantized from the weight in the engine's
     dtype, as the exporter does). Each weight is quantized once (ONNX Runtime's quantizer: ~1 s per 45 M weights here)
     and kept packed (the engine's own size: bits / 8 bytes per weight plus scales); it is dequantized at each use."""
-    from .export.quantize import dequantize, engine_packing, engine_weight, quantized_modules
-
     linears = {id(m) for m in quantized_modules(model)}
     packed: dict[int, tuple] = {}
 
