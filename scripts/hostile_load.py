@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Hostile load on star-serve (issue 33's acceptance): C clients each looping over hostile requests for T seconds,
+"""Hostile load on star-serve (docs/serving/hostile.md): C clients each looping over hostile requests for T seconds,
 while one normal client asks every second; the server is a star-serve process this script starts.
 
     python scripts/hostile_load.py                          # tiny-llava engine (exported here), 16 clients, 60 s

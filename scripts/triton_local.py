@@ -6,7 +6,7 @@
 
 A REPO run sets .venv-triton up first where it is missing.
 
-What makes the bundled binary work here (FIELD_NOTES, and issue 12's note):
+What makes the bundled binary work here (found by trying):
 - the Python backend's stub for this interpreter's version is copied next to `libtriton_python.so` in a backend folder
   of our own (`--backend-directory`);
 - the stub links against `nvidia_pytriton.libs` (libcudart etc.) and this interpreter's libpython: both go first on

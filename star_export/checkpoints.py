@@ -2,7 +2,7 @@
 
     python -m star_export.checkpoints OUT [--text-layers 32] [--vision-layers 24] [--std 0.02] [--seed 0]
 
-What it writes (FIELD_NOTES, "Real checkpoints"): `config.json` (`image_token_index` 32000, `pad_token_id`
+What it writes, as the published repository holds it: `config.json` (`image_token_index` 32000, `pad_token_id`
 32001, vocab 32064, `torch_dtype` float16), fp16 safetensors shards of at most 5 GB with the OLD tensor names
 (`language_model.model.layers.N...`, `language_model.lm_head.weight`, `vision_tower.vision_model...`,
 `multi_modal_projector.linear_{1,2}`) and `model.safetensors.index.json`, all CLIP layers and
@@ -14,7 +14,7 @@ Memory: tensors are generated and written one at a time (the largest, lm_head / 
 while drawn, is 0.5 GB), so the full 7B layout (14 GB) is written on a small machine. The directory
 appears only when complete (built in `OUT.tmp-<pid>`, then renamed).
 Random weights: Linear / Embedding ~ N(0, std), norm weights 1, biases 0; CLIP q/k projections x4 so that
-stage-1 rankings are not near-ties (FIELD_NOTES).
+stage-1 rankings are not near-ties.
 """
 
 from __future__ import annotations

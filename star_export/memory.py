@@ -2,7 +2,7 @@
 ONNX Runtime's CPU provider holds, what export and the self-check need; and the refusal, before any weight loads,
 of a step this machine cannot hold (instead of an OOM kill).
 
-Rules behind the estimates (measured, FIELD_NOTES and issue 10's note):
+Rules behind the estimates (measured here; docs/memory.md):
 - ONNX Runtime's CPU provider widens float16 weights to float32 at session creation (an fp16 engine of 1.41 GB
   and its fp32 twin of 2.81 GB both ran at ~2.97 GiB), so a float16 engine runs in float32's memory here.
   `MatMulNBits` weights stay packed.

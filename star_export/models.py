@@ -2,7 +2,7 @@
 and the embedded random `tiny-llava` (real transformers classes, fixed seed, offline tokenizer/processor).
 
 Every loaded model runs eager attention: STAR reads attention probabilities, and HF's default `sdpa`
-silently returns none (FIELD_NOTES). Weights load from safetensors only.
+silently returns none. Weights load from safetensors only.
 """
 
 from __future__ import annotations
@@ -221,7 +221,7 @@ def build_processor(spec: ModelSpec, tokenizer=None):
 def build_random_llava(spec: ModelSpec, *, seed: int = 0, text_init_std: float = 0.2, qk_scale: float = 4.0, text_qk_scale: float = 1.0):
     """A `LlavaForConditionalGeneration` with random weights and its processor.
 
-    Two deliberate changes to plain random init (FIELD_NOTES): CLIP q/k projections are scaled by
+    Two deliberate changes to plain random init: CLIP q/k projections are scaled by
     `qk_scale` so stage-1 attention rankings are not near-ties, and the Llama decoder is drawn with a
     wide init (`text_init_std`) so greedy output depends on the question. `text_qk_scale` sharpens the
     decoder's attention the same way (tests sweep it).
@@ -287,7 +287,7 @@ def _prepare(model):
 
 
 def normalize_processor(processor, spec: ModelSpec):
-    """LlavaProcessor expands `<image>` into the right count only with these set (FIELD_NOTES)."""
+    """LlavaProcessor expands `<image>` into the right count only with these set."""
     if getattr(processor, "patch_size", None) is None:
         processor.patch_size = spec.patch_size
     if getattr(processor, "vision_feature_select_strategy", None) is None:
@@ -385,7 +385,7 @@ def load_from_directory(path: str | Path, *, source: dict | None = None, hf_id: 
     spec = ModelSpec.from_hf(config)
     try:
         # The checkpoint's own dtype: safetensors stay memory-mapped (a 14 GB float16 checkpoint opens in 0.4 GiB);
-        # export casts tensor by tensor, the reference makes its own copies (FIELD_NOTES).
+        # export casts tensor by tensor, the reference makes its own copies.
         model, info = LlavaForConditionalGeneration.from_pretrained(
             path, local_files_only=True, use_safetensors=True, attn_implementation="eager", dtype=checkpoint_dtype(config),
             output_loading_info=True,

@@ -1,4 +1,4 @@
-"""Issue 9: bad input to every command is exit 2, a message naming the problem, no traceback, nothing left behind.
+"""Bad input to every command is exit 2, a message naming the problem, no traceback, nothing left behind.
 
 One table, one row per distinct bad input. Each row builds what it needs under a fresh directory and runs the
 command in-process; `--out` always points into that directory, which must hold afterwards exactly what it held
@@ -174,7 +174,7 @@ CASES = [
     # ---- star-export: build options and output
     ("dtype-bfloat16-onnx", "export", lambda c: ["--dtype", "bfloat16", "--out", str(c.out)], "--dtype bfloat16 is not supported by --backend onnx"),
     ("dtype-unknown", "export", lambda c: ["--dtype", "int3", "--out", str(c.out)], "argument --dtype: invalid choice"),
-    # ---- star-export: weights and memory (issue 10)
+    # ---- star-export: weights and memory
     ("weights-unknown", "export", lambda c: ["--weights", "int3", "--out", str(c.out)], "argument --weights: invalid choice"),
     ("block-size-not-power-of-two", "export", lambda c: ["--weights", "int4", "--block-size", "48", "--out", str(c.out)], "--block-size 48: allowed a power of two"),
     ("block-size-without-quantization", "export", lambda c: ["--block-size", "64", "--out", str(c.out)], "apply to --weights int8 / int4 only"),

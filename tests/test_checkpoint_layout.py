@@ -1,4 +1,4 @@
-"""Issue 10: a checkpoint in the published llava-hf/llava-1.5-7b-hf layout (star_export/checkpoints.py), exported
+"""A checkpoint in the published llava-hf/llava-1.5-7b-hf layout (star_export/checkpoints.py), exported
 through the CLI: old tensor names, fp16 shards, sentencepiece tokenizer, processor and chat-template files."""
 
 from __future__ import annotations

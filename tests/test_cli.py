@@ -1,4 +1,4 @@
-"""Issues 2 and 5 through the console entry points: --dry-run, bad input (exit 2, nothing written),
+"""The console entry points (cli.py): --dry-run, bad input (exit 2, nothing written),
 and the engine directory as a product: export a local HF directory, run it, validate it, tamper with it."""
 
 import json

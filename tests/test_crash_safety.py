@@ -1,4 +1,4 @@
-"""Issue 9: an export interrupted by SIGINT / SIGTERM leaves nothing; one killed outright (SIGKILL) leaves a
+"""Builds (export/workdir.py, build.py): an export interrupted by SIGINT / SIGTERM leaves nothing; one killed outright (SIGKILL) leaves a
 build directory that the next export removes, and says so; nothing that is not ours is ever removed."""
 
 from __future__ import annotations

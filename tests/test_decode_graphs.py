@@ -1,4 +1,4 @@
-"""Issue 13: ONNX Runtime decode graphs (export/decode_graphs.py, runtime/decode.py).
+"""ONNX Runtime decode graphs (export/decode_graphs.py, runtime/decode.py).
 
 An engine may carry, beside its portable segment graphs, one decode graph per segment whose attention is ONNX Runtime's
 GroupQueryAttention (the cache buffer shared as past and present, only the filled slots read). Checked here: what the

@@ -1,4 +1,4 @@
-"""Issue 4: the two-segment decoder (segment 0 + pivot + segment 1) in ONNX Runtime, generating with two
+"""The two-segment decoder (segment 0 + pivot + segment 1) in ONNX Runtime, generating with two
 KV caches, against the eager reference, and at keep = 576 against the unmodified HF model."""
 
 import numpy as np

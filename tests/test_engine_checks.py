@@ -1,4 +1,4 @@
-"""Issue 33: an engine directory is checked, not trusted. Each row edits a copy of an engine (star.json alone, or a file
+"""engine_check.py: an engine directory is checked, not trusted. Each row edits a copy of an engine (star.json alone, or a file
 with its sha256 updated so the hash check passes) and runs star-run on it: exit 2, the field or file named, no
 traceback. The checks compare star.json with the graphs' own IO (star_export/engine_check.py), so the rows hold for
 any model: none names a value of the test model except through the engine's own star.json."""

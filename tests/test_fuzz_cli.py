@@ -1,4 +1,4 @@
-"""Issue 9: fuzzed argument values for each command end in exit 0, 1 or 2, never in a traceback or an
+"""Fuzzed argument values for each command end in exit 0, 1 or 2, never in a traceback or an
 internal error. Exports are kept fast: every fuzzed export is a --dry-run or aims at a directory that holds a
 user's file (so it must be refused); nothing is ever written."""
 

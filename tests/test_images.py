@@ -1,4 +1,4 @@
-"""Issue 9: every image mode Pillow opens becomes the right 8-bit RGB picture; oversized images are refused
+"""runtime/images.py: every image mode Pillow opens becomes the right 8-bit RGB picture; oversized images are refused
 from their header."""
 
 import io
@@ -66,7 +66,7 @@ def test_pixel_limit_from_the_header(tmp_path):
         check_pixels((0, 5), "image")
 
 
-# ---------------------------------------------------------------- issue 33: real files, every format, exact pre-resize
+# ---------------------------------------------------------------- real files, every format, exact pre-resize
 
 from pathlib import Path  # noqa: E402
 

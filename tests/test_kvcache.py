@@ -1,4 +1,4 @@
-"""Issue 13: the decode step writes its caches in place (runtime/kvcache.py).
+"""runtime/kvcache.py: the decode step writes its caches in place (runtime/kvcache.py).
 
 The engine's segments read the cache buffers where they lie and return only the new positions; checked here on
 the tiny engine: no buffer is replaced or copied while a request stays within its reserved room; running out of

@@ -1,4 +1,4 @@
-"""Issue 2: model loading (alias, local directory, offline HF cache), recipes in a built wheel, schedules."""
+"""Model loading (models.py) (alias, local directory, offline HF cache), recipes in a built wheel, schedules."""
 
 import shutil
 import subprocess

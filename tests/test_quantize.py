@@ -1,4 +1,4 @@
-"""Issue 10: weight-only int8 / int4 engines (MatMulNBits), memory plans, the published checkpoint layout.
+"""Weight-only int8 / int4 engines (MatMulNBits), memory plans, the published checkpoint layout.
 
 Independent paths: ONNX Runtime's own MatMulNBits kernel for the dequantization arithmetic; the unquantized
 model for what quantization costs; the validator's float rule against float64 references that hold the engine's

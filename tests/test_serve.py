@@ -1,4 +1,4 @@
-"""Issue 11: star-serve, started on loopback and driven with the official `openai` client (raw HTTP only where a
+"""star-serve, started on loopback and driven with the official `openai` client (raw HTTP only where a
 client cannot send the request: malformed JSON, oversized bodies, wrong methods).
 
 Answers are compared with `star-run` / `Engine.generate` for the same inputs; the in-flight merge is proven twice:

@@ -1,4 +1,4 @@
-"""Issue 33: star-serve under hostile requests, on a real uvicorn on loopback with star-serve's own protocol and limits
+"""star-serve under hostile requests, on a real uvicorn on loopback with star-serve's own protocol and limits
 (test_serve.running). Nothing a client sends is a 5xx; slow, idle, departing and excess connections are closed or
 answered 4xx / 499 and counted in /metrics; images are bounded from their headers; and the server goes on answering
 the same greedy text."""

@@ -1,4 +1,4 @@
-"""ONNX Runtime's thread pools (runtime/threads.py, issue 13): a pool per session for a library user, one shared pool
+"""ONNX Runtime's thread pools (runtime/threads.py): a pool per session for a library user, one shared pool
 where star-export owns the process (its commands, the Triton model), $STAR_ORT_THREAD_POOL over both. The mode is fixed
 by a process's first session, so each case runs in an interpreter of its own."""
 

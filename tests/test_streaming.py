@@ -1,4 +1,4 @@
-"""Issue 10: the layer-streamed validator (large models) and the one-graph-at-a-time engine, on tiny-llava.
+"""The layer-streamed validator (large models) and the one-graph-at-a-time engine, on tiny-llava.
 
 The modes are forced here (`mode=`); on a 7B model the memory plan chooses them (memory.VALIDATION_MODES)."""
 

@@ -1,4 +1,4 @@
-"""Issue 12: the Triton model repository. The structure is checked with Triton's own model-config protobuf
+"""The Triton model repository. The structure is checked with Triton's own model-config protobuf
 (tritonclient) in every run; the slow test starts a real `tritonserver` (the binary bundled in nvidia-pytriton, run
 by scripts/triton_local.py in .venv-triton) and queries it with tritonclient over HTTP and gRPC."""
 

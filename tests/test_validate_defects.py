@@ -1,4 +1,4 @@
-"""Issue 8: the validator fails, naming the cause, on engines with planted defects.
+"""The validator fails, naming the cause, on engines with planted defects.
 
 Each defect is planted in the graph modules (or the weights) only while the engine is exported; the check
 then runs against the correct eager reference, as a user's `star-validate` would.

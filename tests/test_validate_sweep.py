@@ -1,4 +1,4 @@
-"""Issue 8: on a generated sweep of random LLaVA models, every correct engine passes both the export's
+"""On a generated sweep of random LLaVA models, every correct engine passes both the export's
 self-check and `star-validate` (the budgets are measured per model, nothing is fitted to these models).
 
 The two real-width cases (LLaVA-1.5-7B widths, 2 decoder layers) and the sweep cases of hidden 256 and 512 are slow-marked:

@@ -1,4 +1,4 @@
-"""Issue 3: the vision graph (CLIP to the feature layer + STAR stage 1 + projector) exported to ONNX,
+"""The vision graph (CLIP to the feature layer + STAR stage 1 + projector) exported to ONNX,
 against the eager reference module, with ONNX Runtime on the CPU."""
 
 import dataclasses

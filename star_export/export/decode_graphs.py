@@ -1,10 +1,10 @@
 """ONNX Runtime decode graphs: each decoder segment rewritten for one-token steps around `GroupQueryAttention`.
 
-Why (issue 13's measurements): an int4 / int8 engine's decode step is bound by its weight reads, and what the exported
+Why (docs/performance.md): an int4 / int8 engine's decode step is bound by its weight reads, and what the exported
 attention adds on top is a read of every cache slot (free ones included) and a dozen small kernels per layer. A copy of
 each segment whose attention blocks are ONNX Runtime's `com.microsoft.GroupQueryAttention` (RoPE inside, the cache
 buffer shared as past and present, only the filled slots read), then fused by onnxscript's `optimize_for_ort`, decoded
-full-size int4 steps 1.04-1.14x faster than the segment graphs (docs/benchmarks/decode_split/decode-copy-*.json).
+full-size int4 steps 1.04-1.14x faster than the segment graphs (docs/performance.md).
 
 These graphs are an ONNX Runtime (CPU provider) path beside the portable one: the segment graphs stay as they are (the
 prefill and every other provider run them), and the decode graphs read the same weight files (no second copy on disk).
@@ -119,7 +119,7 @@ def attention_blocks(graph, path: Path) -> tuple[list[tuple[dict[str, str], int,
 def attention_block(path: Path, layer: int):
     """(the extracted block as an ONNX model, the names of its q, k, v, cos, sin, bias, past key and value inputs, the
     layer's absolute index, RoPE's inv_freq) for the `layer`-th layer of segment graph `path` (`attention_blocks`): what
-    scripts/attention_ab.py times on its own."""
+    tests/test_decode_graphs.py checks on its own."""
     import onnx
     from onnx.utils import Extractor
 

@@ -1,7 +1,7 @@
 """ONNX export of the four graphs (vision, segment 0, pivot, segment 1).
 
 Exporter: torch.onnx's dynamo exporter (`dynamo=True`). It writes TopK's K as an initializer, which is
-the form TensorRT's parser requires (FIELD_NOTES; the legacy TorchScript exporter writes a Constant node
+the form TensorRT's parser requires (the legacy TorchScript exporter writes a Constant node
 that needs folding and is deprecated), it takes `torch.export.Dim` dynamic shapes, and it writes
 weights as external data (`<graph>.onnx.data`), needed past 2 GB.
 

@@ -100,7 +100,7 @@ def decode_graph_entries(directory: Path, body: dict, progress: Progress) -> dic
 
 
 def wants_decode_graphs(option: str, dtype: str, weights: WeightScheme, backend: str) -> bool:
-    """`--decode-graphs auto`: for quantized engines (whose decode step the weight reads bound, issue 13), which
+    """`--decode-graphs auto`: for quantized engines (whose decode step the weight reads bound, docs/performance.md), which
     already need ONNX Runtime (MatMulNBits); `on`: for any float32 onnx engine; `off`: never."""
     if option not in DECODE_GRAPH_OPTIONS:
         raise LimitError(f"--decode-graphs {option!r}: allowed {', '.join(DECODE_GRAPH_OPTIONS)}")

@@ -22,7 +22,7 @@ from ..errors import UserError
 from .kvcache import NEW as NEW_KV
 from .threads import thread_pool
 
-os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")  # onnxruntime otherwise writes state under ~/.cache (FIELD_NOTES)
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")  # onnxruntime otherwise writes state under ~/.cache
 
 
 @contextlib.contextmanager
@@ -92,7 +92,7 @@ PROVIDER_ALIASES = {
 # algorithms by cuDNN's heuristic, not ONNX Runtime's default exhaustive search: that search runs again whenever the
 # input's shape changes, and a server's batch size changes from call to call (H100, a float16 engine's vision graph
 # with batch 1 and batch 4 calls alternating: 26.7 and 30.1 ms per call exhaustive, 8.1 and 14.0 heuristic;
-# scripts/cuda_options_ab.py, docs/benchmarks/gpu/cuda_options_ab.json).
+# docs/performance.md, "Decided experiments").
 PROVIDER_OPTIONS = {"CUDAExecutionProvider": {"use_tf32": "0", "cudnn_conv_algo_search": "HEURISTIC"}}
 
 
@@ -162,8 +162,8 @@ CPU_ARENAS = {"shared": _shared_arena_of_process, "session": _own_arena, "off": 
 
 def cpu_arena(transient: bool = False) -> str:
     """Where a session's CPU tensors come from: $STAR_ORT_CPU_ARENA, read as each session is created (another value is a
-    user error); `session_options` sets it. Measured on 2 cores (scripts/runtime_ab.py,
-    docs/benchmarks/cpu_arena):
+    user error); `session_options` sets it. Measured on 2 cores (docs/performance.md,
+    "Decided experiments"):
     - "shared" (default): one ONNX Runtime arena for every session of the process. Prefill and decode took the time
       they took with an arena per session (0.97-1.03x in one process, either load order, 4-layer int4 and float32 and
       full-size int4), and a process's memory grows to its largest call's, not to the sum of every session's:
@@ -297,7 +297,7 @@ class LazyOrtGraph:
 
     # Without constant folding. Folding replaces each float16 weight's Cast by a float32 copy while the file's float16
     # tensors are still held: segment 1 of a 7B float16 engine peaked at 19.16 GiB with it and 13.14 GiB without,
-    # created in 33 s instead of 75, with bitwise-equal logits (issue 10's note; tests/test_streaming.py checks the
+    # created in 33 s instead of 75, with bitwise-equal logits (measured on a 7B float16 engine; tests/test_streaming.py checks the
     # equality on every graph of a float16 engine).
     DISABLED_OPTIMIZERS = ("ConstantFolding",)
 

@@ -3,8 +3,8 @@
 - "shared": one global pool for every session, its idle threads spinning. A decode step runs two sessions back to back
   (a prefill four); with a pool per session, the spinning threads of the graph that just finished took the cores the
   next one needed (measured on 2 cores: a 2-layer decode step 100 ms with spinning, 65 ms alone), so they had to sleep,
-  and each parallel kernel then waited for its threads to wake. One pool needs neither. Measured (scripts/runtime_ab.py
-  --knob thread-pool, alternating processes, 2 cores, docs/benchmarks/thread_pools): decode ms/step 0.92x (int4, 4
+  and each parallel kernel then waited for its threads to wake. One pool needs neither. Measured (alternating
+  processes, 2 cores, docs/performance.md): decode ms/step 0.92x (int4, 4
   layers), 0.94x (float32, 4 layers), 0.99x (int4, full size); prefill 1.01x, 0.87x, 0.90x; the same tokens and peak
   RSS.
 - "per-session": a pool per session, idle threads sleeping.

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 
 # Slack for two implementations that sum in different orders. Measured on the 24-model sweep
-# (scripts/validation_sweep.py): median 1.0, 95th percentile 1.8, max 5.4 (float32, x8-sharpened attention).
+# (tests/test_validate_sweep.py, run with -m slow): median 1.0, 95th percentile 1.8, max 5.4 (float32, x8-sharpened attention).
 MULTIPLIER = 10.0
 FLOOR_ULPS = 4  # ulps of the dtype, relative: outputs eager computes exactly (a gather) that the engine rounds
 EPS = {name: float(np.finfo(name).eps) for name in ("float16", "float32", "float64")}
