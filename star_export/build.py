@@ -12,8 +12,18 @@ from pathlib import Path
 
 from .config import StarSchedule, WeightScheme
 from .export.backends import backend_from_name
-from .export.workdir import (OutDirError, check_disk, check_out_dir, disk_full, make_build_dir, out_lock, remove_stale_builds,
-                             replace_dir, resolve_out, size_text)
+from .export.workdir import (
+    OutDirError,
+    check_disk,
+    check_out_dir,
+    disk_full,
+    make_build_dir,
+    out_lock,
+    remove_stale_builds,
+    replace_dir,
+    resolve_out,
+    size_text,
+)
 from .export.write import LimitError, Progress, check_limits, wants_decode_graphs, write_engine
 from .memory import available_bytes, check_fits
 from .models import load_model, require_weights, spec_from_name
@@ -27,8 +37,8 @@ def check_prompt_room(loaded, max_input_len: int) -> None:
     need = prompt_length(loaded.processor, "Describe.", loaded.spec.num_vision_tokens)
     if max_input_len < need:
         raise LimitError(
-            f"--max-input-len {max_input_len} is too small for any prompt: the image ({loaded.spec.num_vision_tokens} tokens) "
-            f"and the chat template with a one-word question take {need}; allowed >= {need}"
+            f"--max-input-len {max_input_len} is too small for any prompt: the image ({loaded.spec.num_vision_tokens} "
+            f"tokens) and the chat template with a one-word question take {need}; allowed >= {need}"
         )
 
 
@@ -61,14 +71,18 @@ def export_engine(
     be.check_available()
     check_out_dir(out, force)
     spec, defaults = spec_from_name(model)  # config only, no weights
-    schedule = StarSchedule.from_spec(spec, keep=keep, stage1_keep=stage1_keep, pivot_layer=pivot_layer, defaults=defaults)
+    schedule = StarSchedule.from_spec(
+        spec, keep=keep, stage1_keep=stage1_keep, pivot_layer=pivot_layer, defaults=defaults
+    )
     check_limits(spec, max_batch_size, max_input_len, max_new_tokens)
     if weights.quantized and backend != "onnx":
         raise LimitError(f"--weights {weights.kind}: only --backend onnx writes quantized (MatMulNBits) engines")
     decode = wants_decode_graphs(decode_graphs, dtype, weights, backend)
     require_weights(model)
     have = memory_budget if memory_budget is not None else available_bytes()
-    plan = check_fits(spec, schedule, dtype, weights, validate, have, decode_graphs=decode)  # refuse now, not by an OOM kill after loading
+    plan = check_fits(
+        spec, schedule, dtype, weights, validate, have, decode_graphs=decode
+    )  # refuse now, not by an OOM kill after loading
     mode = plan.validation_mode(have) if validate else None
     lazy = mode == "streamed-lazy" or plan.run_bytes > have  # graphs checked (and run) one at a time
     progress = Progress(5 + validate + decode, enabled=show_progress)
@@ -78,28 +92,75 @@ def export_engine(
         for path, pid in remove_stale_builds(out):
             progress.note(f"removed {path}: a build left by process {pid}, which no longer runs")
         limits = {"max_batch_size": max_batch_size, "max_input_len": max_input_len, "max_new_tokens": max_new_tokens}
-        manifest = _build(model, out, keep=keep, stage1_keep=stage1_keep, pivot_layer=pivot_layer, dtype=dtype, backend=backend, limits=limits,
-                          force=force, validate=validate, weights=weights, decode=decode, mode=mode, lazy=lazy, verbose=verbose, progress=progress,
-                          need=plan.engine_bytes)
+        manifest = _build(
+            model,
+            out,
+            keep=keep,
+            stage1_keep=stage1_keep,
+            pivot_layer=pivot_layer,
+            dtype=dtype,
+            backend=backend,
+            limits=limits,
+            force=force,
+            validate=validate,
+            weights=weights,
+            decode=decode,
+            mode=mode,
+            lazy=lazy,
+            verbose=verbose,
+            progress=progress,
+            need=plan.engine_bytes,
+        )
     manifest["timings_s"] = progress.timings
     return manifest
 
 
-def _build(model: str, out: Path, *, keep: int, stage1_keep: int | None, pivot_layer: int | None, dtype: str, backend: str, limits: dict,
-           force: bool, validate: bool, weights: WeightScheme, decode: bool, mode: str | None, lazy: bool, verbose: bool, progress: Progress,
-           need: int) -> dict:
+def _build(
+    model: str,
+    out: Path,
+    *,
+    keep: int,
+    stage1_keep: int | None,
+    pivot_layer: int | None,
+    dtype: str,
+    backend: str,
+    limits: dict,
+    force: bool,
+    validate: bool,
+    weights: WeightScheme,
+    decode: bool,
+    mode: str | None,
+    lazy: bool,
+    verbose: bool,
+    progress: Progress,
+    need: int,
+) -> dict:
     """Load, write into a build directory beside `out`, check, validate, swap into place (export_engine's checks done).
     A full file system at any step (`need`: the engine's planned bytes) is an OutDirError."""
     with progress.stage(f"load {model}"):
         loaded = load_model(model)
-        schedule = StarSchedule.from_spec(loaded.spec, keep=keep, stage1_keep=stage1_keep, pivot_layer=pivot_layer, defaults=loaded.defaults)
+        schedule = StarSchedule.from_spec(
+            loaded.spec, keep=keep, stage1_keep=stage1_keep, pivot_layer=pivot_layer, defaults=loaded.defaults
+        )
         check_prompt_room(loaded, limits["max_input_len"])
-        progress.note(f"schedule: keep={schedule.keep} stage1_keep={schedule.stage1_keep} pivot_layer={schedule.pivot_layer} of {schedule.num_layers} layers")
+        progress.note(
+            f"schedule: keep={schedule.keep} stage1_keep={schedule.stage1_keep} pivot_layer={schedule.pivot_layer} of "
+            f"{schedule.num_layers} layers"
+        )
 
     tmp = make_build_dir(out)
     try:
-        manifest = write_engine(loaded, schedule, tmp, dtype=dtype, backend=backend, limits=limits, progress=progress, weights=weights,
-                                decode_graphs=decode)
+        manifest = write_engine(
+            loaded,
+            schedule,
+            tmp,
+            dtype=dtype,
+            backend=backend,
+            limits=limits,
+            progress=progress,
+            weights=weights,
+            decode_graphs=decode,
+        )
         with progress.stage("check engine directory"):
             # The hashes were computed from these very files a moment ago: load, don't re-hash.
             engine = Engine.from_dir(tmp, provider="cpu", verify=False, lazy=lazy)
@@ -107,7 +168,9 @@ def _build(model: str, out: Path, *, keep: int, stage1_keep: int | None, pivot_l
             with progress.stage("validate against the eager reference"):
                 if mode != "whole":
                     progress.note(f"the references do not fit as whole-model copies here: validating in mode '{mode}'")
-                report = validate_engine(tmp, loaded=loaded, engine=engine, max_new_tokens=8, mode=mode, progress=progress.note)
+                report = validate_engine(
+                    tmp, loaded=loaded, engine=engine, max_new_tokens=8, mode=mode, progress=progress.note
+                )
                 progress.note(report.table() if verbose else report.summary())
                 if not report.ok:
                     raise ValidationFailed(report)
@@ -117,8 +180,10 @@ def _build(model: str, out: Path, *, keep: int, stage1_keep: int | None, pivot_l
         full = disk_full(e, tmp)  # judged before the build directory's space is given back
         shutil.rmtree(tmp, ignore_errors=True)
         if full:
-            raise OutDirError(f"no space left on the device of {str(out.parent)!r} while writing the engine (its weights alone take about "
-                              f"{size_text(need)}): free some space, or choose another --out") from e
+            raise OutDirError(
+                f"no space left on the device of {str(out.parent)!r} while writing the engine (its weights alone take "
+                f"about {size_text(need)}): free some space, or choose another --out"
+            ) from e
         raise
     return manifest
 

@@ -39,46 +39,84 @@ CHAT_TEMPLATE = (
     "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}{% endif %}"
     "{# Render all images first #}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
     "{{ '<image>\n' }}{% endfor %}{# Render all text next #}{% if message['role'] != 'assistant' %}"
-    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' '}}{% endfor %}"
-    "{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{% generation %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' '}}{% "
+    "endfor %}{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{% generation %}"
     "{{ content['text'] + ' '}}{% endgeneration %}{% endfor %}{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
 )
 PREPROCESSOR = {
-    "crop_size": {"height": 336, "width": 336}, "do_center_crop": True, "do_convert_rgb": True, "do_normalize": True,
-    "do_rescale": True, "do_resize": True, "image_mean": [0.48145466, 0.4578275, 0.40821073],
-    "image_processor_type": "CLIPImageProcessor", "image_std": [0.26862954, 0.26130258, 0.27577711],
-    "processor_class": "LlavaProcessor", "resample": 3, "rescale_factor": 0.00392156862745098, "size": {"shortest_edge": 336},
+    "crop_size": {"height": 336, "width": 336},
+    "do_center_crop": True,
+    "do_convert_rgb": True,
+    "do_normalize": True,
+    "do_rescale": True,
+    "do_resize": True,
+    "image_mean": [0.48145466, 0.4578275, 0.40821073],
+    "image_processor_type": "CLIPImageProcessor",
+    "image_std": [0.26862954, 0.26130258, 0.27577711],
+    "processor_class": "LlavaProcessor",
+    "resample": 3,
+    "rescale_factor": 0.00392156862745098,
+    "size": {"shortest_edge": 336},
 }
-PROCESSOR = {"image_token": IMAGE_TOKEN, "num_additional_image_tokens": 1, "patch_size": 14,
-             "processor_class": "LlavaProcessor", "vision_feature_select_strategy": "default"}
+PROCESSOR = {
+    "image_token": IMAGE_TOKEN,
+    "num_additional_image_tokens": 1,
+    "patch_size": 14,
+    "processor_class": "LlavaProcessor",
+    "vision_feature_select_strategy": "default",
+}
 
 
 def config(text_layers: int, vision_layers: int) -> dict:
     """The published config.json (Llama and CLIP widths are their classes' defaults there, as here)."""
     return {
-        "architectures": ["LlavaForConditionalGeneration"], "ignore_index": -100, "image_token_index": 32000,
-        "model_type": "llava", "pad_token_id": 32001, "projector_hidden_act": "gelu",
+        "architectures": ["LlavaForConditionalGeneration"],
+        "ignore_index": -100,
+        "image_token_index": 32000,
+        "model_type": "llava",
+        "pad_token_id": 32001,
+        "projector_hidden_act": "gelu",
         "text_config": {
-            "_name_or_path": "lmsys/vicuna-7b-v1.5", "architectures": ["LlamaForCausalLM"], "max_position_embeddings": 4096,
-            "model_type": "llama", "rms_norm_eps": 1e-05, "torch_dtype": "float16", "vocab_size": 32064,
+            "_name_or_path": "lmsys/vicuna-7b-v1.5",
+            "architectures": ["LlamaForCausalLM"],
+            "max_position_embeddings": 4096,
+            "model_type": "llama",
+            "rms_norm_eps": 1e-05,
+            "torch_dtype": "float16",
+            "vocab_size": 32064,
             "num_hidden_layers": text_layers,
         },
-        "tie_word_embeddings": False, "torch_dtype": "float16", "transformers_version": "4.36.0.dev0",
+        "tie_word_embeddings": False,
+        "torch_dtype": "float16",
+        "transformers_version": "4.36.0.dev0",
         "vision_config": {
-            "hidden_size": 1024, "image_size": 336, "intermediate_size": 4096, "model_type": "clip_vision_model",
-            "num_attention_heads": 16, "num_hidden_layers": vision_layers, "patch_size": 14, "projection_dim": 768, "vocab_size": 32000,
+            "hidden_size": 1024,
+            "image_size": 336,
+            "intermediate_size": 4096,
+            "model_type": "clip_vision_model",
+            "num_attention_heads": 16,
+            "num_hidden_layers": vision_layers,
+            "patch_size": 14,
+            "projection_dim": 768,
+            "vocab_size": 32000,
         },
-        "vision_feature_layer": -2, "vision_feature_select_strategy": "default", "vocab_size": 32064,
+        "vision_feature_layer": -2,
+        "vision_feature_select_strategy": "default",
+        "vocab_size": 32064,
     }
 
 
 def old_name(name: str) -> str:
     """transformers 5 parameter name -> the name in the published (transformers 4.36) checkpoint."""
-    for new, old in (("model.language_model.", "language_model.model."), ("lm_head.", "language_model.lm_head."),
-                     ("model.vision_tower.", "vision_tower.vision_model."), ("model.multi_modal_projector.", "multi_modal_projector.")):
+    for new, old in (
+        ("model.language_model.", "language_model.model."),
+        ("lm_head.", "language_model.lm_head."),
+        ("model.vision_tower.", "vision_tower.vision_model."),
+        ("model.multi_modal_projector.", "multi_modal_projector."),
+    ):
         if name.startswith(new):
-            return old + name[len(new):]
+            return old + name[len(new) :]
     raise KeyError(name)
 
 
@@ -150,19 +188,34 @@ def train_tokenizer(directory: Path, seed: int) -> None:
     lines = [" ".join(rng.choice(words) for _ in range(12)) for _ in range(40000)]
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_writer=model, vocab_size=32000, model_type="bpe", byte_fallback=True,
-        character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=2, minloglevel=2, split_digits=True,
+        sentence_iterator=iter(lines),
+        model_writer=model,
+        vocab_size=32000,
+        model_type="bpe",
+        byte_fallback=True,
+        character_coverage=1.0,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        num_threads=2,
+        minloglevel=2,
+        split_digits=True,
     )
     (directory / "tokenizer.model").write_bytes(model.getvalue())
     pieces = SentencePieceExtractor(str(directory / "tokenizer.model")).extract(BPE)
-    tok = LlamaTokenizer(vocab=pieces["vocab"], merges=pieces["merges"], legacy=False, add_bos_token=True, model_max_length=4096)
+    tok = LlamaTokenizer(
+        vocab=pieces["vocab"], merges=pieces["merges"], legacy=False, add_bos_token=True, model_max_length=4096
+    )
     tok.add_tokens([IMAGE_TOKEN], special_tokens=True)
     tok.add_special_tokens({"pad_token": PAD_TOKEN})
     assert tok.convert_tokens_to_ids([IMAGE_TOKEN, PAD_TOKEN]) == [32000, 32001], "added tokens must be 32000, 32001"
     tok.save_pretrained(directory)
 
 
-def make_checkpoint(out: str | Path, *, text_layers: int = 32, vision_layers: int = 24, std: float = 0.02, seed: int = 0, log=print) -> Path:
+def make_checkpoint(
+    out: str | Path, *, text_layers: int = 32, vision_layers: int = 24, std: float = 0.02, seed: int = 0, log=print
+) -> Path:
     out = Path(out)
     if out.exists():
         raise FileExistsError(f"{out} exists: pass a new directory")
@@ -171,7 +224,9 @@ def make_checkpoint(out: str | Path, *, text_layers: int = 32, vision_layers: in
     try:
         cfg = config(text_layers, vision_layers)
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
-        (tmp / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 32001}, indent=2))
+        (tmp / "generation_config.json").write_text(
+            json.dumps({"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 32001}, indent=2)
+        )
         (tmp / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR, indent=2))
         (tmp / "processor_config.json").write_text(json.dumps(PROCESSOR, indent=2))
         (tmp / "chat_template.json").write_text(json.dumps({"chat_template": CHAT_TEMPLATE}, indent=2))
@@ -196,8 +251,14 @@ def main(argv=None) -> int:
     if a.text_layers < 2 or a.vision_layers < 2:
         p.error("--text-layers and --vision-layers: allowed >= 2")
     try:
-        make_checkpoint(a.out, text_layers=a.text_layers, vision_layers=a.vision_layers, std=a.std, seed=a.seed,
-                        log=lambda s: print(s, file=sys.stderr, flush=True))
+        make_checkpoint(
+            a.out,
+            text_layers=a.text_layers,
+            vision_layers=a.vision_layers,
+            std=a.std,
+            seed=a.seed,
+            log=lambda s: print(s, file=sys.stderr, flush=True),
+        )
     except FileExistsError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

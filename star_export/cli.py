@@ -1,4 +1,5 @@
-"""Console scripts: `star-export`, `star-run`, `star-validate`, `star-serve`. Each parses its arguments with nothing heavy
+"""Console scripts: `star-export`, `star-run`, `star-validate`, `star-serve`. Each parses its arguments with nothing
+heavy
 imported (so `--help` answers at once), then calls one library function with the same keyword names.
 
 Exit codes: 0 success; 1 the engine does not match its reference; 2 a user error (the message names the problem
@@ -23,7 +24,16 @@ os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 DEFAULT_TEXT_TOKENS = 52  # text tokens of a typical single-question prompt; the plan's --text-tokens default
 BACKENDS = ("onnx", "tensorrt")  # export/backends.py holds the registry; its names here keep --help free of torch
 PROVIDERS = ("auto", "cpu", "cuda", "tensorrt")
-LIBRARY_LOGGERS = ("torch", "transformers", "onnxscript", "onnx_ir", "onnxruntime", "polygraphy", "huggingface_hub", "urllib3")
+LIBRARY_LOGGERS = (
+    "torch",
+    "transformers",
+    "onnxscript",
+    "onnx_ir",
+    "onnxruntime",
+    "polygraphy",
+    "huggingface_hub",
+    "urllib3",
+)
 
 
 # ------------------------------------------------------------------ argument types: the message is the problem
@@ -64,7 +74,11 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Appends '(default: X)' except where the help already says what an unset value means."""
 
     def _get_help_string(self, action):
-        return action.help if action.default in (None, False) or action.help == argparse.SUPPRESS else super()._get_help_string(action)
+        return (
+            action.help
+            if action.default in (None, False) or action.help == argparse.SUPPRESS
+            else super()._get_help_string(action)
+        )
 
 
 def _version() -> str:
@@ -77,12 +91,19 @@ def _version() -> str:
 
 
 def _parser(prog: str, description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=description, formatter_class=_HelpFormatter,
-                                epilog="exit codes: 0 ok, 1 engine does not match its reference, 2 bad input (the message says the fix), 3 internal error")
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description=description,
+        formatter_class=_HelpFormatter,
+        epilog="exit codes: 0 ok, 1 engine does not match its reference, 2 bad input (the message says the fix), 3 "
+        "internal error",
+    )
     p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     g = p.add_argument_group("messages")
     g.add_argument("--quiet", action="store_true", help="print only results and errors (no progress, no summary)")
-    g.add_argument("--verbose", action="store_true", help="also show the warnings of torch, transformers and ONNX tools")
+    g.add_argument(
+        "--verbose", action="store_true", help="also show the warnings of torch, transformers and ONNX tools"
+    )
     g.add_argument("--debug", action="store_true", help="print the traceback of an error")
     return p
 
@@ -131,8 +152,11 @@ def _main(prog: str, parser: argparse.ArgumentParser, run, argv) -> int:
         if user is not None:
             print(f"{prog}: error: {user}", file=sys.stderr)
             return EXIT_USAGE
-        print(f"{prog}: internal error: {type(e).__name__}: {str(e)[:500]}\n"
-              f"this is a bug in star-export; re-run with --debug for the traceback and report it", file=sys.stderr)
+        print(
+            f"{prog}: internal error: {type(e).__name__}: {str(e)[:500]}\n"
+            f"this is a bug in star-export; re-run with --debug for the traceback and report it",
+            file=sys.stderr,
+        )
         return EXIT_INTERNAL
     finally:
         if on_main:
@@ -143,59 +167,152 @@ def _main(prog: str, parser: argparse.ArgumentParser, run, argv) -> int:
 
 
 def export_parser() -> argparse.ArgumentParser:
-    p = _parser("star-export", "Export LLaVA with two-stage STAR visual-token pruning (STAR.md) into an engine directory.")
+    p = _parser(
+        "star-export", "Export LLaVA with two-stage STAR visual-token pruning (STAR.md) into an engine directory."
+    )
     g = p.add_argument_group("model")
-    g.add_argument("--model", default="tiny-llava", help="recipe alias (tiny-llava, llava-1.5-7b, llava-1.5-13b), a local Hugging Face directory, or a model id in the local HF cache")
+    g.add_argument(
+        "--model",
+        default="tiny-llava",
+        help="recipe alias (tiny-llava, llava-1.5-7b, llava-1.5-13b), a local Hugging Face directory, or a model id in "
+        "the local HF cache",
+    )
     g = p.add_argument_group("schedule (STAR.md)")
-    g.add_argument("--keep", type=int, default=58, help="visual tokens that survive both stages (paper: 288 / 115 / 58 / 29 of 576)")
-    g.add_argument("--stage1-keep", type=int, default=None, help="stage-1 budget k1, keep <= k1 <= 576 (default: the recipe's, 490 for 576 tokens)")
-    g.add_argument("--pivot-layer", type=int, default=None, help="decoder layer P that scores and prunes, 0 <= P <= L-2 (default: the recipe's, 15 for 32 layers, else the middle)")
+    g.add_argument(
+        "--keep",
+        type=int,
+        default=58,
+        help="visual tokens that survive both stages (paper: 288 / 115 / 58 / 29 of 576)",
+    )
+    g.add_argument(
+        "--stage1-keep",
+        type=int,
+        default=None,
+        help="stage-1 budget k1, keep <= k1 <= 576 (default: the recipe's, 490 for 576 tokens)",
+    )
+    g.add_argument(
+        "--pivot-layer",
+        type=int,
+        default=None,
+        help="decoder layer P that scores and prunes, 0 <= P <= L-2 (default: the recipe's, 15 for 32 layers, else the "
+        "middle)",
+    )
     g = p.add_argument_group("build")
     g.add_argument("--backend", default="onnx", choices=BACKENDS, help="what to build (tensorrt: not in this release)")
-    g.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="weights, activations and KV cache dtype")
-    g.add_argument("--weights", default="float", choices=["float", "int8", "int4"],
-                   help="decoder weights: float (the --dtype), or weight-only int8 / int4 (ONNX Runtime MatMulNBits; vision stays float)")
-    g.add_argument("--block-size", type=_positive, default=128, help="int8 / int4: weights per quantization block along K (power of two >= 16)")
+    g.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "float16", "bfloat16"],
+        help="weights, activations and KV cache dtype",
+    )
+    g.add_argument(
+        "--weights",
+        default="float",
+        choices=["float", "int8", "int4"],
+        help="decoder weights: float (the --dtype), or weight-only int8 / int4 (ONNX Runtime MatMulNBits; vision stays "
+        "float)",
+    )
+    g.add_argument(
+        "--block-size",
+        type=_positive,
+        default=128,
+        help="int8 / int4: weights per quantization block along K (power of two >= 16)",
+    )
     g.add_argument("--asymmetric", action="store_true", help="int8 / int4: per-block zero points (default symmetric)")
-    g.add_argument("--accuracy-level", type=int, default=None, choices=range(5), metavar="{0..4}",
-                   help="int8 / int4: MatMulNBits compute (0: unset, float; 4: int8 where ONNX Runtime's CPU kernels have it, "
-                        "faster, activations quantized per block) (default: 4)")
-    g.add_argument("--memory-budget", type=_gib, default=None, metavar="GIB",
-                   help="memory the build may use, in GiB (default: what the machine has available); a build that needs more is refused up front")
-    g.add_argument("--decode-graphs", default="auto", choices=["auto", "on", "off"],
-                   help="also write ONNX Runtime decode graphs (GroupQueryAttention, caches written in place; CPU provider) "
-                        "beside the portable segment graphs (auto: for --weights int8 / int4; on: any float32 engine)")
+    g.add_argument(
+        "--accuracy-level",
+        type=int,
+        default=None,
+        choices=range(5),
+        metavar="{0..4}",
+        help="int8 / int4: MatMulNBits compute (0: unset, float; 4: int8 where ONNX Runtime's CPU kernels have it, "
+        "faster, activations quantized per block) (default: 4)",
+    )
+    g.add_argument(
+        "--memory-budget",
+        type=_gib,
+        default=None,
+        metavar="GIB",
+        help="memory the build may use, in GiB (default: what the machine has available); a build that needs more is "
+        "refused up front",
+    )
+    g.add_argument(
+        "--decode-graphs",
+        default="auto",
+        choices=["auto", "on", "off"],
+        help="also write ONNX Runtime decode graphs (GroupQueryAttention, caches written in place; CPU provider) "
+        "beside the portable segment graphs (auto: for --weights int8 / int4; on: any float32 engine)",
+    )
     g.add_argument("--max-batch-size", type=_positive, default=8, help="most requests per call")
-    g.add_argument("--max-input-len", type=_positive, default=2048, help="most prompt tokens per request, image tokens included")
+    g.add_argument(
+        "--max-input-len", type=_positive, default=2048, help="most prompt tokens per request, image tokens included"
+    )
     g.add_argument("--max-new-tokens", type=_positive, default=256, help="most generated tokens per request")
     g = p.add_argument_group("output")
     g.add_argument("--out", default=None, help="engine directory to write (required unless --dry-run)")
-    g.add_argument("--force", action="store_true", help="replace --out if it holds an engine (a star.json); other directories are never deleted")
+    g.add_argument(
+        "--force",
+        action="store_true",
+        help="replace --out if it holds an engine (a star.json); other directories are never deleted",
+    )
     g.add_argument("--no-validate", action="store_true", help="skip the parity self-check against the eager reference")
-    g.add_argument("--dry-run", action="store_true", help="print the plan (tokens per stage, FLOPs, KV bytes) without weights; writes nothing")
-    g.add_argument("--text-tokens", type=_positive, default=DEFAULT_TEXT_TOKENS, help="text tokens assumed by --dry-run")
+    g.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the plan (tokens per stage, FLOPs, KV bytes) without weights; writes nothing",
+    )
+    g.add_argument(
+        "--text-tokens", type=_positive, default=DEFAULT_TEXT_TOKENS, help="text tokens assumed by --dry-run"
+    )
     g.add_argument("--json", action="store_true", help="machine-readable output on stdout")
-    g.add_argument("--add-decode-graphs", default=None, metavar="ENGINE",
-                   help="write ONNX Runtime decode graphs into ENGINE, an engine exported without them, re-sign its star.json, "
-                        "and exit (minutes: they share the segments' weight files; check the result with star-validate)")
-    _triton_flags(p.add_argument_group("Triton Inference Server"), "--triton-repo", "also write a Triton model repository for the engine (README: Serving)")
+    g.add_argument(
+        "--add-decode-graphs",
+        default=None,
+        metavar="ENGINE",
+        help="write ONNX Runtime decode graphs into ENGINE, an engine exported without them, re-sign its star.json, "
+        "and exit (minutes: they share the segments' weight files; check the result with star-validate)",
+    )
+    _triton_flags(
+        p.add_argument_group("Triton Inference Server"),
+        "--triton-repo",
+        "also write a Triton model repository for the engine (README: Serving)",
+    )
     return p
 
 
 def _triton_flags(g, flag: str, help: str) -> None:
     g.add_argument(flag, default=None, metavar="REPO", help=help)
-    g.add_argument("--triton-model-name", default="star_llava", help="Triton model name (the streaming model is NAME_stream)")
-    g.add_argument("--triton-kind", default="auto", choices=["auto", "cpu", "gpu"], help="instance group kind (auto: gpu when onnxruntime has CUDA)")
-    g.add_argument("--triton-copy-engine", action="store_true", help="copy the engine into the repository (default: reference it by absolute path)")
+    g.add_argument(
+        "--triton-model-name", default="star_llava", help="Triton model name (the streaming model is NAME_stream)"
+    )
+    g.add_argument(
+        "--triton-kind",
+        default="auto",
+        choices=["auto", "cpu", "gpu"],
+        help="instance group kind (auto: gpu when onnxruntime has CUDA)",
+    )
+    g.add_argument(
+        "--triton-copy-engine",
+        action="store_true",
+        help="copy the engine into the repository (default: reference it by absolute path)",
+    )
 
 
 def _write_triton(args, engine_dir, repo) -> None:
     from .serve.triton_repo import resolve_kind, write_repository
 
-    models = write_repository(engine_dir, repo, model_name=args.triton_model_name, kind=resolve_kind(args.triton_kind),
-                              copy_engine=args.triton_copy_engine, force=args.force)
+    models = write_repository(
+        engine_dir,
+        repo,
+        model_name=args.triton_model_name,
+        kind=resolve_kind(args.triton_kind),
+        copy_engine=args.triton_copy_engine,
+        force=args.force,
+    )
     if not args.quiet:
-        print(f"Triton model repository written to {repo} (models: {', '.join(m.name for m in models)})", file=sys.stderr)
+        print(
+            f"Triton model repository written to {repo} (models: {', '.join(m.name for m in models)})", file=sys.stderr
+        )
 
 
 def _gib(text: str) -> int:
@@ -222,10 +339,22 @@ def _export(args) -> int:
         from .flops import dry_run, format_plan
         from .memory import format_memory, memory_plan
 
-        plan, spec, schedule = dry_run(model=args.model, keep=args.keep, stage1_keep=args.stage1_keep, pivot_layer=args.pivot_layer,
-                                       text_tokens=args.text_tokens, full=True)
+        plan, spec, schedule = dry_run(
+            model=args.model,
+            keep=args.keep,
+            stage1_keep=args.stage1_keep,
+            pivot_layer=args.pivot_layer,
+            text_tokens=args.text_tokens,
+            full=True,
+        )
         scheme = _scheme(args)
-        memory = memory_plan(spec, schedule, args.dtype, scheme, wants_decode_graphs(args.decode_graphs, args.dtype, scheme, args.backend))
+        memory = memory_plan(
+            spec,
+            schedule,
+            args.dtype,
+            scheme,
+            wants_decode_graphs(args.decode_graphs, args.dtype, scheme, args.backend),
+        )
         if args.json:
             print(json.dumps(plan.asdict() | {"memory": memory.asdict()}, indent=2))
         else:
@@ -265,7 +394,10 @@ def _export(args) -> int:
         return EXIT_MISMATCH
     if args.triton_repo:
         _write_triton(args, args.out, args.triton_repo)
-    summary = {k: manifest[k] for k in ("schedule", "dtype", "weights", "backend", "timings_s")} | {"out": str(args.out), "files": sorted(manifest["files"])}
+    summary = {k: manifest[k] for k in ("schedule", "dtype", "weights", "backend", "timings_s")} | {
+        "out": str(args.out),
+        "files": sorted(manifest["files"]),
+    }
     print(json.dumps(summary, indent=2) if args.json else f"engine written to {args.out}")
     return 0
 
@@ -274,8 +406,11 @@ def _add_decode_graphs(args) -> int:
     from .export.write import Progress, add_decode_graphs
 
     written = add_decode_graphs(args.add_decode_graphs, Progress(1, enabled=not args.quiet))
-    print(f"decode graphs written into {args.add_decode_graphs}: {', '.join(written)}" if written
-          else f"{args.add_decode_graphs}: no decode graphs written (it has them already, or see the warning above)")
+    print(
+        f"decode graphs written into {args.add_decode_graphs}: {', '.join(written)}"
+        if written
+        else f"{args.add_decode_graphs}: no decode graphs written (it has them already, or see the warning above)"
+    )
     return 0
 
 
@@ -287,7 +422,11 @@ def export_main(argv=None) -> int:
 
 
 def _fallback_flag(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
-    p.add_argument("--allow-fallback", action="store_true", help="run on the CPU when the asked-for GPU provider / device is not available (default: refuse, exit 2)")
+    p.add_argument(
+        "--allow-fallback",
+        action="store_true",
+        help="run on the CPU when the asked-for GPU provider / device is not available (default: refuse, exit 2)",
+    )
 
 
 def run_parser() -> argparse.ArgumentParser:
@@ -295,18 +434,44 @@ def run_parser() -> argparse.ArgumentParser:
     p.add_argument("engine", help="engine directory written by star-export")
     g = p.add_argument_group("requests (several --image/--prompt pairs run as one batch)")
     g.add_argument("--image", action="append", default=None, required=True, help="image file, once per request")
-    g.add_argument("--prompt", action="append", default=None, required=True, help="question, once per request (wrapped as 'USER: <image>\\n{prompt} ASSISTANT:')")
+    g.add_argument(
+        "--prompt",
+        action="append",
+        default=None,
+        required=True,
+        help="question, once per request (wrapped as 'USER: <image>\\n{prompt} ASSISTANT:')",
+    )
     g = p.add_argument_group("generation")
-    g.add_argument("--max-new-tokens", type=_positive, default=None, help="most tokens to generate (default: 64, or the engine's limit if lower)")
+    g.add_argument(
+        "--max-new-tokens",
+        type=_positive,
+        default=None,
+        help="most tokens to generate (default: 64, or the engine's limit if lower)",
+    )
     g.add_argument("--temperature", type=_finite, default=0.0, help="0 is greedy")
-    g.add_argument("--top-p", type=_finite, default=1.0, help="nucleus sampling mass, 0 < top-p <= 1 (with --temperature > 0)")
+    g.add_argument(
+        "--top-p", type=_finite, default=1.0, help="nucleus sampling mass, 0 < top-p <= 1 (with --temperature > 0)"
+    )
     g.add_argument("--seed", type=_count, default=0, help="sampling seed")
     g = p.add_argument_group("output")
     g.add_argument("--stream", action="store_true", help="print tokens as they are generated (one request)")
-    g.add_argument("--json", action="store_true", help='print {"text", "token_ids", "stage1_indices", "stage2_indices", "timings"} (a list for several requests)')
+    g.add_argument(
+        "--json",
+        action="store_true",
+        help='print {"text", "token_ids", "stage1_indices", "stage2_indices", "timings"} (a list for several requests)',
+    )
     g = p.add_argument_group("device")
-    g.add_argument("--provider", default="auto", choices=PROVIDERS, help="ONNX Runtime execution provider (auto: CUDA when present, else CPU)")
-    g.add_argument("--no-decode-graphs", action="store_true", help="decode with the segment graphs even where the engine has ONNX Runtime decode graphs")
+    g.add_argument(
+        "--provider",
+        default="auto",
+        choices=PROVIDERS,
+        help="ONNX Runtime execution provider (auto: CUDA when present, else CPU)",
+    )
+    g.add_argument(
+        "--no-decode-graphs",
+        action="store_true",
+        help="decode with the segment graphs even where the engine has ONNX Runtime decode graphs",
+    )
     _fallback_flag(g)
     return p
 
@@ -317,9 +482,11 @@ def _summary(results: list[dict], info: dict) -> str:
     tokens = sum(len(r["token_ids"]) for r in results)
     total = t["vision_s"] + t["prefill_s"] + t.get("decode_s", 0.0)
     line = (
-        f"visual tokens {info['visual_tokens']} -> {info['stage1_keep']} -> {info['keep']} | vision {t['vision_s'] * 1e3:.0f} ms, "
+        f"visual tokens {info['visual_tokens']} -> {info['stage1_keep']} -> {info['keep']} | vision "
+        f"{t['vision_s'] * 1e3:.0f} ms, "
         f"prefill {t['prefill_s'] * 1e3:.0f} ms, decode {t.get('decode_s', 0.0) / steps * 1e3:.1f} ms/token | "
-        f"{tokens} tokens in {total:.2f} s ({tokens / total:.1f} tokens/s) | {t['provider']}" + (" (decode graphs)" if t.get("decode_graphs") else "")
+        f"{tokens} tokens in {total:.2f} s ({tokens / total:.1f} tokens/s) | {t['provider']}"
+        + (" (decode graphs)" if t.get("decode_graphs") else "")
     )
     if info.get("random_weights"):
         line += f"\nnote: {info['model']} has random weights (a test model): its text is meaningless"
@@ -331,7 +498,9 @@ def _run(args) -> int:
     from .runtime.generate import InputError
 
     if args.stream and len(args.prompt) > 1:
-        raise InputError("--stream prints one request as it is generated: give one --image/--prompt pair, or drop --stream")
+        raise InputError(
+            "--stream prints one request as it is generated: give one --image/--prompt pair, or drop --stream"
+        )
     stream = (lambda piece: print(piece, end="", flush=True)) if args.stream and not args.json else None
     info: dict = {}
     results = run_engine(
@@ -368,11 +537,16 @@ def run_main(argv=None) -> int:
 
 
 def validate_parser() -> argparse.ArgumentParser:
-    p = _parser("star-validate", "Check an engine against the eager PyTorch reference (float64 truth, error budgets): per graph and end to end.")
+    p = _parser(
+        "star-validate",
+        "Check an engine against the eager PyTorch reference (float64 truth, error budgets): per graph and end to end.",
+    )
     p.add_argument("engine", help="engine directory written by star-export")
     p.add_argument("--model", default=None, help="source model for the reference (default: the one in star.json)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the eager reference runs")
-    p.add_argument("--provider", default="cpu", choices=PROVIDERS, help="ONNX Runtime execution provider for the engine")
+    p.add_argument(
+        "--provider", default="cpu", choices=PROVIDERS, help="ONNX Runtime execution provider for the engine"
+    )
     _fallback_flag(p)
     p.add_argument("--image", action="append", default=None, help="extra case image (with --prompt)")
     p.add_argument("--prompt", action="append", default=None, help="extra case question (with --image)")
@@ -426,27 +600,72 @@ def _seconds(text: str) -> float:
 
 
 def serve_parser() -> argparse.ArgumentParser:
-    p = _parser("star-serve", "Serve an engine directory over the OpenAI chat-completions API, with continuous batching.")
+    p = _parser(
+        "star-serve", "Serve an engine directory over the OpenAI chat-completions API, with continuous batching."
+    )
     p.add_argument("engine", help="engine directory written by star-export")
     g = p.add_argument_group("network")
-    g.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface; set an API key then)")
+    g.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface; set an API key then)"
+    )
     g.add_argument("--port", type=_port, default=8000, help="TCP port (0: a free one, printed at start)")
-    g.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 (default: $STAR_API_KEY; unset: no key)")
-    g.add_argument("--model-name", default=None, help="the name clients send as `model` (default: the engine's source model)")
+    g.add_argument(
+        "--api-key",
+        default=None,
+        help="require 'Authorization: Bearer KEY' on /v1 (default: $STAR_API_KEY; unset: no key)",
+    )
+    g.add_argument(
+        "--model-name", default=None, help="the name clients send as `model` (default: the engine's source model)"
+    )
     g = p.add_argument_group("limits")
-    g.add_argument("--max-queue", type=_positive, default=64, help="requests waiting for a batch slot; more get 429 with Retry-After")
-    g.add_argument("--request-timeout", type=_seconds, default=300.0, help="seconds from arrival to the last token; later is 408")
-    g.add_argument("--max-image-bytes", type=_positive, default=20 << 20, help="largest image accepted, in bytes (the body limit follows)")
-    g.add_argument("--allow-remote-images", action="store_true", help="fetch http(s) image URLs (default: only inline data: URLs; files are never read)")
-    g.add_argument("--max-image-memory", type=_positive, default=None, metavar="MIB", help="memory that large request bodies and images being decoded "
-                   "may hold together, in MiB (a 64-megapixel RGB photo takes 256; a rotated, CMYK or transparent one twice that; an image that "
-                   "needs more is refused; default: 320 or half the server's memory once the engine is loaded, whichever is larger)")
-    g.add_argument("--max-connections", type=_positive, default=None, help="open connections; more are answered 429 (default: what the "
-                   "file-descriptor limit allows)")
-    g.add_argument("--header-timeout", type=_seconds, default=10.0, help="seconds a connection has to send its request headers")
+    g.add_argument(
+        "--max-queue",
+        type=_positive,
+        default=64,
+        help="requests waiting for a batch slot; more get 429 with Retry-After",
+    )
+    g.add_argument(
+        "--request-timeout", type=_seconds, default=300.0, help="seconds from arrival to the last token; later is 408"
+    )
+    g.add_argument(
+        "--max-image-bytes",
+        type=_positive,
+        default=20 << 20,
+        help="largest image accepted, in bytes (the body limit follows)",
+    )
+    g.add_argument(
+        "--allow-remote-images",
+        action="store_true",
+        help="fetch http(s) image URLs (default: only inline data: URLs; files are never read)",
+    )
+    g.add_argument(
+        "--max-image-memory",
+        type=_positive,
+        default=None,
+        metavar="MIB",
+        help="memory that large request bodies and images being decoded "
+        "may hold together, in MiB (a 64-megapixel RGB photo takes 256; a rotated, CMYK or transparent one twice that; "
+        "an image that "
+        "needs more is refused; default: 320 or half the server's memory once the engine is loaded, whichever is "
+        "larger)",
+    )
+    g.add_argument(
+        "--max-connections",
+        type=_positive,
+        default=None,
+        help="open connections; more are answered 429 (default: what the file-descriptor limit allows)",
+    )
+    g.add_argument(
+        "--header-timeout", type=_seconds, default=10.0, help="seconds a connection has to send its request headers"
+    )
     g.add_argument("--body-timeout", type=_seconds, default=60.0, help="seconds a request has to send its whole body")
     g = p.add_argument_group("device")
-    g.add_argument("--provider", default="auto", choices=PROVIDERS, help="ONNX Runtime execution provider (auto: CUDA when present, else CPU)")
+    g.add_argument(
+        "--provider",
+        default="auto",
+        choices=PROVIDERS,
+        help="ONNX Runtime execution provider (auto: CUDA when present, else CPU)",
+    )
     _fallback_flag(g)
     g = p.add_argument_group("Triton Inference Server")
     _triton_flags(g, "--write-triton-repo", "write a Triton model repository for ENGINE and exit (no server starts)")
@@ -470,10 +689,18 @@ def _serve(args) -> int:
         args.engine,
         host=args.host,
         port=args.port,
-        settings_kwargs={"model_name": args.model_name, "api_key": api_key, "max_queue": args.max_queue, "request_timeout": args.request_timeout,
-                         "max_image_bytes": args.max_image_bytes, "allow_remote_images": args.allow_remote_images,
-                         "max_image_memory": args.max_image_memory and args.max_image_memory << 20, "max_connections": args.max_connections,
-                         "header_timeout": args.header_timeout, "body_timeout": args.body_timeout},
+        settings_kwargs={
+            "model_name": args.model_name,
+            "api_key": api_key,
+            "max_queue": args.max_queue,
+            "request_timeout": args.request_timeout,
+            "max_image_bytes": args.max_image_bytes,
+            "allow_remote_images": args.allow_remote_images,
+            "max_image_memory": args.max_image_memory and args.max_image_memory << 20,
+            "max_connections": args.max_connections,
+            "header_timeout": args.header_timeout,
+            "body_timeout": args.body_timeout,
+        },
         provider=args.provider,
         allow_fallback=args.allow_fallback,
         quiet=args.quiet,

@@ -128,7 +128,9 @@ class StarSchedule:
     def __post_init__(self) -> None:
         n, L = self.num_vision_tokens, self.num_layers
         if not 1 <= self.keep <= n:
-            raise ScheduleError(f"keep={self.keep} is out of range: allowed 1 <= keep <= {n} (visual tokens of this model)")
+            raise ScheduleError(
+                f"keep={self.keep} is out of range: allowed 1 <= keep <= {n} (visual tokens of this model)"
+            )
         if not self.keep <= self.stage1_keep <= n:
             raise ScheduleError(
                 f"stage1_keep={self.stage1_keep} is out of range: allowed keep ({self.keep}) <= stage1_keep <= {n}"

@@ -37,21 +37,36 @@ def _fail(field: str, says: Any, found: str) -> EngineError:
 def engine_file(directory: Path, name: Any, field: str) -> Path:
     """`name` (from star.json `field`) as a regular file inside `directory`: relative, no `..`, and (symbolic links
     followed) neither leaving the directory nor anything but a regular file."""
-    if not isinstance(name, str) or not name or PurePosixPath(name).is_absolute() or ".." in PurePosixPath(name).parts or "\\" in name:
+    if (
+        not isinstance(name, str)
+        or not name
+        or PurePosixPath(name).is_absolute()
+        or ".." in PurePosixPath(name).parts
+        or "\\" in name
+    ):
         raise EngineError(f"{MANIFEST} {field} = {name!r} is not a path inside the engine directory: {REBUILD}")
     root = os.path.realpath(directory)
     path = os.path.realpath(directory / name)
     if os.path.commonpath([root, path]) != root:
-        raise EngineError(f"{MANIFEST} {field} = {name!r} leads outside the engine directory (to {path!r}): engines hold their own "
-                          "files; copy the engine with `cp -rL` so links become files")
+        raise EngineError(
+            f"{MANIFEST} {field} = {name!r} leads outside the engine directory (to {path!r}): engines hold their own "
+            "files; copy the engine with `cp -rL` so links become files"
+        )
     try:
         mode = os.stat(path).st_mode
     except FileNotFoundError:
-        raise EngineError(f"engine directory {str(directory)!r} is missing {name} ({field}): copy the whole directory, or rebuild it") from None
+        raise EngineError(
+            f"engine directory {str(directory)!r} is missing {name} ({field}): copy the whole directory, or rebuild it"
+        ) from None
     except OSError as e:
-        raise EngineError(f"{name} in {str(directory)!r} cannot be read ({e.strerror}): fix its permissions, or rebuild the engine") from None
+        raise EngineError(
+            f"{name} in {str(directory)!r} cannot be read ({e.strerror}): fix its permissions, or rebuild the engine"
+        ) from None
     if not stat.S_ISREG(mode):
-        raise EngineError(f"{name} in {str(directory)!r} ({field}) is not a regular file: copy the whole engine directory again, or rebuild it")
+        raise EngineError(
+            f"{name} in {str(directory)!r} ({field}) is not a regular file: copy the whole engine directory again, or "
+            "rebuild it"
+        )
     return Path(path)
 
 
@@ -60,7 +75,10 @@ def check_paths(directory: Path, manifest: dict) -> None:
     graphs and the embedding table are in the table (so their sha256 is checked)."""
     for name in manifest["files"]:
         engine_file(directory, name, f"files[{name!r}]")
-    named = {f"graphs.{g}.file": entry.get("file") if isinstance(entry, dict) else None for g, entry in manifest["graphs"].items()}
+    named = {
+        f"graphs.{g}.file": entry.get("file") if isinstance(entry, dict) else None
+        for g, entry in manifest["graphs"].items()
+    }
     named["embed_tokens"] = manifest["embed_tokens"]
     for field, name in named.items():
         engine_file(directory, name, field)
@@ -76,10 +94,30 @@ def check_fields(spec, schedule, layout, limits: dict, dtype: str) -> None:
     agree = [
         ("schedule.num_layers", schedule.num_layers, "model.text_layers", spec.text_layers),
         ("layout.num_layers", layout.num_layers, "model.text_layers", spec.text_layers),
-        ("schedule.num_vision_tokens", schedule.num_vision_tokens, "model's (image_size / patch_size)^2", spec.num_vision_tokens),
-        ("layout.num_vision_tokens", layout.num_vision_tokens, "model's (image_size / patch_size)^2", spec.num_vision_tokens),
-        ("schedule.vision_feature_layer", schedule.vision_feature_layer, "model.vision_feature_layer", spec.vision_feature_layer),
-        ("layout.num_key_value_heads", layout.num_key_value_heads, "model.num_key_value_heads", spec.num_key_value_heads),
+        (
+            "schedule.num_vision_tokens",
+            schedule.num_vision_tokens,
+            "model's (image_size / patch_size)^2",
+            spec.num_vision_tokens,
+        ),
+        (
+            "layout.num_vision_tokens",
+            layout.num_vision_tokens,
+            "model's (image_size / patch_size)^2",
+            spec.num_vision_tokens,
+        ),
+        (
+            "schedule.vision_feature_layer",
+            schedule.vision_feature_layer,
+            "model.vision_feature_layer",
+            spec.vision_feature_layer,
+        ),
+        (
+            "layout.num_key_value_heads",
+            layout.num_key_value_heads,
+            "model.num_key_value_heads",
+            spec.num_key_value_heads,
+        ),
         ("layout.head_dim", layout.head_dim, "model.head_dim", spec.head_dim),
         ("layout.dtype", layout.dtype, "dtype", dtype),
     ]
@@ -90,7 +128,11 @@ def check_fields(spec, schedule, layout, limits: dict, dtype: str) -> None:
         if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_LIMIT:
             raise _fail(f"limits.{key}", value, f"a limit is a whole number from 1 to {MAX_LIMIT}")
     if limits["max_input_len"] <= spec.num_vision_tokens:
-        raise _fail("limits.max_input_len", limits["max_input_len"], f"a prompt holds the image's {spec.num_vision_tokens} tokens and at least one more")
+        raise _fail(
+            "limits.max_input_len",
+            limits["max_input_len"],
+            f"a prompt holds the image's {spec.num_vision_tokens} tokens and at least one more",
+        )
 
 
 # --- the graphs' own IO --------------------------------------------------------------------------------------------
@@ -107,7 +149,9 @@ class GraphIO:
     def shape(self, field: str, value_name: str, kind: str = "outputs") -> list:
         table = getattr(self, kind)
         if value_name not in table:
-            raise EngineError(f"{MANIFEST} {field}: graph {self.file} ({self.name}) has no {kind[:-1]} {value_name!r}: {REBUILD}")
+            raise EngineError(
+                f"{MANIFEST} {field}: graph {self.file} ({self.name}) has no {kind[:-1]} {value_name!r}: {REBUILD}"
+            )
         return table[value_name]["shape"]
 
 
@@ -117,7 +161,11 @@ def _topk_ks(graph) -> tuple[int, ...]:
     from onnx import numpy_helper
 
     consts = {t.name: t for t in graph.initializer if t.data_location != onnx.TensorProto.EXTERNAL}
-    consts |= {n.output[0]: n.attribute[0].t for n in graph.node if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"}
+    consts |= {
+        n.output[0]: n.attribute[0].t
+        for n in graph.node
+        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"
+    }
     ks = []
     for node in graph.node:
         if node.op_type == "TopK" and len(node.input) > 1 and node.input[1] in consts:
@@ -128,7 +176,13 @@ def _topk_ks(graph) -> tuple[int, ...]:
 def _external_files(graph) -> set[str]:
     import onnx
 
-    return {e.value for t in graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL for e in t.external_data if e.key == "location"}
+    return {
+        e.value
+        for t in graph.initializer
+        if t.data_location == onnx.TensorProto.EXTERNAL
+        for e in t.external_data
+        if e.key == "location"
+    }
 
 
 def read_graph(directory: Path, manifest: dict, name: str) -> GraphIO:
@@ -144,14 +198,22 @@ def read_graph(directory: Path, manifest: dict, name: str) -> GraphIO:
         external = _external_files(graph)
         ks = _topk_ks(graph)
     except Exception as e:  # onnx's DecodeError and friends: not an ONNX file
-        raise EngineError(f"{entry['file']} in {str(directory)!r} is not an ONNX graph ({type(e).__name__}): {REBUILD}") from e
+        raise EngineError(
+            f"{entry['file']} in {str(directory)!r} is not an ONNX graph ({type(e).__name__}): {REBUILD}"
+        ) from e
     for location in sorted(external):
         if PurePosixPath(location).name != location or location not in manifest["files"]:
-            raise EngineError(f"{entry['file']} keeps its weights in {location!r}, which is not a file of the engine's table: {REBUILD}")
+            raise EngineError(
+                f"{entry['file']} keeps its weights in {location!r}, which is not a file of the engine's table: "
+                f"{REBUILD}"
+            )
     for kind in ("inputs", "outputs"):
         if entry.get(kind) != io[kind]:
-            raise _fail(f"graphs.{name}.{kind}", [v.get("name") if isinstance(v, dict) else v for v in entry.get(kind) or []],
-                        f"{entry['file']} declares {[v['name'] for v in io[kind]]} (with their shapes and dtypes)")
+            raise _fail(
+                f"graphs.{name}.{kind}",
+                [v.get("name") if isinstance(v, dict) else v for v in entry.get(kind) or []],
+                f"{entry['file']} declares {[v['name'] for v in io[kind]]} (with their shapes and dtypes)",
+            )
     return GraphIO(name, entry["file"], {v["name"]: v for v in io["inputs"]}, {v["name"]: v for v in io["outputs"]}, ks)
 
 
@@ -167,7 +229,11 @@ def _past_layers(graph: GraphIO, field: str, says: int, layers: list[int], kv_he
     names = sorted(n for n in graph.inputs if n.startswith("past_key_values."))
     if names != sorted(f"past_key_values.{i}.{kv}" for i in layers for kv in ("key", "value")):
         held = sorted({n.split(".")[1] for n in names}, key=lambda i: (len(i), i))
-        raise _fail(field, says, f"{graph.file} takes the KV caches of layers {', '.join(held) or 'none'} (this schedule needs {layers})")
+        raise _fail(
+            field,
+            says,
+            f"{graph.file} takes the KV caches of layers {', '.join(held) or 'none'} (this schedule needs {layers})",
+        )
     for n in names:
         _expect("layout.num_key_value_heads", kv_heads, graph, n, 1, "inputs")
         _expect("layout.head_dim", head_dim, graph, n, 3, "inputs")
@@ -177,11 +243,17 @@ def check_graphs(directory: Path, manifest: dict, spec, schedule, layout) -> Non
     """Each graph's own IO against star.json's table and the schedule; the TopK K of stage 1 and of the pivot."""
     unknown = sorted(set(manifest["graphs"]) - set(GRAPHS) - set(DECODE_OF))
     if unknown:
-        raise _fail("graphs", sorted(manifest["graphs"]), f"this star-export knows the graphs {list(GRAPHS) + list(DECODE_OF)} only (not {unknown})")
+        raise _fail(
+            "graphs",
+            sorted(manifest["graphs"]),
+            f"this star-export knows the graphs {list(GRAPHS) + list(DECODE_OF)} only (not {unknown})",
+        )
     missing = [g for g in GRAPHS if g not in manifest["graphs"]]
     decode = [g for g in DECODE_OF if g in manifest["graphs"]]
     if missing or len(decode) == 1:
-        raise _fail("graphs", sorted(manifest["graphs"]), f"an engine has {list(GRAPHS)} and either both decode graphs or none")
+        raise _fail(
+            "graphs", sorted(manifest["graphs"]), f"an engine has {list(GRAPHS)} and either both decode graphs or none"
+        )
     io = {g: read_graph(directory, manifest, g) for g in GRAPHS + tuple(decode)}
     S, H, P, L = schedule, spec.hidden_size, schedule.pivot_layer, schedule.num_layers
     vision, pivot = io["vision"], io["pivot"]
@@ -198,7 +270,9 @@ def check_graphs(directory: Path, manifest: dict, spec, schedule, layout) -> Non
     layers = {"segment0": list(range(P + 1)), "segment1": list(range(P + 1, L))}
     for g in ("segment0", "segment1") + tuple(decode):
         segment = DECODE_OF.get(g, g)
-        field, says = ("schedule.pivot_layer", P) if segment == "segment0" else ("schedule.num_layers", L)  # segment0 is checked first
+        field, says = (
+            ("schedule.pivot_layer", P) if segment == "segment0" else ("schedule.num_layers", L)
+        )  # segment0 is checked first
         _past_layers(io[g], field, says, layers[segment], layout.num_key_value_heads, layout.head_dim)
     _expect("model.hidden_size", H, io["segment0"], "inputs_embeds", 2, "inputs")
     _expect("model.hidden_size", H, io["segment1"], "hidden_states", 2, "inputs")
@@ -219,11 +293,17 @@ def load_embeddings(directory: Path, manifest: dict, spec, layout) -> np.ndarray
     except (ValueError, OSError, EOFError) as e:
         raise EngineError(f"{name} in {str(directory)!r} is not a NumPy array file ({str(e)[:200]}): {REBUILD}") from e
     if table.ndim != 2 or table.shape[1] != spec.hidden_size or table.dtype.name != layout.dtype:
-        raise _fail("embed_tokens", name, f"it holds a {table.dtype.name} array of shape {list(table.shape)}, not (vocab, "
-                    f"model.hidden_size = {spec.hidden_size}) in layout.dtype = {layout.dtype}")
+        raise _fail(
+            "embed_tokens",
+            name,
+            f"it holds a {table.dtype.name} array of shape {list(table.shape)}, not (vocab, "
+            f"model.hidden_size = {spec.hidden_size}) in layout.dtype = {layout.dtype}",
+        )
     for field in ("image_token_id", "eos_token_id", "pad_token_id"):
         value = getattr(layout, field)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < table.shape[0]):
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < table.shape[0]
+        ):
             raise _fail(f"layout.{field}", value, f"the embedding table has token ids 0..{table.shape[0] - 1}")
     return table
 
@@ -231,11 +311,19 @@ def load_embeddings(directory: Path, manifest: dict, spec, layout) -> np.ndarray
 def check_processor(processor, spec, layout) -> None:
     """The saved processor makes the vision graph's image size and knows the layout's image token."""
     crop = getattr(processor.image_processor, "crop_size", None) or {}
-    size = tuple(crop.get(k) if isinstance(crop, dict) else getattr(crop, k, None) for k in ("height", "width"))  # a dict or a SizeDict
+    size = tuple(
+        crop.get(k) if isinstance(crop, dict) else getattr(crop, k, None) for k in ("height", "width")
+    )  # a dict or a SizeDict
     if getattr(processor.image_processor, "do_center_crop", True) and size != (spec.image_size, spec.image_size):
-        raise EngineError(f"processor/ crops images to {size}, but the vision graph takes {spec.image_size}x{spec.image_size} "
-                          f"(model.image_size): {REBUILD}")
+        raise EngineError(
+            f"processor/ crops images to {size}, but the vision graph takes {spec.image_size}x{spec.image_size} "
+            f"(model.image_size): {REBUILD}"
+        )
     token = getattr(processor, "image_token", "<image>")
     token_id = processor.tokenizer.convert_tokens_to_ids(token)
     if token_id != layout.image_token_id:
-        raise _fail("layout.image_token_id", layout.image_token_id, f"the tokenizer in processor/ gives {token!r} the id {token_id}")
+        raise _fail(
+            "layout.image_token_id",
+            layout.image_token_id,
+            f"the tokenizer in processor/ gives {token!r} the id {token_id}",
+        )

@@ -33,13 +33,22 @@ _OS_ERRORS = {
 
 
 # Optional packages, by top-level module, and the extra of pyproject.toml that installs them.
-EXTRAS = {"fastapi": "serve", "starlette": "serve", "uvicorn": "serve", "prometheus_client": "serve", "tensorrt": "tensorrt",
-          "sentencepiece": "checkpoint", "matplotlib": "bench"}
+EXTRAS = {
+    "fastapi": "serve",
+    "starlette": "serve",
+    "uvicorn": "serve",
+    "prometheus_client": "serve",
+    "tensorrt": "tensorrt",
+    "sentencepiece": "checkpoint",
+    "matplotlib": "bench",
+}
 
 
 def missing_extra(module: str, what: str) -> UserError:
     extra = EXTRAS[module]
-    return UserError(f"{what} needs the Python package {module!r}, which is not installed: pip install 'star-export[{extra}]'")
+    return UserError(
+        f"{what} needs the Python package {module!r}, which is not installed: pip install 'star-export[{extra}]'"
+    )
 
 
 def require_extra(extra: str, what: str) -> None:

@@ -54,8 +54,20 @@ def plan(spec: ModelSpec, schedule: StarSchedule, text_tokens: int) -> Plan:
         schedule=schedule.asdict(),
         text_tokens=t,
         visual_tokens={"vision_tower": V, "after_stage1": k1, "after_stage2": keep},
-        sequence_lengths={"baseline": n0, "segment0": n1, "segment1": n2, "segment0_layers": P + 1, "segment1_layers": L - P - 1},
-        flops={"baseline": base, "star": star, "ratio": star / base, "baseline_tflops": base / 1e12, "star_tflops": star / 1e12},
+        sequence_lengths={
+            "baseline": n0,
+            "segment0": n1,
+            "segment1": n2,
+            "segment0_layers": P + 1,
+            "segment1_layers": L - P - 1,
+        },
+        flops={
+            "baseline": base,
+            "star": star,
+            "ratio": star / base,
+            "baseline_tflops": base / 1e12,
+            "star_tflops": star / 1e12,
+        },
         kv_cache_bytes_per_sequence=kv,
     )
 
@@ -65,22 +77,37 @@ def format_plan(p: Plan, model: str) -> str:
     lines = [
         f"model {model}: STAR schedule keep={s['keep']} stage1_keep={s['stage1_keep']} pivot_layer={s['pivot_layer']} "
         f"(decoder layers 0..{s['pivot_layer']} | {s['pivot_layer'] + 1}..{s['num_layers'] - 1})",
-        f"visual tokens: {p.visual_tokens['vision_tower']} -> stage 1 -> {p.visual_tokens['after_stage1']} -> stage 2 -> {p.visual_tokens['after_stage2']}",
+        f"visual tokens: {p.visual_tokens['vision_tower']} -> stage 1 -> {p.visual_tokens['after_stage1']} -> stage 2 "
+        f"-> {p.visual_tokens['after_stage2']}",
         f"decoder tokens ({p.text_tokens} text): baseline {p.sequence_lengths['baseline']}, "
         f"segment 0 {p.sequence_lengths['segment0']} x {p.sequence_lengths['segment0_layers']} layers, "
         f"segment 1 {p.sequence_lengths['segment1']} x {p.sequence_lengths['segment1_layers']} layers",
-        f"decoder prefill FLOPs (MAC): baseline {f['baseline_tflops']:.3f} T, STAR {f['star_tflops']:.3f} T, ratio {f['ratio']:.3f}",
+        f"decoder prefill FLOPs (MAC): baseline {f['baseline_tflops']:.3f} T, STAR {f['star_tflops']:.3f} T, ratio "
+        f"{f['ratio']:.3f}",
         "KV cache per sequence after prefill:",
     ]
     for dtype, kv in p.kv_cache_bytes_per_sequence.items():
-        lines.append(f"  {dtype:9s} baseline {kv['baseline'] / 2**20:10.2f} MiB   STAR {kv['star'] / 2**20:10.2f} MiB   ratio {kv['ratio']:.3f}")
+        lines.append(
+            f"  {dtype:9s} baseline {kv['baseline'] / 2**20:10.2f} MiB   STAR {kv['star'] / 2**20:10.2f} MiB   ratio "
+            f"{kv['ratio']:.3f}"
+        )
     return "\n".join(lines)
 
 
-def dry_run(*, model: str, keep: int, stage1_keep: int | None = None, pivot_layer: int | None = None, text_tokens: int = 52, full: bool = False):
+def dry_run(
+    *,
+    model: str,
+    keep: int,
+    stage1_keep: int | None = None,
+    pivot_layer: int | None = None,
+    text_tokens: int = 52,
+    full: bool = False,
+):
     """The plan for `model` (alias or local directory) from its architecture numbers alone: no weights.
     `full`: also return the spec and schedule (for the memory plan)."""
     spec, defaults = spec_from_name(model)
-    schedule = StarSchedule.from_spec(spec, keep=keep, stage1_keep=stage1_keep, pivot_layer=pivot_layer, defaults=defaults)
+    schedule = StarSchedule.from_spec(
+        spec, keep=keep, stage1_keep=stage1_keep, pivot_layer=pivot_layer, defaults=defaults
+    )
     result = plan(spec, schedule, text_tokens)
     return (result, spec, schedule) if full else result

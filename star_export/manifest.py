@@ -24,9 +24,22 @@ FORMAT_VERSION = 2  # 2: decoder segments return this call's keys and values onl
 MANIFEST = "star.json"
 BUILD_MARKER = ".star-export-build"  # in a build directory only (export/workdir.py); never part of an engine
 GRAPHS = ("vision", "segment0", "pivot", "segment1")  # every engine's graphs
-DECODE_GRAPHS = {"segment0": "decode0", "segment1": "decode1"}  # segment graph -> its optional decode graph (export/decode_graphs.py)
+DECODE_GRAPHS = {
+    "segment0": "decode0",
+    "segment1": "decode1",
+}  # segment graph -> its optional decode graph (export/decode_graphs.py)
 # What a reader needs, with its JSON type.
-REQUIRED = {"source": dict, "dtype": str, "model": dict, "schedule": dict, "limits": dict, "layout": dict, "embed_tokens": str, "graphs": dict, "files": dict}
+REQUIRED = {
+    "source": dict,
+    "dtype": str,
+    "model": dict,
+    "schedule": dict,
+    "limits": dict,
+    "layout": dict,
+    "embed_tokens": str,
+    "graphs": dict,
+    "files": dict,
+}
 
 
 def decode_graph_names(graphs) -> list[str]:
@@ -48,7 +61,16 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
 
 def tool_versions() -> dict[str, str]:
     versions = {"python": platform.python_version()}
-    for dist in ("star-export", "torch", "transformers", "onnx", "onnxruntime", "onnxruntime-gpu", "onnxscript", "polygraphy"):
+    for dist in (
+        "star-export",
+        "torch",
+        "transformers",
+        "onnx",
+        "onnxruntime",
+        "onnxruntime-gpu",
+        "onnxscript",
+        "polygraphy",
+    ):
         try:
             versions[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
@@ -108,17 +130,27 @@ def _parse(directory: str | Path) -> dict[str, Any]:
     directory = Path(directory)
     path = directory / MANIFEST
     if directory.exists() and not directory.is_dir():
-        raise EngineError(f"{str(directory)!r} is a file, not an engine directory: pass the directory star-export wrote (it holds {MANIFEST})")
+        raise EngineError(
+            f"{str(directory)!r} is a file, not an engine directory: pass the directory star-export wrote (it holds "
+            f"{MANIFEST})"
+        )
     if not directory.is_dir():
-        raise EngineError(f"engine directory {str(directory)!r} does not exist: build one with `star-export --out {directory}`")
+        raise EngineError(
+            f"engine directory {str(directory)!r} does not exist: build one with `star-export --out {directory}`"
+        )
     if not path.is_file():
-        raise EngineError(f"{str(directory)!r} is not an engine directory (no {MANIFEST}): build one with `star-export --out {directory}`")
+        raise EngineError(
+            f"{str(directory)!r} is not an engine directory (no {MANIFEST}): build one with `star-export --out "
+            f"{directory}`"
+        )
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise EngineError(f"{path} is not valid JSON ({e}): rebuild the engine with star-export --force") from e
     if not isinstance(manifest, dict):
-        raise EngineError(f"{path} holds a JSON {type(manifest).__name__}, not an object: rebuild the engine with star-export --force")
+        raise EngineError(
+            f"{path} holds a JSON {type(manifest).__name__}, not an object: rebuild the engine with star-export --force"
+        )
     version = manifest.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise EngineError(
@@ -127,12 +159,15 @@ def _parse(directory: str | Path) -> dict[str, Any]:
         )
     if version < FORMAT_VERSION:
         raise EngineError(
-            f"{path} has format_version {version}, written by an older star-export whose decoder graphs return whole KV "
-            f"caches; this one reads format_version {FORMAT_VERSION}: rebuild the engine with star-export --force"
+            f"{path} has format_version {version}, written by an older star-export whose decoder graphs return whole "
+            f"KV caches; this one reads format_version {FORMAT_VERSION}: rebuild the engine with star-export --force"
         )
     wrong = [f"{key} ({kind.__name__})" for key, kind in REQUIRED.items() if not isinstance(manifest.get(key), kind)]
     if wrong:
-        raise EngineError(f"{path} lacks or mistypes {', '.join(wrong)}: it was not written by star-export, or was edited; rebuild the engine with star-export --force")
+        raise EngineError(
+            f"{path} lacks or mistypes {', '.join(wrong)}: it was not written by star-export, or was edited; rebuild "
+            "the engine with star-export --force"
+        )
     return manifest
 
 
@@ -182,7 +217,10 @@ class EngineManifest:
                 raw=MappingProxyType(m),
             )
         except (TypeError, KeyError, ValueError, ZeroDivisionError) as e:
-            raise EngineError(f"{directory / MANIFEST} is malformed ({type(e).__name__}: {e}): rebuild the engine with star-export --force") from e
+            raise EngineError(
+                f"{directory / MANIFEST} is malformed ({type(e).__name__}: {e}): rebuild the engine with star-export "
+                "--force"
+            ) from e
         if verify:
             manifest.verify_files()
         return manifest
@@ -204,7 +242,10 @@ def verify_files(directory: Path, manifest: Mapping[str, Any]) -> None:
     """Every file of the manifest's table present and matching its sha256 (reads every byte of the engine)."""
     missing = [name for name in manifest.get("files", {}) if not (directory / name).is_file()]
     if missing:
-        raise EngineError(f"engine directory {str(directory)!r} is missing {', '.join(missing)}: copy the whole directory, or rebuild it")
+        raise EngineError(
+            f"engine directory {str(directory)!r} is missing {', '.join(missing)}: copy the whole directory, or "
+            "rebuild it"
+        )
     for name, entry in manifest["files"].items():
         if sha256_file(directory / name) != entry["sha256"]:
             raise EngineError(

@@ -23,7 +23,12 @@ from .errors import UserError
 
 GiB = 1 << 30
 DTYPE_BYTES = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2}
-RUNTIME_OVERHEAD = 2 * GiB  # interpreter, torch, transformers, onnxruntime, the loaded model's skeleton, activations (measured ~1.8 GiB with a 7B model)
+RUNTIME_OVERHEAD = (
+    2 * GiB
+    # interpreter, torch, transformers, onnxruntime, the loaded model's skeleton, activations (measured ~1.8 GiB with
+    # a 7B
+    # model)
+)
 
 
 # Validation modes, most thorough first: whole-model references with per-graph checks; layer-streamed references
@@ -43,10 +48,26 @@ class GraphWeights:
 
 def graph_weights(spec: ModelSpec, schedule: StarSchedule) -> dict[str, GraphWeights]:
     """Parameter counts of each graph, from the architecture (no weights read)."""
-    c, ci, d, m, kv = spec.vision_hidden, spec.vision_intermediate, spec.hidden_size, spec.intermediate_size, spec.kv_width
+    c, ci, d, m, kv = (
+        spec.vision_hidden,
+        spec.vision_intermediate,
+        spec.hidden_size,
+        spec.intermediate_size,
+        spec.kv_width,
+    )
     tokens = spec.num_patches + 1
     clip_layer = 4 * c * c + 4 * c + 2 * c * ci + ci + c + 4 * c
-    vision = 3 * c * spec.patch_size**2 + c + tokens * c + 2 * c + spec.vision_layers_run * clip_layer + c * d + d + d * d + d
+    vision = (
+        3 * c * spec.patch_size**2
+        + c
+        + tokens * c
+        + 2 * c
+        + spec.vision_layers_run * clip_layer
+        + c * d
+        + d
+        + d * d
+        + d
+    )
     layer_linear = 2 * d * d + 2 * d * kv + 3 * d * m
     P, L, V = schedule.pivot_layer, schedule.num_layers, spec.vocab_size
     return {
@@ -91,7 +112,9 @@ class MemoryPlan:
         return asdict(self)
 
 
-def memory_plan(spec: ModelSpec, schedule: StarSchedule, dtype: str, scheme=None, decode_graphs: bool = False) -> MemoryPlan:
+def memory_plan(
+    spec: ModelSpec, schedule: StarSchedule, dtype: str, scheme=None, decode_graphs: bool = False
+) -> MemoryPlan:
     """`decode_graphs`: the engine has ONNX Runtime decode graphs (export/decode_graphs.py). On disk they share the
     segments' weight files; running, each session holds its own (packed) copy, so the decoder's weights count twice."""
     scheme = scheme or WeightScheme()
@@ -106,23 +129,36 @@ def memory_plan(spec: ModelSpec, schedule: StarSchedule, dtype: str, scheme=None
     largest = max(spec.vocab_size * spec.hidden_size, spec.hidden_size * spec.intermediate_size)
     embed = spec.vocab_size * spec.hidden_size * b
     params = total_params(spec, schedule)
-    run_bytes = sum(run.values()) + embed + RUNTIME_OVERHEAD + (run["segment0"] + run["segment1"] if decode_graphs else 0)
+    run_bytes = (
+        sum(run.values()) + embed + RUNTIME_OVERHEAD + (run["segment0"] + run["segment1"] if decode_graphs else 0)
+    )
     export_bytes = RUNTIME_OVERHEAD + 4 * largest * 4  # one tensor: read, cast, packed, written
     whole_reference = params * (8 + b + (8 if scheme.quantized else 0))
     # streamed: the embedding tables in float64 and float32, the largest unit in float64 plus the copy it is cast
     # from, and activations of one prefill in float64
     streamed_reference = spec.vocab_size * spec.hidden_size * 12 + 3 * largest * 8 + 2 * GiB
     if scheme.quantized:  # the reference keeps the engine's packed weights (streaming.quantized_transform)
-        streamed_reference += sum(int(g.linear * scheme.bytes_per_weight(b)) for n, g in graphs.items() if n in QUANTIZED_GRAPHS)
+        streamed_reference += sum(
+            int(g.linear * scheme.bytes_per_weight(b)) for n, g in graphs.items() if n in QUANTIZED_GRAPHS
+        )
     # One graph's session, created as LazyOrtGraph does (without constant folding, which would hold the file's float16
     # tensors and their float32 widening at once: 19.16 instead of 13.14 GiB for segment 1 of a 7B float16 engine).
     largest_graph = max(run.values()) + embed + RUNTIME_OVERHEAD
     return MemoryPlan(
-        dtype=dtype, weights=scheme.kind, graph_bytes=disk, embed_bytes=embed, engine_bytes=sum(disk.values()) + embed,
-        run_bytes=run_bytes, largest_graph_run_bytes=largest_graph, export_bytes=export_bytes,
-        validation_bytes={"whole": run_bytes + whole_reference, "streamed": run_bytes + streamed_reference,
-                          # one graph at a time, and the engine's run is over before the references start
-                          "streamed-lazy": max(largest_graph, streamed_reference + RUNTIME_OVERHEAD)},
+        dtype=dtype,
+        weights=scheme.kind,
+        graph_bytes=disk,
+        embed_bytes=embed,
+        engine_bytes=sum(disk.values()) + embed,
+        run_bytes=run_bytes,
+        largest_graph_run_bytes=largest_graph,
+        export_bytes=export_bytes,
+        validation_bytes={
+            "whole": run_bytes + whole_reference,
+            "streamed": run_bytes + streamed_reference,
+            # one graph at a time, and the engine's run is over before the references start
+            "streamed-lazy": max(largest_graph, streamed_reference + RUNTIME_OVERHEAD),
+        },
     )
 
 
@@ -142,8 +178,15 @@ def gib(n: int) -> str:
     return f"{n / GiB:.1f} GiB"
 
 
-def check_fits(spec: ModelSpec, schedule: StarSchedule, dtype: str, scheme, validate: bool, budget: int | None = None,
-               decode_graphs: bool = False) -> MemoryPlan:
+def check_fits(
+    spec: ModelSpec,
+    schedule: StarSchedule,
+    dtype: str,
+    scheme,
+    validate: bool,
+    budget: int | None = None,
+    decode_graphs: bool = False,
+) -> MemoryPlan:
     """Refuse (MemoryPlanError) a build this machine cannot hold, naming the need and what would fit (alternatives as
     `--decode-graphs auto` builds them)."""
     plan = memory_plan(spec, schedule, dtype, scheme, decode_graphs)
@@ -153,23 +196,34 @@ def check_fits(spec: ModelSpec, schedule: StarSchedule, dtype: str, scheme, vali
     what = "export with its self-check" if validate else "export"
     options = []
     for d, kind in (("float16", "float"), ("float32", "int8"), ("float32", "int4")):
-        alt = memory_plan(spec, schedule, d, WeightScheme(kind) if kind != "float" else None, decode_graphs=kind != "float")
+        alt = memory_plan(
+            spec, schedule, d, WeightScheme(kind) if kind != "float" else None, decode_graphs=kind != "float"
+        )
         if (d, kind) != (dtype, scheme.kind if scheme else "float") and alt.need(validate) <= have:
             options.append(f"--dtype {d} --weights {kind} ({gib(alt.need(validate))})")
     if validate and plan.export_bytes <= have:
-        options.append(f"--no-validate (export alone {gib(plan.export_bytes)}; the engine then needs {gib(plan.run_bytes)} to run "
-                       "on ONNX Runtime's CPU provider; run star-validate where that fits)")
+        options.append(
+            f"--no-validate (export alone {gib(plan.export_bytes)}; the engine then needs {gib(plan.run_bytes)} to run "
+            "on ONNX Runtime's CPU provider; run star-validate where that fits)"
+        )
     raise MemoryPlanError(
         f"{what} of this model with --dtype {dtype} --weights {scheme.kind if scheme else 'float'} needs about "
-        f"{gib(plan.need(validate))} of memory (engine {gib(plan.engine_bytes)} on disk, {gib(plan.run_bytes)} to run on the "
-        f"CPU provider" + (f", its self-check at least {gib(min(plan.validation_bytes.values()))}" if validate else "")
+        f"{gib(plan.need(validate))} of memory (engine {gib(plan.engine_bytes)} on disk, {gib(plan.run_bytes)} to run "
+        "on the CPU provider"
+        + (f", its self-check at least {gib(min(plan.validation_bytes.values()))}" if validate else "")
         + f"); this machine has {gib(have)} available. "
-        + ("Alternatives that fit: " + "; ".join(options) if options else "No variant fits here: use a machine with more memory")
+        + (
+            "Alternatives that fit: " + "; ".join(options)
+            if options
+            else "No variant fits here: use a machine with more memory"
+        )
         + " (see star-export --dry-run for the plan)"
     )
 
 
-def validation_mode(spec: ModelSpec, schedule: StarSchedule, dtype: str, scheme, budget: int | None = None, decode_graphs: bool = False) -> str:
+def validation_mode(
+    spec: ModelSpec, schedule: StarSchedule, dtype: str, scheme, budget: int | None = None, decode_graphs: bool = False
+) -> str:
     """How star-validate / the self-check can run here (VALIDATION_MODES); refuses up front when no mode fits."""
     plan = memory_plan(spec, schedule, dtype, scheme, decode_graphs)
     have = budget if budget is not None else available_bytes()
@@ -178,8 +232,8 @@ def validation_mode(spec: ModelSpec, schedule: StarSchedule, dtype: str, scheme,
         need = min(plan.validation_bytes.values())
         raise MemoryPlanError(
             f"validating this engine needs at least {gib(need)} of memory (one engine graph on the CPU provider "
-            f"{gib(plan.largest_graph_run_bytes)} and the layer-streamed references); this machine has {gib(have)} available: "
-            "run it on a machine with more memory"
+            f"{gib(plan.largest_graph_run_bytes)} and the layer-streamed references); this machine has {gib(have)} "
+            "available: run it on a machine with more memory"
         )
     return mode
 
@@ -187,14 +241,16 @@ def validation_mode(spec: ModelSpec, schedule: StarSchedule, dtype: str, scheme,
 def check_run_fits(manifest, budget: int | None = None) -> None:
     """Refuse (before any session loads) an engine (its `manifest.EngineManifest`) that cannot run on the CPU provider
     in this machine's memory."""
-    plan = memory_plan(manifest.model, manifest.schedule, manifest.dtype, manifest.weights, bool(manifest.decode_graphs))
+    plan = memory_plan(
+        manifest.model, manifest.schedule, manifest.dtype, manifest.weights, bool(manifest.decode_graphs)
+    )
     have = budget if budget is not None else available_bytes()
     if plan.run_bytes - RUNTIME_OVERHEAD > have:  # the weights alone do not fit: certain failure, not an estimate
         raise MemoryPlanError(
             f"this engine needs about {gib(plan.run_bytes)} to run on ONNX Runtime's CPU provider"
             + (" (which widens float16 weights to float32)" if plan.dtype == "float16" else "")
-            + f"; this machine has {gib(have)} available: run it with --provider cuda on a GPU machine, or export a smaller "
-            "engine (--weights int4 / int8)"
+            + f"; this machine has {gib(have)} available: run it with --provider cuda on a GPU machine, or export a "
+            "smaller engine (--weights int4 / int8)"
         )
 
 
@@ -203,13 +259,17 @@ def format_memory(plan: MemoryPlan) -> str:
     for name, n in plan.graph_bytes.items():
         lines.append(f"  {name:9s} weights {n / 2**20:12.1f} MiB")
     lines.append(f"  embed     table   {plan.embed_bytes / 2**20:12.1f} MiB")
-    lines.append(f"  engine on disk {gib(plan.engine_bytes)}; star-run on the CPU provider about {gib(plan.run_bytes)}"
-                 + (" (float16 weights are widened to float32 there)" if plan.dtype == "float16" else ""))
+    lines.append(
+        f"  engine on disk {gib(plan.engine_bytes)}; star-run on the CPU provider about {gib(plan.run_bytes)}"
+        + (" (float16 weights are widened to float32 there)" if plan.dtype == "float16" else "")
+    )
     have = available_bytes()
     modes = ", ".join(f"{m} {gib(n)}" for m, n in plan.validation_bytes.items())
     lines.append(f"  export peak about {gib(plan.export_bytes)} (--no-validate); validation needs: {modes}")
-    lines.append(f"  this machine has {gib(have)} available: the self-check would run "
-                 + (f"in mode '{plan.validation_mode(have)}'" if plan.validation_mode(have) else "in no mode (refused)"))
+    lines.append(
+        f"  this machine has {gib(have)} available: the self-check would run "
+        + (f"in mode '{plan.validation_mode(have)}'" if plan.validation_mode(have) else "in no mode (refused)")
+    )
     return "\n".join(lines)
 
 

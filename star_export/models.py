@@ -21,11 +21,9 @@ from .config import ModelSpec
 from .errors import UserError, user_error_from
 
 CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if message['role'] != 'system' %}{{ message['role'].upper() + ': ' }}{% endif %}"
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': ' }}{% endif %}"
     "{% for item in message['content'] if item['type'] == 'image' %}{{ '<image>\n' }}{% endfor %}"
-    "{% for item in message['content'] if item['type'] == 'text' %}{{ item['text'] + ' ' }}{% endfor %}"
-    "{% endfor %}"
+    "{% for item in message['content'] if item['type'] == 'text' %}{{ item['text'] + ' ' }}{% endfor %}{% endfor %}"
     "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
 )
 
@@ -65,7 +63,12 @@ class Recipe:
     seed: int = 0
 
 
-TORCH_DTYPES = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+TORCH_DTYPES = {
+    "float64": torch.float64,
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
 
 
 def cast_module(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
@@ -74,7 +77,11 @@ def cast_module(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     angles from it in float32. Narrowed, it rounds the frequencies to float16 and turns the angle at position 600 by
     up to ~0.3 rad (found by the self-check of a real-width float16 engine: its keys 30x further from float64 than
     eager float16's)."""
-    keep = {n: b.detach().clone() for n, b in model.named_buffers() if b.is_floating_point() and b.element_size() > torch.finfo(dtype).bits // 8}
+    keep = {
+        n: b.detach().clone()
+        for n, b in model.named_buffers()
+        if b.is_floating_point() and b.element_size() > torch.finfo(dtype).bits // 8
+    }
     model.to(dtype)
     for name, value in keep.items():
         owner, _, attr = name.rpartition(".")
@@ -86,8 +93,12 @@ def cast_copy(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     """A deep copy of `model` whose floating parameters are made in `dtype` one at a time, never as a full-width copy
     first (`copy.deepcopy(...).to(dtype)` holds one for a moment: 4 bytes per parameter more when the self-check casts
     its float64 quantized reference to float32). Buffers, hooks and tied parameters copy as deepcopy copies them."""
-    memo = {id(p): torch.nn.Parameter(p.detach().to(dtype) if p.is_floating_point() else p.detach().clone(), requires_grad=p.requires_grad)
-            for p in model.parameters()}
+    memo = {
+        id(p): torch.nn.Parameter(
+            p.detach().to(dtype) if p.is_floating_point() else p.detach().clone(), requires_grad=p.requires_grad
+        )
+        for p in model.parameters()
+    }
     return copy.deepcopy(model, memo)
 
 
@@ -184,11 +195,16 @@ def build_tokenizer():
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=600, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+        vocab_size=600,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     tok.train_from_iterator(_TOKENIZER_CORPUS.splitlines(), trainer=trainer)
     bos = tok.token_to_id("<s>")
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)])
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)]
+    )
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token="<s>",
@@ -218,7 +234,9 @@ def build_processor(spec: ModelSpec, tokenizer=None):
     )
 
 
-def build_random_llava(spec: ModelSpec, *, seed: int = 0, text_init_std: float = 0.2, qk_scale: float = 4.0, text_qk_scale: float = 1.0):
+def build_random_llava(
+    spec: ModelSpec, *, seed: int = 0, text_init_std: float = 0.2, qk_scale: float = 4.0, text_qk_scale: float = 1.0
+):
     """A `LlavaForConditionalGeneration` with random weights and its processor.
 
     Two deliberate changes to plain random init: CLIP q/k projections are scaled by
@@ -354,16 +372,25 @@ def config_from_directory(path: Path, hf_id: str | None = None):
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ModelLoadError(f"{file} is not valid JSON ({e}): re-copy the model directory") from e
     if not isinstance(data, dict) or "model_type" not in data:
-        raise ModelLoadError(f"{file} has no 'model_type': not a Hugging Face model config; star-export needs a LLaVA-1.5 model ('llava')")
+        raise ModelLoadError(
+            f"{file} has no 'model_type': not a Hugging Face model config; star-export needs a LLaVA-1.5 model "
+            "('llava')"
+        )
     if data["model_type"] != "llava":
-        raise UnknownModelError(f"{path}: model_type {data['model_type']!r}; star-export supports LLaVA-1.5 models ('llava')")
+        raise UnknownModelError(
+            f"{path}: model_type {data['model_type']!r}; star-export supports LLaVA-1.5 models ('llava')"
+        )
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True)
         ModelSpec.from_hf(config)  # every number a plan needs is there
     except UserError:
         raise
-    except Exception as e:  # transformers validates configs with exception types of its own; any failure here is the file's
-        raise ModelLoadError(f"{file} is not a usable LLaVA config ({type(e).__name__}: {e}): re-copy the model directory") from e
+    except (
+        Exception
+    ) as e:  # transformers validates configs with exception types of its own; any failure here is the file's
+        raise ModelLoadError(
+            f"{file} is not a usable LLaVA config ({type(e).__name__}: {e}): re-copy the model directory"
+        ) from e
     return config
 
 
@@ -387,7 +414,11 @@ def load_from_directory(path: str | Path, *, source: dict | None = None, hf_id: 
         # The checkpoint's own dtype: safetensors stay memory-mapped (a 14 GB float16 checkpoint opens in 0.4 GiB);
         # export casts tensor by tensor, the reference makes its own copies.
         model, info = LlavaForConditionalGeneration.from_pretrained(
-            path, local_files_only=True, use_safetensors=True, attn_implementation="eager", dtype=checkpoint_dtype(config),
+            path,
+            local_files_only=True,
+            use_safetensors=True,
+            attn_implementation="eager",
+            dtype=checkpoint_dtype(config),
             output_loading_info=True,
         )
     except (SafetensorError, OSError, ValueError, RuntimeError, KeyError) as e:
@@ -435,7 +466,8 @@ def require_weights(name: str) -> None:
 
 
 def load_model(name: str) -> LoadedModel:
-    """`name`: a recipe alias (`tiny-llava`, `llava-1.5-7b`, ...), a local HF directory, or an HF id in the local cache."""
+    """`name`: a recipe alias (`tiny-llava`, `llava-1.5-7b`, ...), a local HF directory, or an HF id in the local
+    cache."""
     recipe, directory, hf_id = _resolve(name)
     if recipe is None:
         source = {"kind": "hf-cache", "name": name, "revision": directory.name} if hf_id else None
@@ -443,12 +475,20 @@ def load_model(name: str) -> LoadedModel:
     if recipe.builder == "random":
         model, processor = build_random_llava(recipe.spec, seed=recipe.seed)
         spec = ModelSpec.from_hf(model.config)
-        source = {"kind": "alias", "name": name, "seed": recipe.seed, "random_weights": True, "fingerprint": fingerprint_weights(model)}
+        source = {
+            "kind": "alias",
+            "name": name,
+            "seed": recipe.seed,
+            "random_weights": True,
+            "fingerprint": fingerprint_weights(model),
+        }
         return LoadedModel(model, processor, spec, recipe.defaults, source)
     snap = _from_hf_cache(recipe.hf_id)
     if snap is None:
         raise _missing_weights(f"{name} ({recipe.hf_id}) is not in the local Hugging Face cache", recipe.hf_id)
-    loaded = load_from_directory(snap, source={"kind": "alias", "name": name, "hf_id": recipe.hf_id, "revision": snap.name}, hf_id=recipe.hf_id)
+    loaded = load_from_directory(
+        snap, source={"kind": "alias", "name": name, "hf_id": recipe.hf_id, "revision": snap.name}, hf_id=recipe.hf_id
+    )
     loaded.defaults = recipe.defaults
     return loaded
 
@@ -459,9 +499,13 @@ def _looks_like_path(name: str) -> bool:
 
 def _unknown(name: str) -> ModelLoadError:
     if Path(name).exists():
-        return UnknownModelError(f"--model {name!r} is a file, not a model directory: pass a local Hugging Face directory or an alias")
+        return UnknownModelError(
+            f"--model {name!r} is a file, not a model directory: pass a local Hugging Face directory or an alias"
+        )
     if _looks_like_path(name):
-        return UnknownModelError(f"model directory {name!r} does not exist: pass an existing local Hugging Face directory")
+        return UnknownModelError(
+            f"model directory {name!r} does not exist: pass an existing local Hugging Face directory"
+        )
     return UnknownModelError(
         f"unknown model {name!r}: known aliases are {', '.join(known_aliases())}; "
         "or pass a local Hugging Face directory, or a model id already in the local HF cache"

@@ -12,22 +12,44 @@ from .models import build_random_llava
 
 # Unlike tiny-llava in every dimension: widths, depths, heads, grouped-query attention.
 OTHER_SPEC = ModelSpec(
-    vision_layers=4, vision_hidden=96, vision_heads=6, vision_intermediate=192,
-    image_size=336, patch_size=14, vision_feature_layer=-2, vision_feature_select_strategy="default",
-    text_layers=6, hidden_size=96, intermediate_size=256, num_attention_heads=6, num_key_value_heads=3,
+    vision_layers=4,
+    vision_hidden=96,
+    vision_heads=6,
+    vision_intermediate=192,
+    image_size=336,
+    patch_size=14,
+    vision_feature_layer=-2,
+    vision_feature_select_strategy="default",
+    text_layers=6,
+    hidden_size=96,
+    intermediate_size=256,
+    num_attention_heads=6,
+    num_key_value_heads=3,
 )
+
 
 # Real LLaVA-1.5-7B widths (CLIP-L/14-336, Vicuna-7B), reduced depth.
 def real_width_spec(vision_layers: int = 3, text_layers: int = 4) -> ModelSpec:
     return ModelSpec(
-        vision_layers=vision_layers, vision_hidden=1024, vision_heads=16, vision_intermediate=4096,
-        image_size=336, patch_size=14, vision_feature_layer=-2, vision_feature_select_strategy="default",
-        text_layers=text_layers, hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
+        vision_layers=vision_layers,
+        vision_hidden=1024,
+        vision_heads=16,
+        vision_intermediate=4096,
+        image_size=336,
+        patch_size=14,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        text_layers=text_layers,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_attention_heads=32,
+        num_key_value_heads=32,
     )
 
 
 def save_random_llava(spec: ModelSpec, directory: str | Path, *, seed: int = 0, **init) -> Path:
-    """Save a random model + processor as a local Hugging Face directory (safetensors). `init`: see build_random_llava."""
+    """Save a random model + processor as a local Hugging Face directory (safetensors). `init`: see
+    build_random_llava."""
     directory = Path(directory)
     model, processor = build_random_llava(spec, seed=seed, **init)
     model.save_pretrained(directory, safe_serialization=True)
@@ -54,9 +76,13 @@ class SweepCase:
     @property
     def name(self) -> str:
         s = self.spec
-        attn = "mha" if s.num_key_value_heads == s.num_attention_heads else "mqa" if s.num_key_value_heads == 1 else "gqa"
-        return (f"d{s.hidden_size}x{s.text_layers}-{attn}-std{self.text_init_std:g}-qk{self.qk_scale:g}/{self.text_qk_scale:g}"
-                f"-f{s.vision_feature_layer}-{self.dtype}-keep{self.keep}")
+        attn = (
+            "mha" if s.num_key_value_heads == s.num_attention_heads else "mqa" if s.num_key_value_heads == 1 else "gqa"
+        )
+        return (
+            f"d{s.hidden_size}x{s.text_layers}-{attn}-std{self.text_init_std:g}"
+            f"-qk{self.qk_scale:g}/{self.text_qk_scale:g}-f{s.vision_feature_layer}-{self.dtype}-keep{self.keep}"
+        )
 
 
 # (text width, heads, vision width, vision heads): tiny to mid; real 7B widths come from real_width_spec.
@@ -90,11 +116,31 @@ def validation_sweep(n: int = 24, seed: int = 0) -> list[SweepCase]:
         width, heads, vwidth, vheads = a["width"]
         kv = {"mha": heads, "gqa": heads // 2, "mqa": 1}[a["kv"]]
         spec = ModelSpec(
-            vision_layers=3, vision_hidden=vwidth, vision_heads=vheads, vision_intermediate=2 * vwidth,
-            image_size=336, patch_size=14, vision_feature_layer=a["feature_layer"], vision_feature_select_strategy="default",
-            text_layers=a["depth"], hidden_size=width, intermediate_size=width * 11 // 4, num_attention_heads=heads, num_key_value_heads=kv,
+            vision_layers=3,
+            vision_hidden=vwidth,
+            vision_heads=vheads,
+            vision_intermediate=2 * vwidth,
+            image_size=336,
+            patch_size=14,
+            vision_feature_layer=a["feature_layer"],
+            vision_feature_select_strategy="default",
+            text_layers=a["depth"],
+            hidden_size=width,
+            intermediate_size=width * 11 // 4,
+            num_attention_heads=heads,
+            num_key_value_heads=kv,
         )
-        cases.append(SweepCase(spec=spec, seed=100 + i, text_init_std=a["std"], qk_scale=a["clip_qk"], text_qk_scale=a["text_qk"], dtype=a["dtype"], keep=a["keep"]))
+        cases.append(
+            SweepCase(
+                spec=spec,
+                seed=100 + i,
+                text_init_std=a["std"],
+                qk_scale=a["clip_qk"],
+                text_qk_scale=a["text_qk"],
+                dtype=a["dtype"],
+                keep=a["keep"],
+            )
+        )
     return cases
 
 

@@ -1,5 +1,6 @@
-"""The package's imports point one way: config / manifest <- graphs <- export, runtime <- validate <- build <- serve <-
-cli, with no cycle, and no import of a package module inside a function except where laziness is the point."""
+"""The package's structure: imports point one way (config / manifest <- graphs <- export, runtime <- validate <-
+build <- serve <- cli) with no cycle, no import of a package module inside a function except where laziness is the
+point, and no line over 120 characters."""
 
 from __future__ import annotations
 
@@ -132,3 +133,9 @@ def test_the_checker_sees_a_cycle_and_a_wrong_direction():
     edges, _ = graph()
     assert "star_export.runtime.engine" in edges["star_export.validate.run"]  # a real edge, seen
     assert LAYERS[part("star_export.validate.run")] > LAYERS[part("star_export.runtime.engine")]
+
+
+def test_no_line_of_the_package_is_over_120_characters():
+    long = [f"{p.relative_to(PACKAGE.parent)}:{n}" for p in PACKAGE.rglob("*.py")
+            for n, line in enumerate(p.read_text().splitlines(), 1) if len(line) > 120]
+    assert long == []

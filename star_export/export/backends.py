@@ -42,7 +42,9 @@ def build_onnx(loaded, schedule, out_dir, *, dtype, progress=None, weights=Weigh
         progress("check TensorRT parser rules")
     quantized = frozenset({"MatMulNBits"}) if weights.quantized else frozenset()
     for g in graphs.values():
-        assert_tensorrt_rules(g.path, graph_name=g.name, allow_ops=quantized if g.name in QUANTIZED_GRAPHS else frozenset())
+        assert_tensorrt_rules(
+            g.path, graph_name=g.name, allow_ops=quantized if g.name in QUANTIZED_GRAPHS else frozenset()
+        )
     return graphs
 
 

@@ -68,7 +68,9 @@ def attention_blocks(graph, path: Path) -> tuple[list[tuple[dict[str, str], int,
             if is_weight_matmul(node):
                 return node.output[0]
             queue.extend(node.input)
-        raise DecodeGraphError(f"{path.name}: no weight matmul upstream of {tensor}: not a segment graph of this release")
+        raise DecodeGraphError(
+            f"{path.name}: no weight matmul upstream of {tensor}: not a segment graph of this release"
+        )
 
     def downstream(tensor, found):  # breadth first from `tensor` to the first (node, input) with found(node, input)
         queue, seen = [tensor], set()
@@ -80,7 +82,9 @@ def attention_blocks(graph, path: Path) -> tuple[list[tuple[dict[str, str], int,
                 if node.name not in seen:
                     seen.add(node.name)
                     queue.extend(node.output)
-        raise DecodeGraphError(f"{path.name}: nothing found downstream of {tensor}: not a segment graph of this release")
+        raise DecodeGraphError(
+            f"{path.name}: nothing found downstream of {tensor}: not a segment graph of this release"
+        )
 
     def first(op_type):
         node = next((n for n in graph.node if n.op_type == op_type), None)
@@ -101,7 +105,11 @@ def attention_blocks(graph, path: Path) -> tuple[list[tuple[dict[str, str], int,
         past_k, past_v = f"past_key_values.{absolute}.key", f"past_key_values.{absolute}.value"
         scores, _ = downstream(past_k, lambda node, _: node.op_type in ("MatMul", "FusedMatMul"))
         transposed = producers.get(scores.input[1])
-        q_rope = scores.input[0] if transposed is not None and past_k in transposed.input or scores.input[1] == past_k else scores.input[1]
+        q_rope = (
+            scores.input[0]
+            if transposed is not None and past_k in transposed.input or scores.input[1] == past_k
+            else scores.input[1]
+        )
         q = projection(q_rope)
         k, v = projection(f"new_key_values.{absolute}.key"), projection(f"new_key_values.{absolute}.value")
         value_mm, _ = downstream(past_v, lambda node, _: node.op_type == "MatMul")
@@ -110,8 +118,15 @@ def attention_blocks(graph, path: Path) -> tuple[list[tuple[dict[str, str], int,
         add = producers[softmax.input[0]]
         bias = next((i for i in add.input if producers.get(i) is not None and producers[i].op_type != "Mul"), None)
         if bias is None:
-            raise DecodeGraphError(f"{path.name}: no attention mask before layer {absolute}'s Softmax: not a segment graph of this release")
-        names = dict(zip(("q", "k", "v", "cos", "sin", "bias", "past_key", "past_value"), (q, k, v, cos, sin, bias, past_k, past_v)))
+            raise DecodeGraphError(
+                f"{path.name}: no attention mask before layer {absolute}'s Softmax: not a segment graph of this release"
+            )
+        names = dict(
+            zip(
+                ("q", "k", "v", "cos", "sin", "bias", "past_key", "past_value"),
+                (q, k, v, cos, sin, bias, past_k, past_v),
+            )
+        )
         blocks.append((names, absolute, out))
     return blocks, inv_freq
 
@@ -166,24 +181,54 @@ def rewrite_segment(path: Path, out: Path, manifest: dict, layers: str = "all") 
             continue
         index, node = next((i, n) for i, n in enumerate(graph.node) if output in n.output)
         graph.node.remove(node)
-        graph.node.insert(index, helper.make_node(
-            "GroupQueryAttention",
-            [names["q"], names["k"], names["v"], names["past_key"], names["past_value"], "gqa_seqlens_k", "gqa_total",
-             "gqa_cos_cache", "gqa_sin_cache", "position_ids", "gqa_bias"],
-            [output, f"present.{absolute}.key", f"present.{absolute}.value"], domain="com.microsoft", name=f"gqa_{absolute}",
-            num_heads=model["num_attention_heads"], kv_num_heads=model["num_key_value_heads"], do_rotary=1))
-        for o in [o for o in graph.output if o.name in (f"new_key_values.{absolute}.key", f"new_key_values.{absolute}.value")]:
+        graph.node.insert(
+            index,
+            helper.make_node(
+                "GroupQueryAttention",
+                [
+                    names["q"],
+                    names["k"],
+                    names["v"],
+                    names["past_key"],
+                    names["past_value"],
+                    "gqa_seqlens_k",
+                    "gqa_total",
+                    "gqa_cos_cache",
+                    "gqa_sin_cache",
+                    "position_ids",
+                    "gqa_bias",
+                ],
+                [output, f"present.{absolute}.key", f"present.{absolute}.value"],
+                domain="com.microsoft",
+                name=f"gqa_{absolute}",
+                num_heads=model["num_attention_heads"],
+                kv_num_heads=model["num_key_value_heads"],
+                do_rotary=1,
+            ),
+        )
+        for o in [
+            o for o in graph.output if o.name in (f"new_key_values.{absolute}.key", f"new_key_values.{absolute}.value")
+        ]:
             graph.output.remove(o)
-        graph.output.extend(helper.make_tensor_value_info(f"present.{absolute}.{kv}", TensorProto.FLOAT, None) for kv in ("key", "value"))
+        graph.output.extend(
+            helper.make_tensor_value_info(f"present.{absolute}.{kv}", TensorProto.FLOAT, None)
+            for kv in ("key", "value")
+        )
         done.append(absolute)
     if layers == "all":
         for o in [o for o in graph.output if o.name.startswith("stage2")]:
             graph.output.remove(o)
     cos_cache, sin_cache = rope_caches(inv_freq, max_positions(manifest))
-    graph.initializer.extend([numpy_helper.from_array(cos_cache, "gqa_cos_cache"), numpy_helper.from_array(sin_cache, "gqa_sin_cache")])
-    graph.input.extend([helper.make_tensor_value_info("gqa_seqlens_k", TensorProto.INT32, ["batch"]),
-                        helper.make_tensor_value_info("gqa_total", TensorProto.INT32, []),
-                        helper.make_tensor_value_info("gqa_bias", TensorProto.FLOAT, ["batch", 1, "q", "total"])])
+    graph.initializer.extend(
+        [numpy_helper.from_array(cos_cache, "gqa_cos_cache"), numpy_helper.from_array(sin_cache, "gqa_sin_cache")]
+    )
+    graph.input.extend(
+        [
+            helper.make_tensor_value_info("gqa_seqlens_k", TensorProto.INT32, ["batch"]),
+            helper.make_tensor_value_info("gqa_total", TensorProto.INT32, []),
+            helper.make_tensor_value_info("gqa_bias", TensorProto.FLOAT, ["batch", 1, "q", "total"]),
+        ]
+    )
     needed, live = {o.name for o in graph.output}, []
     for node in reversed(list(graph.node)):  # dead nodes: the replaced blocks
         if any(o in needed for o in node.output):
@@ -203,7 +248,7 @@ def rewrite_segment(path: Path, out: Path, manifest: dict, layers: str = "all") 
 def ort_fusions(source: Path, target: Path, external_data: str | None = "") -> dict[str, int]:
     """Write graph `source` through onnxscript's `optimize_for_ort` as `target`; returns the ops it introduced,
     counted in the graph written (its own counts include rules a later stage undid: it reported "rotary_embedding: 4"
-    for a graph with no RotaryEmbedding node, onnxscript 0.7.2). `external_data`: the file for the weights ("": 
+    for a graph with no RotaryEmbedding node, onnxscript 0.7.2). `external_data`: the file for the weights ("":
     `{target}.data`); None keeps the weights in the files `source` refers to (`target` beside `source`)."""
     import logging
 
@@ -245,5 +290,11 @@ def write_decode_graphs(directory: Path, manifest: dict) -> dict[str, dict]:
             unfused.unlink(missing_ok=True)
         # ONNX Runtime's contrib ops (GroupQueryAttention, the fused norms): neither TensorRT's parser nor another
         # runtime reads these graphs; the segment graphs stay the portable path
-        written[name] = {"file": target.name, "segment": segment, "provider": "CPUExecutionProvider", "gqa_layers": layers, "fusions": fusions}
+        written[name] = {
+            "file": target.name,
+            "segment": segment,
+            "provider": "CPUExecutionProvider",
+            "gqa_layers": layers,
+            "fusions": fusions,
+        }
     return written

@@ -64,7 +64,13 @@ def _example_and_shapes(name: str, loaded: LoadedModel, schedule: StarSchedule, 
             torch.tensor([2, 5][:B], dtype=torch.int64),
         )
         dims = {0: batch, 1: seq}
-        return args, {"hidden_states": dims, "stage2_scores": dims, "attention_mask": dims, "position_ids": dims, "image_start": {0: batch}}
+        return args, {
+            "hidden_states": dims,
+            "stage2_scores": dims,
+            "attention_mask": dims,
+            "position_ids": dims,
+            "image_start": {0: batch},
+        }
     if name == "segment0":
         layers = schedule.pivot_layer + 1
         args = (
@@ -107,7 +113,9 @@ def weightless(loaded: LoadedModel, dtype: torch.dtype) -> LoadedModel:
     with torch.device("meta"):
         model = cast_module(LlavaForConditionalGeneration(copy.deepcopy(loaded.model.config)), dtype)
     model.set_attn_implementation("eager")
-    return LoadedModel(model.eval().requires_grad_(False), loaded.processor, loaded.spec, loaded.defaults, loaded.source)
+    return LoadedModel(
+        model.eval().requires_grad_(False), loaded.processor, loaded.spec, loaded.defaults, loaded.source
+    )
 
 
 def _lazy_weights(program, real: torch.nn.Module) -> None:
@@ -115,14 +123,23 @@ def _lazy_weights(program, real: torch.nn.Module) -> None:
     import onnx_ir as ir
 
     tensors = dict(real.named_parameters()) | dict(real.named_buffers())
-    declared = {ir.DataType.FLOAT: torch.float32, ir.DataType.FLOAT16: torch.float16, ir.DataType.BFLOAT16: torch.bfloat16, ir.DataType.DOUBLE: torch.float64}
+    declared = {
+        ir.DataType.FLOAT: torch.float32,
+        ir.DataType.FLOAT16: torch.float16,
+        ir.DataType.BFLOAT16: torch.bfloat16,
+        ir.DataType.DOUBLE: torch.float64,
+    }
     for name, value in program.model.graph.initializers.items():
         if name not in tensors:
-            raise ExportError(f"the traced graph has an initializer {name!r} that the model does not: cannot attach weights")
+            raise ExportError(
+                f"the traced graph has an initializer {name!r} that the model does not: cannot attach weights"
+            )
         source = tensors[name]
 
         def load(source=source, name=name, wanted=declared.get(value.dtype)):
-            t = source.detach()  # cast to what the graph declares: `dtype`, or float32 for RoPE's frequencies (cast_module)
+            t = (
+                source.detach()
+            )  # cast to what the graph declares: `dtype`, or float32 for RoPE's frequencies (cast_module)
             t = t.to(wanted, copy=True) if t.is_floating_point() and wanted is not None else t.clone()
             release_pages(source)  # the checkpoint's mapped pages of this tensor: read once, handed back
             return ir.Tensor(t.contiguous().numpy(), name=name)
@@ -139,8 +156,17 @@ def _small_inputs_only(node) -> bool | None:
     return False if large else None
 
 
-def export_graph(module, args, dynamic_shapes, input_names, output_names, path: Path, real: torch.nn.Module | None = None,
-                 dtype: torch.dtype | None = None, weights: WeightScheme = WeightScheme()) -> ExportedGraph:
+def export_graph(
+    module,
+    args,
+    dynamic_shapes,
+    input_names,
+    output_names,
+    path: Path,
+    real: torch.nn.Module | None = None,
+    dtype: torch.dtype | None = None,
+    weights: WeightScheme = WeightScheme(),
+) -> ExportedGraph:
     """Export `module`; with `real`, `module` is a weightless (meta) twin and the weights come from `real`;
     a quantized `weights` scheme turns its Linears into MatMulNBits."""
     import onnx
@@ -163,7 +189,10 @@ def export_graph(module, args, dynamic_shapes, input_names, output_names, path: 
         if real is not None:
             _lazy_weights(program, real)
             if weights.quantized and not quantize_linears(program.model, weights, str(dtype).removeprefix("torch.")):
-                raise ExportError(f"{path.name}: no Linear found to quantize (the exporter's MatMul(x, Transpose(W)) pattern changed?)")
+                raise ExportError(
+                    f"{path.name}: no Linear found to quantize (the exporter's MatMul(x, Transpose(W)) pattern "
+                    "changed?)"
+                )
             # Fold small constants only: the optimizer folds some ops (Transpose) whatever their size, which would hold
             # every transposed weight in memory (measured: 21 GB at 7B); nodes reading a large initializer are kept.
             onnxscript.optimizer.optimize_ir(program.model, should_fold=_small_inputs_only)
@@ -179,8 +208,16 @@ def export_graph(module, args, dynamic_shapes, input_names, output_names, path: 
     return ExportedGraph(path.stem, path, time.perf_counter() - t, size)
 
 
-def export_onnx(loaded: LoadedModel, schedule: StarSchedule, out_dir: str | Path, *, dtype: str = "float32", graphs=None, progress=None,
-                weights: WeightScheme = WeightScheme()) -> dict[str, ExportedGraph]:
+def export_onnx(
+    loaded: LoadedModel,
+    schedule: StarSchedule,
+    out_dir: str | Path,
+    *,
+    dtype: str = "float32",
+    graphs=None,
+    progress=None,
+    weights: WeightScheme = WeightScheme(),
+) -> dict[str, ExportedGraph]:
     """Export the engine's graphs as `<out_dir>/<name>.onnx` (+ `.onnx.data`). Returns name -> ExportedGraph.
     `weights`: a quantized scheme applies to the decoder segments (their Linears and lm_head); vision stays float."""
     out_dir = Path(out_dir)
@@ -196,6 +233,15 @@ def export_onnx(loaded: LoadedModel, schedule: StarSchedule, out_dir: str | Path
         if progress:
             progress(f"export {name}")
         with torch.no_grad():
-            result[name] = export_graph(module.eval(), args, shapes, input_names, output_names, out_dir / f"{name}.onnx", real[name][0], torch_dtype,
-                                          weights if name in QUANTIZED_GRAPHS else WeightScheme())
+            result[name] = export_graph(
+                module.eval(),
+                args,
+                shapes,
+                input_names,
+                output_names,
+                out_dir / f"{name}.onnx",
+                real[name][0],
+                torch_dtype,
+                weights if name in QUANTIZED_GRAPHS else WeightScheme(),
+            )
     return result

@@ -18,22 +18,31 @@ import numpy as np
 
 from ..config import WeightScheme
 
+
 def _quantizer(scheme: WeightScheme):
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, DefaultWeightOnlyQuantizer
 
-    config = DefaultWeightOnlyQuantConfig(block_size=scheme.block_size, is_symmetric=scheme.symmetric, bits=scheme.bits,
-                                          accuracy_level=scheme.accuracy_level or None)
+    config = DefaultWeightOnlyQuantConfig(
+        block_size=scheme.block_size,
+        is_symmetric=scheme.symmetric,
+        bits=scheme.bits,
+        accuracy_level=scheme.accuracy_level or None,
+    )
     return DefaultWeightOnlyQuantizer(config)
 
 
 def quantize_weight(weight_nk: np.ndarray, scheme: WeightScheme) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """A Linear weight `[N, K]` -> (packed `[N, K/block, block*bits/8]` uint8, scales `[N * K/block]` float32,
     zero points or None when symmetric), by ONNX Runtime's block quantizer."""
-    packed, scales, zero_points = _quantizer(scheme).qbits_block_quant(np.ascontiguousarray(weight_nk.T, dtype=np.float32))
+    packed, scales, zero_points = _quantizer(scheme).qbits_block_quant(
+        np.ascontiguousarray(weight_nk.T, dtype=np.float32)
+    )
     return packed, scales.reshape(-1), None if scheme.symmetric else zero_points
 
 
-def engine_packing(weight_nk: np.ndarray, scheme: WeightScheme, activation_dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+def engine_packing(
+    weight_nk: np.ndarray, scheme: WeightScheme, activation_dtype
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """The tensors the engine's MatMulNBits holds for `weight_nk`: packed values, scales in the activation dtype
     (as the engine stores them), zero points or None."""
     packed, scales, zp = quantize_weight(weight_nk, scheme)
@@ -76,23 +85,33 @@ def quantize_linears(model, scheme: WeightScheme, activation_dtype) -> int:
         N, K = (int(d) for d in w.shape)
         blocks = -(-K // scheme.block_size)
         blob = scheme.block_size * scheme.bits // 8
-        parts = [("_Q", ir.DataType.UINT8, (N, blocks, blob), lambda w=w: quantized(w)[0]),
-                 ("_scales", ir.DataType.from_numpy(np_dtype), (N * blocks,), lambda w=w: quantized(w)[1])]
+        parts = [
+            ("_Q", ir.DataType.UINT8, (N, blocks, blob), lambda w=w: quantized(w)[0]),
+            ("_scales", ir.DataType.from_numpy(np_dtype), (N * blocks,), lambda w=w: quantized(w)[1]),
+        ]
         if not scheme.symmetric:
             zp_cols = -(-blocks * scheme.bits // 8)
             parts.append(("_zero_points", ir.DataType.UINT8, (N, zp_cols), lambda w=w: quantized(w)[2]))
         inputs = [node.inputs[0]]
         for suffix, dtype, shape, make in parts:
             name = w.name + suffix
-            tensor = ir.LazyTensor(lambda make=make, name=name: ir.Tensor(make(), name=name), dtype=dtype, shape=ir.Shape(shape), name=name)
+            tensor = ir.LazyTensor(
+                lambda make=make, name=name: ir.Tensor(make(), name=name), dtype=dtype, shape=ir.Shape(shape), name=name
+            )
             value = ir.Value(name=name, shape=ir.Shape(shape), type=ir.TensorType(dtype), const_value=tensor)
             graph.register_initializer(value)
             inputs.append(value)
         attributes = {"K": K, "N": N, "bits": scheme.bits, "block_size": scheme.block_size}
         if scheme.accuracy_level:
             attributes["accuracy_level"] = scheme.accuracy_level
-        new = ir.Node("com.microsoft", "MatMulNBits", inputs, attributes=ir.convenience.convert_attributes(attributes),
-                      num_outputs=1, name=(node.name or w.name) + f"_Q{scheme.bits}")
+        new = ir.Node(
+            "com.microsoft",
+            "MatMulNBits",
+            inputs,
+            attributes=ir.convenience.convert_attributes(attributes),
+            num_outputs=1,
+            name=(node.name or w.name) + f"_Q{scheme.bits}",
+        )
         ir.convenience.replace_nodes_and_values(graph, node, [node], [new], node.outputs, new.outputs)
         count += 1
     if count:

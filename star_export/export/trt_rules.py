@@ -20,7 +20,8 @@ from onnx.external_data_helper import load_external_data_for_tensor, uses_extern
 # inclusive range of opset 9 to opset 24" (https://github.com/onnx/onnx-tensorrt/blob/main/docs/operators.md,
 # the TensorRT 10.15 release). Attention, RMSNormalization, RotaryEmbedding and TensorScatter were added in
 # 10.15 (onnx-tensorrt CHANGELOG): an engine built with an earlier 10.x needs them decomposed.
-SUPPORTED_OPS: frozenset[str] = frozenset("""
+SUPPORTED_OPS: frozenset[str] = frozenset(
+    """
     Abs Acos Acosh Add And ArgMax ArgMin Asin Asinh Atan Atanh Attention AveragePool BatchNormalization
     BlackmanWindow Cast CastLike Ceil Celu Clip Concat Constant ConstantOfShape Conv ConvTranspose Cos Cosh
     CumSum DeformConv DepthToSpace DequantizeLinear Div Dropout Einsum Elu Equal Erf Exp Expand EyeLike
@@ -35,7 +36,8 @@ SUPPORTED_OPS: frozenset[str] = frozenset("""
     Round STFT ScaledTanh Scan Scatter ScatterElements ScatterND Selu Shape Shrink Sigmoid Sign Sin Sinh Size
     Slice Softmax Softplus Softsign SpaceToDepth Split Sqrt Squeeze Sub Sum Tan Tanh TensorScatter
     ThresholdedRelu Tile TopK Transpose Trilu Unsqueeze Upsample Where Xor
-""".split())
+""".split()
+)
 
 MIN_OPSET, MAX_OPSET = 9, 24  # default-domain opsets the TensorRT 10.15 parser accepts (same source)
 TOPK_MAX_K = 3840  # exclusive: TopK's K must be < 3840 (same source)
@@ -139,43 +141,78 @@ class _Checker:
                     fn_scope = _Scope(set(), {}, {})
                     self.check_graph(self.functions[key], fn_scope, f"{where}/{node.domain}.{node.op_type}/")
                 return
-            self.add(where, node, "unsupported-op", f"custom-domain op {node.domain}::{node.op_type} has no "
-                     "TensorRT importer; rewrite it with standard ONNX ops, or ship a TensorRT plugin for it.")
+            self.add(
+                where,
+                node,
+                "unsupported-op",
+                f"custom-domain op {node.domain}::{node.op_type} has no "
+                "TensorRT importer; rewrite it with standard ONNX ops, or ship a TensorRT plugin for it.",
+            )
             return
         if node.op_type not in SUPPORTED_OPS:
-            self.add(where, node, "unsupported-op", f"{node.op_type} is not supported by TensorRT 10's ONNX "
-                     "parser; rewrite it with supported ops (or implement a plugin).")
+            self.add(
+                where,
+                node,
+                "unsupported-op",
+                f"{node.op_type} is not supported by TensorRT 10's ONNX "
+                "parser; rewrite it with supported ops (or implement a plugin).",
+            )
             return
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         if node.op_type == "TopK":
             self.check_topk(node, where, scope, attrs)
         elif node.op_type in AXES_INPUT_OPS and len(node.input) > 1 and node.input[1]:
             if node.input[1] not in scope.consts:
-                self.add(where, node, "axes-not-constant", f"`axes` input {node.input[1]!r} is computed at run "
-                         "time; TensorRT needs it as an initializer or Constant: use static axes in the model "
-                         "(e.g. dim=-1 rather than a tensor-derived dim) or constant-fold the graph.")
+                self.add(
+                    where,
+                    node,
+                    "axes-not-constant",
+                    f"`axes` input {node.input[1]!r} is computed at run "
+                    "time; TensorRT needs it as an initializer or Constant: use static axes in the model "
+                    "(e.g. dim=-1 rather than a tensor-derived dim) or constant-fold the graph.",
+                )
         elif node.op_type in SCATTER_OPS:
             reduction = attrs.get("reduction", b"none")
             reduction = reduction.decode() if isinstance(reduction, bytes) else str(reduction)
             if reduction != "none":
-                self.add(where, node, "scatternd-reduction", f"reduction={reduction!r} is unsupported; use "
-                         "reduction='none' (e.g. index_put without accumulate, or gather-add-scatter).")
+                self.add(
+                    where,
+                    node,
+                    "scatternd-reduction",
+                    f"reduction={reduction!r} is unsupported; use "
+                    "reduction='none' (e.g. index_put without accumulate, or gather-add-scatter).",
+                )
 
     def check_topk(self, node: onnx.NodeProto, where: str, scope: _Scope, attrs: dict[str, object]) -> None:
         k_name = node.input[1] if len(node.input) > 1 else ""
         if k_name and k_name not in scope.consts:
-            self.add(where, node, "topk-dynamic-k", f"K {k_name!r} is computed at run time (graph input or "
-                     "computed tensor); TensorRT needs a build-time constant K (an initializer; TensorRT older "
-                     "than 10 accepts only an initializer, not a Constant node): pass a Python int k (torch.sort "
-                     "exports K from Shape() when any dim is dynamic; use torch.topk(x, k, largest=False) "
-                     "instead), or fold shapes (onnx-graphsurgeon fold_constants / polygraphy).")
+            self.add(
+                where,
+                node,
+                "topk-dynamic-k",
+                f"K {k_name!r} is computed at run time (graph input or "
+                "computed tensor); TensorRT needs a build-time constant K (an initializer; TensorRT older "
+                "than 10 accepts only an initializer, not a Constant node): pass a Python int k (torch.sort "
+                "exports K from Shape() when any dim is dynamic; use torch.topk(x, k, largest=False) "
+                "instead), or fold shapes (onnx-graphsurgeon fold_constants / polygraphy).",
+            )
         k = self.value_of(scope, k_name)
         if k is not None and k.size == 1 and int(k.reshape(-1)[0]) >= TOPK_MAX_K:
-            self.add(where, node, "topk-k-too-large", f"K={int(k.reshape(-1)[0])} but TensorRT's TopK needs "
-                     f"K < {TOPK_MAX_K}; reduce K, or split the selection (e.g. TopK per chunk then merge).")
+            self.add(
+                where,
+                node,
+                "topk-k-too-large",
+                f"K={int(k.reshape(-1)[0])} but TensorRT's TopK needs "
+                f"K < {TOPK_MAX_K}; reduce K, or split the selection (e.g. TopK per chunk then merge).",
+            )
         if attrs.get("sorted", 1) != 1:
-            self.add(where, node, "topk-unsorted", "sorted=0 is unsupported by TensorRT; export with "
-                     "sorted=True (sort the indices afterwards if another order is needed).")
+            self.add(
+                where,
+                node,
+                "topk-unsorted",
+                "sorted=0 is unsupported by TensorRT; export with "
+                "sorted=True (sort the indices afterwards if another order is needed).",
+            )
 
     def check_if_ranks(self, node: onnx.NodeProto, where: str, scope: _Scope) -> None:
         branches = {a.name: a.g for a in node.attribute if a.name in ("then_branch", "else_branch")}
@@ -187,8 +224,13 @@ class _Checker:
         for i, (t, e) in enumerate(zip(then_g.output, else_g.output)):
             rt, re = then_ranks.get(t.name), else_ranks.get(e.name)
             if rt is not None and re is not None and rt != re:
-                self.add(where, node, "if-branch-rank", f"output {i} has rank {rt} in then_branch but {re} in "
-                         "else_branch; TensorRT needs equal ranks: reshape/unsqueeze one branch to match.")
+                self.add(
+                    where,
+                    node,
+                    "if-branch-rank",
+                    f"output {i} has rank {rt} in then_branch but {re} in "
+                    "else_branch; TensorRT needs equal ranks: reshape/unsqueeze one branch to match.",
+                )
 
 
 def _constant_value(node: onnx.NodeProto) -> np.ndarray | None:
@@ -217,9 +259,16 @@ def check_tensorrt_rules(model_or_path: ModelLike) -> list[Violation]:
     checker = _Checker(inferred, base_dir)
     for opset in model.opset_import:
         if opset.domain in DEFAULT_DOMAINS and not MIN_OPSET <= opset.version <= MAX_OPSET:
-            checker.out.append(Violation("<graph>", "", "opset-range", f"default-domain opset {opset.version} "
-                                         f"is outside TensorRT 10's {MIN_OPSET}..{MAX_OPSET}; re-export with an "
-                                         "opset in range (e.g. opset_version=18)."))
+            checker.out.append(
+                Violation(
+                    "<graph>",
+                    "",
+                    "opset-range",
+                    f"default-domain opset {opset.version} "
+                    f"is outside TensorRT 10's {MIN_OPSET}..{MAX_OPSET}; re-export with an "
+                    "opset in range (e.g. opset_version=18).",
+                )
+            )
     checker.check_graph(inferred.graph, _Scope(set(), {}, {}), "")
     return checker.out
 
@@ -227,6 +276,8 @@ def check_tensorrt_rules(model_or_path: ModelLike) -> list[Violation]:
 def assert_tensorrt_rules(model_or_path: ModelLike, graph_name: str = "", allow_ops: frozenset = frozenset()) -> None:
     """Raise TensorRTCompatError listing every violation, one per line, if the model breaks any rule.
     `allow_ops`: custom ops known not to parse and accepted by design (int8 / int4 `MatMulNBits`, ONNX Runtime only)."""
-    violations = [v for v in check_tensorrt_rules(model_or_path) if not (v.rule == "unsupported-op" and v.op_type in allow_ops)]
+    violations = [
+        v for v in check_tensorrt_rules(model_or_path) if not (v.rule == "unsupported-op" and v.op_type in allow_ops)
+    ]
     if violations:
         raise TensorRTCompatError(violations, graph_name)

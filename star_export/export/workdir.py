@@ -50,17 +50,27 @@ def resolve_out(out: str | Path) -> Path:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
-        raise OutDirError(f"--out {text.encode('utf-8', 'surrogateescape')!r} is not a valid UTF-8 path: choose a UTF-8 name") from None
+        raise OutDirError(
+            f"--out {text.encode('utf-8', 'surrogateescape')!r} is not a valid UTF-8 path: choose a UTF-8 name"
+        ) from None
     path = Path(os.path.realpath(text)) if os.path.islink(text) else Path(os.path.abspath(text))
     cwd = Path.cwd()
     if path == cwd or path in cwd.parents:
-        raise OutDirError(f"--out {text!r} is the current directory (or holds it): give the engine a directory of its own, e.g. --out ./engine")
+        raise OutDirError(
+            f"--out {text!r} is the current directory (or holds it): give the engine a directory of its own, e.g. "
+            "--out ./engine"
+        )
     for part in path.parts[1:]:
         if len(part.encode()) > NAME_MAX:
-            raise OutDirError(f"--out {text!r} has a path component of {len(part.encode())} bytes, over the file system's {NAME_MAX}: use shorter names")
+            raise OutDirError(
+                f"--out {text!r} has a path component of {len(part.encode())} bytes, over the file system's "
+                f"{NAME_MAX}: use shorter names"
+            )
     if len(path.name.encode()) + SUFFIX > NAME_MAX:
-        raise OutDirError(f"--out's name {path.name[:40]!r}... is {len(path.name.encode())} bytes; the build directory beside it needs at most "
-                          f"{NAME_MAX - SUFFIX}: use a shorter name")
+        raise OutDirError(
+            f"--out's name {path.name[:40]!r}... is {len(path.name.encode())} bytes; the build directory beside it "
+            f"needs at most {NAME_MAX - SUFFIX}: use a shorter name"
+        )
     return path
 
 
@@ -73,14 +83,19 @@ def out_lock(out: Path):
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
-            raise OutDirError(f"--out {str(out)!r} is not writable (its lock {path.name!r}: {e.strerror}): choose a directory you can write to") from None
+            raise OutDirError(
+                f"--out {str(out)!r} is not writable (its lock {path.name!r}: {e.strerror}): choose a directory you "
+                "can write to"
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 64, 0).decode(errors="replace").strip()
             os.close(fd)
-            raise OutDirError(f"another star-export is writing --out {str(out)!r}{f' (process {holder})' if holder else ''}: wait for it to "
-                              "finish, or choose another --out") from None
+            raise OutDirError(
+                f"another star-export is writing --out {str(out)!r}{f' (process {holder})' if holder else ''}: wait "
+                "for it to finish, or choose another --out"
+            ) from None
         try:
             same = os.fstat(fd).st_ino == os.stat(path).st_ino
         except FileNotFoundError:
@@ -111,8 +126,10 @@ def check_disk(out: Path, need: int) -> None:
     """Refuse up front when the file system of --out has less free space than the engine needs."""
     free = shutil.disk_usage(out.parent).free
     if free < need:
-        raise OutDirError(f"no space left for the engine on {str(out.parent)!r}: its weights alone take about {size_text(need)}, "
-                          f"{size_text(free)} is free: free some space, or choose another --out")
+        raise OutDirError(
+            f"no space left for the engine on {str(out.parent)!r}: its weights alone take about {size_text(need)}, "
+            f"{size_text(free)} is free: free some space, or choose another --out"
+        )
 
 
 FULL_BELOW = 1 << 20  # free bytes under which a failed write is taken for a full file system
@@ -140,7 +157,9 @@ def check_out_dir(out: Path, force: bool) -> None:
         raise OutDirError(f"--out {str(out)!r} exists and is not a directory: choose another path")
     if out.is_dir() and any(out.iterdir()):
         if not force:
-            raise OutDirError(f"--out {str(out)!r} exists and is not empty: pass --force to replace it, or choose another path")
+            raise OutDirError(
+                f"--out {str(out)!r} exists and is not empty: pass --force to replace it, or choose another path"
+            )
         if not (out / MANIFEST).is_file():
             raise OutDirError(
                 f"--out {str(out)!r} is not an engine directory (no {MANIFEST}) and not empty: --force only replaces "
@@ -172,7 +191,11 @@ def _owner(directory: Path) -> int | None:
         marker = json.loads((directory / BUILD_MARKER).read_text())
     except (OSError, ValueError):
         return None
-    if not isinstance(marker, dict) or marker.get("host") != socket.gethostname() or not isinstance(marker.get("pid"), int):
+    if (
+        not isinstance(marker, dict)
+        or marker.get("host") != socket.gethostname()
+        or not isinstance(marker.get("pid"), int)
+    ):
         return None
     return marker["pid"]
 
@@ -201,11 +224,15 @@ def make_build_dir(out: Path) -> Path:
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.resolve().parent))
     except OSError as e:  # e.g. a read-only or virtual file system, where os.access says yes to root
-        raise OutDirError(f"--out {str(out)!r} is not writable ({e.strerror}): choose a directory you can write to") from e
+        raise OutDirError(
+            f"--out {str(out)!r} is not writable ({e.strerror}): choose a directory you can write to"
+        ) from e
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the engine gets the usual directory mode
-    (tmp / BUILD_MARKER).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}))
+    (tmp / BUILD_MARKER).write_text(
+        json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()})
+    )
     return tmp
 
 

@@ -49,15 +49,27 @@ class Progress:
             print(f"[{self.step}/{self.total}] {name} done in {self.timings[name]:.1f} s", file=self.stream, flush=True)
 
 
-def write_engine(loaded, schedule: StarSchedule, directory: Path, *, dtype: str, backend: str, limits: dict, progress: Progress | None = None,
-                 weights: WeightScheme = WeightScheme(), decode_graphs: bool = False) -> dict:
+def write_engine(
+    loaded,
+    schedule: StarSchedule,
+    directory: Path,
+    *,
+    dtype: str,
+    backend: str,
+    limits: dict,
+    progress: Progress | None = None,
+    weights: WeightScheme = WeightScheme(),
+    decode_graphs: bool = False,
+) -> dict:
     """Write the engine's graphs, processor, embeddings and manifest into `directory` (no checks). Returns the manifest.
     `decode_graphs`: also ONNX Runtime's decode graphs (export/decode_graphs.py); where a segment's attention blocks
     are not found, the engine is written without them, with a warning."""
     progress = progress or Progress(3 + decode_graphs, enabled=False)
     scheme = "" if not weights.quantized else f", {weights.kind} weights (block {weights.block_size})"
     with progress.stage(f"trace + export {backend} ({dtype}{scheme})"):
-        graphs = backend_from_name(backend).build(loaded, schedule, directory, dtype=dtype, progress=progress.note, weights=weights)
+        graphs = backend_from_name(backend).build(
+            loaded, schedule, directory, dtype=dtype, progress=progress.note, weights=weights
+        )
         for g in graphs.values():
             progress.note(f"{g.name}: {g.seconds:.1f} s, {g.bytes / 2**20:.1f} MiB")
     with progress.stage("write tokenizer, processor, embeddings"):
@@ -69,7 +81,8 @@ def write_engine(loaded, schedule: StarSchedule, directory: Path, *, dtype: str,
             "backend": backend,
             "dtype": dtype,
             "weights": weights.asdict(),
-            # MatMulNBits is ONNX Runtime's: quantized decoder segments do not parse in TensorRT (every other rule holds)
+            # MatMulNBits is ONNX Runtime's: quantized decoder segments do not parse in TensorRT (every other rule
+            # holds)
             "tensorrt_parsable": not weights.quantized,
             "opset": OPSET,
             "model": {k: v for k, v in asdict(loaded.spec).items() if k not in ("num_patches", "num_vision_tokens")},
@@ -92,7 +105,9 @@ def decode_graph_entries(directory: Path, body: dict, progress: Progress) -> dic
     try:
         written = write_decode_graphs(directory, body)
     except DecodeGraphError as e:
-        print(f"warning: no ONNX Runtime decode graphs ({e}); the engine decodes with its segment graphs", file=sys.stderr)
+        print(
+            f"warning: no ONNX Runtime decode graphs ({e}); the engine decodes with its segment graphs", file=sys.stderr
+        )
         return {}
     for name, entry in written.items():
         progress.note(f"{name}: GroupQueryAttention in layers {entry['gqa_layers']}, fusions {entry['fusions']}")
@@ -100,13 +115,16 @@ def decode_graph_entries(directory: Path, body: dict, progress: Progress) -> dic
 
 
 def wants_decode_graphs(option: str, dtype: str, weights: WeightScheme, backend: str) -> bool:
-    """`--decode-graphs auto`: for quantized engines (whose decode step the weight reads bound, docs/performance.md), which
+    """`--decode-graphs auto`: for quantized engines (whose decode step the weight reads bound, docs/performance.md),
+    which
     already need ONNX Runtime (MatMulNBits); `on`: for any float32 onnx engine; `off`: never."""
     if option not in DECODE_GRAPH_OPTIONS:
         raise LimitError(f"--decode-graphs {option!r}: allowed {', '.join(DECODE_GRAPH_OPTIONS)}")
     if option == "on" and (dtype != "float32" or backend != "onnx"):
-        raise LimitError(f"--decode-graphs on: needs --dtype float32 --backend onnx (got --dtype {dtype} --backend {backend}); "
-                         "ONNX Runtime's CPU GroupQueryAttention is verified in float32 only")
+        raise LimitError(
+            f"--decode-graphs on: needs --dtype float32 --backend onnx (got --dtype {dtype} --backend {backend}); "
+            "ONNX Runtime's CPU GroupQueryAttention is verified in float32 only"
+        )
     return option == "on" or (option == "auto" and weights.quantized and dtype == "float32" and backend == "onnx")
 
 
@@ -114,13 +132,17 @@ DECODE_GRAPH_OPTIONS = ("auto", "on", "off")
 
 
 def check_limits(spec, max_batch_size: int, max_input_len: int, max_new_tokens: int) -> None:
-    for name, value in (("max_batch_size", max_batch_size), ("max_input_len", max_input_len), ("max_new_tokens", max_new_tokens)):
+    for name, value in (
+        ("max_batch_size", max_batch_size),
+        ("max_input_len", max_input_len),
+        ("max_new_tokens", max_new_tokens),
+    ):
         if not isinstance(value, int) or value < 1:
             raise LimitError(f"--{name.replace('_', '-')} {value!r}: allowed a whole number >= 1")
     if max_input_len <= spec.num_vision_tokens:
         raise LimitError(
-            f"--max-input-len {max_input_len} leaves no room for a prompt: the image alone takes {spec.num_vision_tokens} "
-            f"tokens; allowed > {spec.num_vision_tokens} (default 2048)"
+            f"--max-input-len {max_input_len} leaves no room for a prompt: the image alone takes "
+            f"{spec.num_vision_tokens} tokens; allowed > {spec.num_vision_tokens} (default 2048)"
         )
 
 
@@ -132,8 +154,10 @@ def add_decode_graphs(directory: str | Path, progress: Progress | None = None) -
     release cannot find the segments' attention blocks: a warning says so)."""
     manifest = EngineManifest.read(directory, verify=True)
     if manifest.dtype != "float32" or manifest.backend != "onnx":
-        raise LimitError(f"--add-decode-graphs: needs a float32 onnx engine (this one is {manifest.dtype} {manifest.backend}); "
-                         "ONNX Runtime's CPU GroupQueryAttention is verified in float32 only")
+        raise LimitError(
+            f"--add-decode-graphs: needs a float32 onnx engine (this one is {manifest.dtype} {manifest.backend}); "
+            "ONNX Runtime's CPU GroupQueryAttention is verified in float32 only"
+        )
     if manifest.decode_graphs:
         return []
     body = json.loads(json.dumps(dict(manifest.raw)))  # a plain, mutable copy of the JSON as written

@@ -56,18 +56,30 @@ def attend(attn, hidden, cos_sin, bias, past_key, past_value):
     def per_head(scores):  # (B, kv_heads, groups * q, k) -> (B, heads, q, k)
         return scores.reshape(batch, kv_heads * groups, q, scores.shape[-1])
 
-    scores = torch.cat(
-        [per_head(torch.matmul(grouped, past_key.transpose(-1, -2))), per_head(torch.matmul(grouped, key.transpose(-1, -2)))], dim=-1
-    ) * attn.scaling + bias  # (B, heads, q, past + q)
+    scores = (
+        torch.cat(
+            [
+                per_head(torch.matmul(grouped, past_key.transpose(-1, -2))),
+                per_head(torch.matmul(grouped, key.transpose(-1, -2))),
+            ],
+            dim=-1,
+        )
+        * attn.scaling
+        + bias
+    )  # (B, heads, q, past + q)
     # HF's eager softmax is float32 whatever the model's dtype; the float64 reference widens it (reference.py).
     wide = getattr(attn.config, "_attn_implementation", None) == WIDE_ATTENTION
-    probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(query.dtype, torch.float32) if wide else torch.float32).to(query.dtype)
+    probs = torch.softmax(
+        scores, dim=-1, dtype=torch.promote_types(query.dtype, torch.float32) if wide else torch.float32
+    ).to(query.dtype)
     past_len = past_key.shape[2]
 
     def grouped_rows(p):  # (B, heads, q, k) -> (B, kv_heads, groups * q, k)
         return p.reshape(batch, kv_heads, groups * q, p.shape[-1])
 
-    out = torch.matmul(grouped_rows(probs[..., :past_len]), past_value) + torch.matmul(grouped_rows(probs[..., past_len:]), value)
+    out = torch.matmul(grouped_rows(probs[..., :past_len]), past_value) + torch.matmul(
+        grouped_rows(probs[..., past_len:]), value
+    )
     out = out.reshape(batch, kv_heads * groups, q, head_dim).transpose(1, 2).reshape(batch, q, -1)  # (B, q, heads * hd)
     return attn.o_proj(out), probs, key, value
 
@@ -90,7 +102,9 @@ class _Segment(nn.Module):
         cos_sin = self.rotary_emb(hidden, position_ids)  # RoPE at each token's own position id
         scores, new = None, []
         for i, layer in enumerate(self.layers):  # LlamaDecoderLayer, its attention through `attend`
-            attn_out, probs, key, value = attend(layer.self_attn, layer.input_layernorm(hidden), cos_sin, bias, past[2 * i], past[2 * i + 1])
+            attn_out, probs, key, value = attend(
+                layer.self_attn, layer.input_layernorm(hidden), cos_sin, bias, past[2 * i], past[2 * i + 1]
+            )
             hidden = hidden + attn_out
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
             if self.start + i == score_layer:
@@ -107,7 +121,9 @@ class Segment0(_Segment):
         self.pivot_layer = pivot_layer
 
     def forward(self, inputs_embeds, attention_mask, position_ids, suffix_rows, *past_key_values):
-        hidden, scores, new = self._run(inputs_embeds, attention_mask, position_ids, past_key_values, self.pivot_layer, suffix_rows)
+        hidden, scores, new = self._run(
+            inputs_embeds, attention_mask, position_ids, past_key_values, self.pivot_layer, suffix_rows
+        )
         return (hidden, scores, *new)
 
 
@@ -127,9 +143,13 @@ class Pivot(nn.Module):
         """`stage2_indices`: reference only, never exported (the validator forces the engine's selection)."""
         seq_len = hidden_states.shape[1]
         if stage2_indices is None:
-            stage2_indices = keep_topk(self.visual_scores(stage2_scores, image_start), self.keep)  # (B, keep), offsets into the visual span
+            stage2_indices = keep_topk(
+                self.visual_scores(stage2_scores, image_start), self.keep
+            )  # (B, keep), offsets into the visual span
         index = pruned_positions(image_start, stage2_indices, seq_len, self.stage1_keep)  # (B, n')
-        hidden = torch.gather(hidden_states, 1, index.unsqueeze(-1).expand(-1, -1, hidden_states.shape[-1]))  # (B, n', d)
+        hidden = torch.gather(
+            hidden_states, 1, index.unsqueeze(-1).expand(-1, -1, hidden_states.shape[-1])
+        )  # (B, n', d)
         return (
             hidden,
             torch.gather(attention_mask, 1, index),  # (B, n')

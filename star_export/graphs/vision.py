@@ -39,7 +39,9 @@ class VisionStage1(nn.Module):
         for layer in self.layers[:-1]:
             h = layer(h, None)
         last = self.layers[-1]  # CLIPEncoderLayer, written out to keep its attention probabilities
-        attn_out, probs = last.self_attn(hidden_states=last.layer_norm1(h), attention_mask=None)  # probs (B, heads, T, T)
+        attn_out, probs = last.self_attn(
+            hidden_states=last.layer_norm1(h), attention_mask=None
+        )  # probs (B, heads, T, T)
         h = h + attn_out
         h = h + last.mlp(last.layer_norm2(h))
         return h, probs
@@ -49,7 +51,9 @@ class VisionStage1(nn.Module):
         _, probs = self.select_layer(pixel_values)
         return stage1_scores(probs, self.num_prefix)
 
-    def forward(self, pixel_values: torch.Tensor, stage1_indices: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, pixel_values: torch.Tensor, stage1_indices: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """`stage1_indices`: reference only, never exported. The validator forces the engine's selection
         onto the eager reference so that values are compared between the same computations."""
         hidden, probs = self.select_layer(pixel_values)

@@ -33,6 +33,8 @@ def take(state: DecodeState, rows: Sequence[int]) -> DecodeState:
     """Rows `rows` of a state, without the leading slots that are padding in all of them."""
     rows = np.asarray(rows, dtype=np.int64)
     return DecodeState(
-        cache0=kvcache.take(state.cache0, rows), cache1=kvcache.take(state.cache1, rows),
-        next_pos=state.next_pos[rows], logits=state.logits[rows],
+        cache0=kvcache.take(state.cache0, rows),
+        cache1=kvcache.take(state.cache1, rows),
+        next_pos=state.next_pos[rows],
+        logits=state.logits[rows],
     )

@@ -26,15 +26,22 @@ class DecodeGraph(OrtGraph):
         if np.asarray(feed["position_ids"]).shape[1] != 1:
             raise ValueError("a decode graph runs one new token per row")
         if length + 1 > mask.shape[1] - 1:
-            raise ValueError(f"no free slot for the new key and value ({length} of {mask.shape[1] - 1} filled): make room first")
+            raise ValueError(
+                f"no free slot for the new key and value ({length} of {mask.shape[1] - 1} filled): make room first"
+            )
         own = np.concatenate([mask[:, :length], mask[:, -1:]], 1)
-        return super().run(feed | {
-            "gqa_seqlens_k": np.full(len(mask), length, np.int32), "gqa_total": np.array(length + 1, np.int32),
-            "gqa_bias": np.where(own > 0, 0, np.finfo(np.float32).min).astype(np.float32)[:, None, None, :]})
+        return super().run(
+            feed
+            | {
+                "gqa_seqlens_k": np.full(len(mask), length, np.int32),
+                "gqa_total": np.array(length + 1, np.int32),
+                "gqa_bias": np.where(own > 0, 0, np.finfo(np.float32).min).astype(np.float32)[:, None, None, :],
+            }
+        )
 
     def _bind_output(self, binding, name: str, feed: dict[str, Any]) -> None:
         if name.startswith("present."):  # the buffer fed as past: GQA writes the new slot into it
-            buffer = feed[PAST + name[len("present."):]]
+            buffer = feed[PAST + name[len("present.") :]]
             binding.bind_output(name, "cpu", 0, buffer.dtype, buffer.shape, buffer.ctypes.data)
         else:
             super()._bind_output(binding, name, feed)
@@ -59,7 +66,13 @@ class AsSegment:
                 caches[name] = np.zeros((*value.shape[:2], length + 1, value.shape[3]), value.dtype)
                 caches[name][:, :, :length] = value[:, :, :length]
         mask = np.concatenate([mask[:, :length], np.zeros((len(mask), 1), mask.dtype), mask[:, -1:]], 1)
-        out = {k: self.to_numpy(v) for k, v in self.graph.run(feed | caches | {"attention_mask": mask, CACHE_LENGTH: length}).items()}
-        new = {NEW + k[len("present."):]: caches[PAST + k[len("present."):]][:, :, length : length + 1] for k in out if k.startswith("present.")}
+        out = {
+            k: self.to_numpy(v)
+            for k, v in self.graph.run(feed | caches | {"attention_mask": mask, CACHE_LENGTH: length}).items()
+        }
+        new = {
+            NEW + k[len("present.") :]: caches[PAST + k[len("present.") :]][:, :, length : length + 1]
+            for k in out
+            if k.startswith("present.")
+        }
         return {k: v for k, v in out.items() if not k.startswith("present.")} | new
-

@@ -31,8 +31,10 @@ def load_processor(path: Path, spec: ModelSpec, layout: DecoderLayout):
     except Exception as e:  # tokenizers' and transformers' own exception types: a broken or foreign file
         if user_error_from(e):
             raise
-        raise EngineError(f"the processor in {str(path)!r} could not be loaded ({type(e).__name__}: {str(e)[:300]}): rebuild the engine with "
-                          "star-export --force") from e
+        raise EngineError(
+            f"the processor in {str(path)!r} could not be loaded ({type(e).__name__}: {str(e)[:300]}): rebuild the "
+            "engine with star-export --force"
+        ) from e
     check_processor(processor, spec, layout)
     return processor
 
@@ -47,12 +49,23 @@ def _load_graph(path: Path, providers, lazy: bool = False, graph: type = OrtGrap
     except Exception as e:  # ONNX Runtime's own exception types: the file is not a graph it can run
         if user_error_from(e):
             raise
-        raise EngineError(f"{path} could not be loaded by ONNX Runtime ({type(e).__name__}: {str(e)[:300]}): rebuild the engine with star-export --force") from e
+        raise EngineError(
+            f"{path} could not be loaded by ONNX Runtime ({type(e).__name__}: {str(e)[:300]}): rebuild the engine with "
+            "star-export --force"
+        ) from e
 
 
 class Engine:
-    def __init__(self, directory: str | Path, *, provider: str = "auto", verify: bool = True, allow_fallback: bool = False, lazy: bool = False,
-                 decode_graphs: bool = True):
+    def __init__(
+        self,
+        directory: str | Path,
+        *,
+        provider: str = "auto",
+        verify: bool = True,
+        allow_fallback: bool = False,
+        lazy: bool = False,
+        decode_graphs: bool = True,
+    ):
         """`lazy`: one graph resident at a time (each session created per call: slow, for validating engines that do
         not fit in memory as a whole). `decode_graphs`: decode with the engine's ONNX Runtime decode graphs where it
         has them (export/decode_graphs.py; CPU provider only); False: with the segment graphs."""
@@ -78,7 +91,9 @@ class Engine:
         # engine, or one on another provider, decodes with the segment graphs.
         use = decode_graphs and not lazy and self.providers[0] == "CPUExecutionProvider"
         for name in manifest.decode_graphs if use else ():
-            self.graphs[name] = _load_graph(self.directory / m["graphs"][name]["file"], self.providers, graph=DecodeGraph)
+            self.graphs[name] = _load_graph(
+                self.directory / m["graphs"][name]["file"], self.providers, graph=DecodeGraph
+            )
         self.provider = self.graphs["segment0"].provider
         self.pipeline = StarPipeline(self.graphs, self.embed_tokens, self.schedule, self.layout)
 
@@ -150,15 +165,25 @@ def run_engine(
     sampling = replace(sampling, max_new_tokens=max_new_tokens)
     if info is not None:
         S, source = engine.schedule, engine.manifest.source
-        info.update(visual_tokens=S.num_vision_tokens, stage1_keep=S.stage1_keep, keep=S.keep, model=source.get("name"), random_weights=bool(source.get("random_weights")))
+        info.update(
+            visual_tokens=S.num_vision_tokens,
+            stage1_keep=S.stage1_keep,
+            keep=S.keep,
+            model=source.get("name"),
+            random_weights=bool(source.get("random_weights")),
+        )
     printed, result = "", None
     for _, result in engine.stream(images, prompts, sampling):
         if stream is not None:
             text = engine.decode(result.token_ids[0])
             stream(text[len(printed) :])
             printed = text
-    timings = result.timings | {"provider": engine.provider, "decode_graphs": bool(decode_graph_names(engine.graphs)), "thread_pool": threads.current(),
-                                "cpu_arena": getattr(engine.graphs["segment0"], "cpu_arena", None)}
+    timings = result.timings | {
+        "provider": engine.provider,
+        "decode_graphs": bool(decode_graph_names(engine.graphs)),
+        "thread_pool": threads.current(),
+        "cpu_arena": getattr(engine.graphs["segment0"], "cpu_arena", None),
+    }
     return [
         {
             "text": engine.decode(ids),

@@ -16,12 +16,14 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from ..config import DecoderLayout, StarSchedule  # noqa: F401  (DecoderLayout re-exported)
+from ..config import DecoderLayout, StarSchedule
 from ..errors import UserError
 from ..manifest import decode_graph_names
 from .kvcache import NEW, KVCache
 
-CACHE_LENGTH = "cache_length"  # a feed key, not a graph input: the filled slots of the caches fed (decode graphs read it)
+CACHE_LENGTH = (
+    "cache_length"  # a feed key, not a graph input: the filled slots of the caches fed (decode graphs read it)
+)
 
 
 class InputError(UserError, ValueError):
@@ -142,7 +144,9 @@ class StarPipeline:
         for b, s in enumerate(starts):
             e = s + L.num_vision_tokens
             rows_ids.append(np.concatenate([input_ids[b, :s], np.full(k1, L.image_token_id), input_ids[b, e:]]))
-            rows_mask.append(np.concatenate([attention_mask[b, :s], np.ones(k1, attention_mask.dtype), attention_mask[b, e:]]))
+            rows_mask.append(
+                np.concatenate([attention_mask[b, :s], np.ones(k1, attention_mask.dtype), attention_mask[b, e:]])
+            )
         ids, mask = np.stack(rows_ids), np.stack(rows_mask).astype(np.int64)
         embeds = self.embed_tokens[ids].astype(self.np_dtype)  # (B, n, d)
         for b, s in enumerate(starts):
@@ -151,7 +155,12 @@ class StarPipeline:
 
     # ------------------------------------------------------------ the loop
     def prefill(
-        self, pixel_values: np.ndarray, input_ids: np.ndarray, attention_mask: np.ndarray, force: Forcing | None = None, reserve: int = 0
+        self,
+        pixel_values: np.ndarray,
+        input_ids: np.ndarray,
+        attention_mask: np.ndarray,
+        force: Forcing | None = None,
+        reserve: int = 0,
     ) -> tuple[DecodeState, Generation]:
         """Vision, merge, segment 0, pivot, segment 1 over the prompt. Returns the state the decode steps carry
         (with the first logits; its caches have room for `reserve` decode steps) and a `Generation` holding the kept
@@ -159,7 +168,9 @@ class StarPipeline:
         g, L, S = self.graphs, self.layout, self.schedule
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
-        vision = g["vision"].run({"pixel_values": pixel_values.astype(self.np_dtype), "stage1_indices": force and force.stage1_indices})
+        vision = g["vision"].run(
+            {"pixel_values": pixel_values.astype(self.np_dtype), "stage1_indices": force and force.stage1_indices}
+        )
         image_features = g["vision"].to_numpy(vision["image_features"])
         stage1_indices = g["vision"].to_numpy(vision["stage1_indices"])
         timings["vision_s"] = time.perf_counter() - t0
@@ -187,7 +198,11 @@ class StarPipeline:
         )
         mask1 = g["pivot"].to_numpy(pivot["pruned_attention_mask"]).astype(np.int64)
         seg1 = g["segment1"].run(
-            {"hidden_states": pivot["pruned_hidden_states"], "attention_mask": mask1, "position_ids": pivot["pruned_position_ids"]}
+            {
+                "hidden_states": pivot["pruned_hidden_states"],
+                "attention_mask": mask1,
+                "position_ids": pivot["pruned_position_ids"],
+            }
             | self._empty_past(batch, range(S.pivot_layer + 1, L.num_layers))
         )
         state = DecodeState(
@@ -216,17 +231,32 @@ class StarPipeline:
         embeds = self.embed_tokens[np.asarray(tokens)[:, None]].astype(self.np_dtype)  # (B, 1, d)
         ones = np.ones((batch, 1), np.int64)
         c0, c1 = state.cache0, state.cache1
-        in_place = bool(decode_graph_names(g))  # ONNX Runtime decode graphs (runtime/decode.py): they write the new slot themselves
+        in_place = bool(
+            decode_graph_names(g)
+        )  # ONNX Runtime decode graphs (runtime/decode.py): they write the new slot themselves
         if in_place:
             c0.make_room(1)
             c1.make_room(1)
         first, second = (g["decode0"], g["decode1"]) if in_place else (g["segment0"], g["segment1"])
         seg0 = first.run(
-            {"inputs_embeds": embeds, "attention_mask": c0.attention_mask(1), "position_ids": state.next_pos, "suffix_rows": np.zeros((batch, 1), np.int64),
-             CACHE_LENGTH: c0.length} | c0.buffers
+            {
+                "inputs_embeds": embeds,
+                "attention_mask": c0.attention_mask(1),
+                "position_ids": state.next_pos,
+                "suffix_rows": np.zeros((batch, 1), np.int64),
+                CACHE_LENGTH: c0.length,
+            }
+            | c0.buffers
         )
-        seg1 = second.run({"hidden_states": seg0["hidden_states"], "attention_mask": c1.attention_mask(1), "position_ids": state.next_pos, CACHE_LENGTH: c1.length}
-                          | c1.buffers)
+        seg1 = second.run(
+            {
+                "hidden_states": seg0["hidden_states"],
+                "attention_mask": c1.attention_mask(1),
+                "position_ids": state.next_pos,
+                CACHE_LENGTH: c1.length,
+            }
+            | c1.buffers
+        )
         if in_place:
             c0.advance(ones)
             c1.advance(ones)
@@ -241,12 +271,19 @@ class StarPipeline:
         )
 
     def stream(
-        self, pixel_values: np.ndarray, input_ids: np.ndarray, attention_mask: np.ndarray, sampling: Sampling, force: Forcing | None = None
+        self,
+        pixel_values: np.ndarray,
+        input_ids: np.ndarray,
+        attention_mask: np.ndarray,
+        sampling: Sampling,
+        force: Forcing | None = None,
     ) -> Iterator[tuple[np.ndarray, Generation]]:
         """Yields (tokens of this step (B,), the Generation so far) after prefill and after every step.
         `force`: take these kept indices and tokens instead of choosing (reference graphs only)."""
         L = self.layout
-        state, result = self.prefill(pixel_values, input_ids, attention_mask, force, reserve=sampling.max_new_tokens - 1)
+        state, result = self.prefill(
+            pixel_values, input_ids, attention_mask, force, reserve=sampling.max_new_tokens - 1
+        )
         batch = len(state.logits)
         rng = np.random.default_rng(sampling.seed)
         finished = np.zeros(batch, dtype=bool)
@@ -256,7 +293,9 @@ class StarPipeline:
             if force is None:
                 tokens = sample_next(state.logits, sampling, rng)
             else:
-                tokens = np.array([row[step] if step < len(row) else L.pad_token_id for row in force.token_ids], dtype=np.int64)
+                tokens = np.array(
+                    [row[step] if step < len(row) else L.pad_token_id for row in force.token_ids], dtype=np.int64
+                )
             tokens = np.where(finished, L.pad_token_id, tokens)
             for b in np.flatnonzero(~finished):
                 result.token_ids[b].append(int(tokens[b]))
@@ -273,7 +312,9 @@ class StarPipeline:
         result.timings["decode_s"] = decode_s
         result.timings["decode_steps"] = len(result.logits) - 1
 
-    def generate(self, pixel_values, input_ids, attention_mask, sampling: Sampling, force: Forcing | None = None) -> Generation:
+    def generate(
+        self, pixel_values, input_ids, attention_mask, sampling: Sampling, force: Forcing | None = None
+    ) -> Generation:
         result = None
         for _, result in self.stream(pixel_values, input_ids, attention_mask, sampling, force):
             pass

@@ -33,6 +33,8 @@ from .generate import InputError
 MAX_IMAGE_PIXELS = 64_000_000  # 64 megapixels, e.g. 8000 x 8000: far above what the 336-px tower uses
 MAX_RESIZED_PIXELS = MAX_IMAGE_PIXELS  # the processor's resized intermediate: no more than a decoded image may hold
 _ROWS = 256  # rows converted at a time (bounded scratch memory)
+
+
 @dataclass(frozen=True, kw_only=True)
 class ResizeRule:
     """What the model's image processor does to an image's size: the short edge to `shortest_edge` px."""
@@ -60,7 +62,9 @@ class ResizeRule:
 
         width, height = size
         shape_only = np.broadcast_to(np.uint8(0), (1, height, width))  # no memory: only its shape is read
-        h, w = get_resize_output_image_size(shape_only, size=self.shortest_edge, default_to_square=False, input_data_format=ChannelDimension.FIRST)
+        h, w = get_resize_output_image_size(
+            shape_only, size=self.shortest_edge, default_to_square=False, input_data_format=ChannelDimension.FIRST
+        )
         return w, h
 
     def check(self, size: tuple[int, int], name: str) -> None:
@@ -68,9 +72,10 @@ class ResizeRule:
         if w * h > MAX_RESIZED_PIXELS:
             short, long = sorted(size)
             raise InputError(
-                f"{name} is {size[0]} x {size[1]} pixels, an aspect ratio of {long / short:,.0f} : 1: the processor would scale its short "
-                f"edge to {self.shortest_edge} px, {w} x {h} = {w * h:,} pixels (limit {MAX_RESIZED_PIXELS:,}); crop it to a ratio of at most "
-                f"{MAX_RESIZED_PIXELS // self.shortest_edge ** 2} : 1"
+                f"{name} is {size[0]} x {size[1]} pixels, an aspect ratio of {long / short:,.0f} : 1: the processor "
+                "would scale its short "
+                f"edge to {self.shortest_edge} px, {w} x {h} = {w * h:,} pixels (limit {MAX_RESIZED_PIXELS:,}); crop "
+                f"it to a ratio of at most {MAX_RESIZED_PIXELS // self.shortest_edge**2} : 1"
             )
 
     def fit(self, image, name: str = "image"):
@@ -93,7 +98,10 @@ def check_pixels(size: tuple[int, int], name: str = "image") -> None:
     if width < 1 or height < 1:
         raise InputError(f"{name} is empty ({width} x {height} pixels)")
     if width * height > MAX_IMAGE_PIXELS:
-        raise InputError(f"{name} has {width} x {height} = {width * height:,} pixels, over the limit of {MAX_IMAGE_PIXELS:,}: downscale it")
+        raise InputError(
+            f"{name} has {width} x {height} = {width * height:,} pixels, over the limit of {MAX_IMAGE_PIXELS:,}: "
+            "downscale it"
+        )
 
 
 def _gray(mode: str) -> bool:
@@ -182,7 +190,9 @@ def _source(source: str | Path | bytes, name: str):
     if stat.S_ISDIR(st.st_mode):
         raise InputError(f"{name} is a directory: pass the path of an image file (PNG, JPEG, ...)")
     if not stat.S_ISREG(st.st_mode):
-        raise InputError(f"{name} is not a regular file (a pipe, socket or device): save the image to a file and pass its path")
+        raise InputError(
+            f"{name} is not a regular file (a pipe, socket or device): save the image to a file and pass its path"
+        )
     if not os.access(path, os.R_OK):
         raise InputError(f"{name} is not readable (permission denied): pass a file you can read")
     return path
@@ -213,12 +223,25 @@ def read_image(source: str | Path | bytes, *, name: str = "image", rule: ResizeR
         raise InputError(f"{name} declares too many pixels ({e}): limit {MAX_IMAGE_PIXELS:,}; downscale it") from None
     except MemoryError:
         raise InputError(f"{name} could not be decoded in the memory available: downscale it") from None
-    except Exception as e:  # Pillow's decoders raise many types on hostile or broken files (OSError, SyntaxError, struct.error, ...)
-        raise InputError(f"{name} is not a readable image ({type(e).__name__}: {str(e)[:120]}): pass a PNG, JPEG or another format Pillow reads") from None
+    except (
+        Exception
+    ) as e:  # Pillow's decoders raise many types on hostile or broken files (OSError, SyntaxError, struct.error, ...)
+        raise InputError(
+            f"{name} is not a readable image ({type(e).__name__}: {str(e)[:120]}): pass a PNG, JPEG or another format "
+            "Pillow reads"
+        ) from None
     return rgb
 
 
-_TRANSPOSE = {2: "FLIP_LEFT_RIGHT", 3: "ROTATE_180", 4: "FLIP_TOP_BOTTOM", 5: "TRANSPOSE", 6: "ROTATE_270", 7: "TRANSVERSE", 8: "ROTATE_90"}
+_TRANSPOSE = {
+    2: "FLIP_LEFT_RIGHT",
+    3: "ROTATE_180",
+    4: "FLIP_TOP_BOTTOM",
+    5: "TRANSPOSE",
+    6: "ROTATE_270",
+    7: "TRANSVERSE",
+    8: "ROTATE_90",
+}
 
 
 def to_rgb(im, fit=None, consume: bool = False):
@@ -286,4 +309,6 @@ def rule_from_engine_dir(directory: str | Path) -> ResizeRule | None:
         return None
     if not ip.get("do_resize", True) or not isinstance(edge, int) or edge < 1:
         return None
-    return ResizeRule(shortest_edge=edge, resample=int(ip.get("resample", 3)) if isinstance(ip.get("resample", 3), int) else 3)
+    return ResizeRule(
+        shortest_edge=edge, resample=int(ip.get("resample", 3)) if isinstance(ip.get("resample", 3), int) else 3
+    )

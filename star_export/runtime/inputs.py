@@ -8,7 +8,9 @@ from typing import Any, Sequence
 import numpy as np
 
 from .generate import InputError
-from .images import MAX_IMAGE_PIXELS, ResizeRule, check_pixels, read_image, to_rgb  # noqa: F401 (the package's names for them)
+
+# the package's names for them
+from .images import MAX_IMAGE_PIXELS, ResizeRule, check_pixels, read_image, to_rgb  # noqa: F401
 
 
 def load_image(path: str | Path, rule: ResizeRule | None = None):
@@ -24,7 +26,10 @@ def format_prompt(processor, question: str) -> str:
     check_text(question, "a prompt")
     tags = question.count("<image>")
     if tags > 1:
-        raise InputError(f"a prompt holds {tags} '<image>' tags; LLaVA-1.5 takes one image per prompt: keep at most one '<image>' (or none: the chat template adds it)")
+        raise InputError(
+            f"a prompt holds {tags} '<image>' tags; LLaVA-1.5 takes one image per prompt: keep at most one '<image>' "
+            "(or none: the chat template adds it)"
+        )
     if tags == 1:
         return question
     conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
@@ -65,7 +70,9 @@ def prepare_inputs(processor, images: Sequence[Any], questions: Sequence[str]) -
     """pixel_values (B, 3, H, W) float32, input_ids / attention_mask (B, N) int64, left padded."""
     images = load_requests(images, questions, ResizeRule.from_processor(processor))
     processor.tokenizer.padding_side = "left"
-    batch = processor(images=list(images), text=[format_prompt(processor, q) for q in questions], padding=True, return_tensors="np")
+    batch = processor(
+        images=list(images), text=[format_prompt(processor, q) for q in questions], padding=True, return_tensors="np"
+    )
     return {
         "pixel_values": batch["pixel_values"].astype(np.float32),
         "input_ids": batch["input_ids"].astype(np.int64),
@@ -85,5 +92,7 @@ def synthetic_image(seed: int = 0, size: int = 336):
     for _ in range(4):
         x0, y0 = rng.integers(0, size - 60, 2)
         w, h = rng.integers(30, 120, 2)
-        draw.rectangle([int(x0), int(y0), int(x0 + w), int(y0 + h)], fill=tuple(int(c) for c in rng.integers(0, 255, 3)))
+        draw.rectangle(
+            [int(x0), int(y0), int(x0 + w), int(y0 + h)], fill=tuple(int(c) for c in rng.integers(0, 255, 3))
+        )
     return im

@@ -75,7 +75,9 @@ class KVCache:
         return self.mask.shape[1]
 
     @classmethod
-    def from_prefill(cls, new: dict[str, Any], mask: np.ndarray, reserve: int, dtype, device: str, to_numpy) -> "KVCache":
+    def from_prefill(
+        cls, new: dict[str, Any], mask: np.ndarray, reserve: int, dtype, device: str, to_numpy
+    ) -> "KVCache":
         """The cache after a prefill: the graph's `new_key_values.*` (B, kv_heads, n, head_dim) for the n tokens of
         `mask` (B, n), with room for the next `reserve` tokens (up to `GROWTH` of them; more is made as needed)."""
         batch, n = mask.shape
@@ -83,7 +85,7 @@ class KVCache:
         buffers = {}
         for name, value in new.items():
             shape = tuple(int(d) for d in _shape(value, to_numpy))
-            buffers[PAST + name[len(NEW):]] = zeros((shape[0], shape[1], capacity, shape[3]), dtype, device)
+            buffers[PAST + name[len(NEW) :]] = zeros((shape[0], shape[1], capacity, shape[3]), dtype, device)
         cache = cls(buffers, np.zeros((batch, capacity), np.int64), 0)
         cache.append(new, mask, to_numpy)
         return cache
@@ -98,7 +100,7 @@ class KVCache:
         self.make_room(q)
         end = self.length + q
         for name, value in new.items():
-            buffer = self.buffers[PAST + name[len(NEW):]]
+            buffer = self.buffers[PAST + name[len(NEW) :]]
             buffer[:, :, self.length : end] = _same_kind(value, buffer, to_numpy)
         self.advance(mask)
 
@@ -147,7 +149,9 @@ def concat(caches: Sequence[KVCache]) -> KVCache:
     room = max(c.capacity - c.length for c in caches)
     batch = sum(len(c.mask) for c in caches)
     first = caches[0]
-    buffers = {name: _zeros_like(b, (batch, b.shape[1], length + room, b.shape[3])) for name, b in first.buffers.items()}
+    buffers = {
+        name: _zeros_like(b, (batch, b.shape[1], length + room, b.shape[3])) for name, b in first.buffers.items()
+    }
     mask = np.zeros((batch, length + room), np.int64)
     row = 0
     for c in caches:

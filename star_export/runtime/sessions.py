@@ -48,7 +48,14 @@ def full_float32(device: torch.device):
 class TorchGraph:
     """An exported graph's `nn.Module`, run eagerly: the reference path."""
 
-    def __init__(self, module: torch.nn.Module, input_names: Sequence[str], output_names: Sequence[str], device: str = "cpu", context=None):
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        input_names: Sequence[str],
+        output_names: Sequence[str],
+        device: str = "cpu",
+        context=None,
+    ):
         """`context`: a context-manager factory entered around every use of `module` (the layer-streamed reference
         sets its dtype there)."""
         self.module, self.input_names, self.output_names = module, list(input_names), list(output_names)
@@ -112,20 +119,28 @@ def resolve_providers(name: str, allow_fallback: bool = False) -> list[str]:
 
     available = ort.get_available_providers()
     if name == "auto":
-        wanted = PROVIDER_ALIASES["cuda"] if "CUDAExecutionProvider" in available and torch.cuda.is_available() else ["CPUExecutionProvider"]
+        wanted = (
+            PROVIDER_ALIASES["cuda"]
+            if "CUDAExecutionProvider" in available and torch.cuda.is_available()
+            else ["CPUExecutionProvider"]
+        )
     elif name in PROVIDER_ALIASES:
         wanted = PROVIDER_ALIASES[name]
     else:
         raise ProviderError(f"unknown provider {name!r}: allowed auto, {', '.join(PROVIDER_ALIASES)}")
     missing = [p for p in wanted if p not in available]
     if missing and name != "cpu" and allow_fallback:
-        print(f"warning: provider {name!r} needs {missing[0]}, which this onnxruntime build lacks: running on the CPU (--allow-fallback)", file=sys.stderr)
+        print(
+            f"warning: provider {name!r} needs {missing[0]}, which this onnxruntime build lacks: running on the CPU "
+            "(--allow-fallback)",
+            file=sys.stderr,
+        )
         return PROVIDER_ALIASES["cpu"]
     if missing and name != "cpu":
         raise ProviderError(
             f"provider {name!r} needs {missing[0]}, which this onnxruntime build lacks (it has {available}); "
-            "install onnxruntime-gpu in place of onnxruntime (`pip uninstall -y onnxruntime && pip install onnxruntime-gpu`), "
-            "or pass --allow-fallback to run on the CPU"
+            "install onnxruntime-gpu in place of onnxruntime (`pip uninstall -y onnxruntime && pip install "
+            "onnxruntime-gpu`), or pass --allow-fallback to run on the CPU"
         )
     return wanted
 
@@ -196,15 +211,27 @@ def session_options(threads: int | None = None, transient: bool = False):
     return opts
 
 
-TORCH_TO_NUMPY = {torch.float32: np.float32, torch.float16: np.float16, torch.float64: np.float64, torch.int64: np.int64}
+TORCH_TO_NUMPY = {
+    torch.float32: np.float32,
+    torch.float16: np.float16,
+    torch.float64: np.float64,
+    torch.int64: np.int64,
+}
 ORT_TO_TORCH = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16}
 
 
 def gpu_kv_outputs(outputs) -> dict[str, tuple[torch.dtype, int, int]]:
     """A graph's new key and value outputs (`new_key_values.*`, (B, kv_heads, q, head_dim) with static heads and
     head_dim) that a GPU run writes into torch tensors: name -> (dtype, kv_heads, head_dim)."""
-    return {o.name: (ORT_TO_TORCH[o.type], o.shape[1], o.shape[3]) for o in outputs
-            if o.name.startswith(NEW_KV) and o.type in ORT_TO_TORCH and len(o.shape) == 4 and isinstance(o.shape[1], int) and isinstance(o.shape[3], int)}
+    return {
+        o.name: (ORT_TO_TORCH[o.type], o.shape[1], o.shape[3])
+        for o in outputs
+        if o.name.startswith(NEW_KV)
+        and o.type in ORT_TO_TORCH
+        and len(o.shape) == 4
+        and isinstance(o.shape[1], int)
+        and isinstance(o.shape[3], int)
+    }
 
 
 class OrtGraph:
@@ -212,15 +239,21 @@ class OrtGraph:
     are bound where they lie (numpy arrays without a copy on the CPU, torch tensors on the GPU), so KV cache buffers
     are read in place."""
 
-    def __init__(self, path: str | Path, providers: Sequence[str] = ("CPUExecutionProvider",), threads: int | None = None):
+    def __init__(
+        self, path: str | Path, providers: Sequence[str] = ("CPUExecutionProvider",), threads: int | None = None
+    ):
         import onnxruntime as ort
 
         self._ort = ort
-        self.session = ort.InferenceSession(str(path), sess_options=session_options(threads), providers=with_options(providers))
+        self.session = ort.InferenceSession(
+            str(path), sess_options=session_options(threads), providers=with_options(providers)
+        )
         self.cpu_arena = cpu_arena()  # what session_options just set
         self.provider = self.session.get_providers()[0]
         if self.provider != providers[0]:
-            warnings.warn(f"{Path(path).name}: asked for {providers[0]}, running on {self.provider}", RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                f"{Path(path).name}: asked for {providers[0]}, running on {self.provider}", RuntimeWarning, stacklevel=2
+            )
         self.device = "cuda" if self.provider in ("CUDAExecutionProvider", "TensorrtExecutionProvider") else "cpu"
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
@@ -235,11 +268,20 @@ class OrtGraph:
                 binding.bind_ortvalue_input(name, value)
             elif torch.is_tensor(value):  # a KV buffer on the GPU (kvcache.zeros), read where it lies
                 value = value.contiguous()
-                binding.bind_input(name, value.device.type, value.device.index or 0, TORCH_TO_NUMPY[value.dtype], tuple(value.shape), value.data_ptr())
+                binding.bind_input(
+                    name,
+                    value.device.type,
+                    value.device.index or 0,
+                    TORCH_TO_NUMPY[value.dtype],
+                    tuple(value.shape),
+                    value.data_ptr(),
+                )
                 written_by_torch.add(value.device)
             else:
                 binding.bind_cpu_input(name, np.ascontiguousarray(value))
-        for device in written_by_torch:  # torch wrote these buffers on its own stream; ONNX Runtime reads them on another
+        for (
+            device
+        ) in written_by_torch:  # torch wrote these buffers on its own stream; ONNX Runtime reads them on another
             if device.type == "cuda":
                 torch.cuda.current_stream(device).synchronize()
         in_torch = {}
@@ -263,7 +305,9 @@ class OrtGraph:
         batch, q = (tokens.shape() if callable(tokens.shape) else tokens.shape)[:2]
         shape = (int(batch), heads, int(q), head_dim)
         tensor = torch.empty(shape, dtype=dtype, device=self.device)
-        binding.bind_output(name, tensor.device.type, tensor.device.index or 0, TORCH_TO_NUMPY[dtype], shape, tensor.data_ptr())
+        binding.bind_output(
+            name, tensor.device.type, tensor.device.index or 0, TORCH_TO_NUMPY[dtype], shape, tensor.data_ptr()
+        )
         return tensor
 
     def to_numpy(self, value) -> np.ndarray:
@@ -276,7 +320,12 @@ class OrtGraph:
             return int(np.prod(value.shape(), dtype=np.int64)) * np.dtype(dtype).itemsize
         return TorchGraph.nbytes(value)
 
-    _ort_dtypes = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64, "tensor(double)": np.float64}
+    _ort_dtypes = {
+        "tensor(float)": np.float32,
+        "tensor(float16)": np.float16,
+        "tensor(int64)": np.int64,
+        "tensor(double)": np.float64,
+    }
 
 
 class LazyOrtGraph:
@@ -297,7 +346,8 @@ class LazyOrtGraph:
 
     # Without constant folding. Folding replaces each float16 weight's Cast by a float32 copy while the file's float16
     # tensors are still held: segment 1 of a 7B float16 engine peaked at 19.16 GiB with it and 13.14 GiB without,
-    # created in 33 s instead of 75, with bitwise-equal logits (measured on a 7B float16 engine; tests/test_streaming.py checks the
+    # created in 33 s instead of 75, with bitwise-equal logits (measured on a 7B float16 engine; tests/test_streaming.py
+    # checks the
     # equality on every graph of a float16 engine).
     DISABLED_OPTIMIZERS = ("ConstantFolding",)
 
@@ -305,8 +355,10 @@ class LazyOrtGraph:
         import onnxruntime as ort
 
         return ort.InferenceSession(
-            str(self.path), sess_options=session_options(transient=True), providers=with_options(self.providers),
-            disabled_optimizers=list(self.DISABLED_OPTIMIZERS)
+            str(self.path),
+            sess_options=session_options(transient=True),
+            providers=with_options(self.providers),
+            disabled_optimizers=list(self.DISABLED_OPTIMIZERS),
         )
 
     def run(self, feed: dict[str, Any]) -> dict[str, Any]:

@@ -41,9 +41,13 @@ def thread_pool(threads: int | None = None) -> str:
     one per physical core); a later call cannot change it, and warns when it asks for another."""
     global _mode, _size
     if _mode == "shared" and threads and threads != _size:
-        warnings.warn(f"ONNX Runtime's shared thread pool has {_size or 'its default number of'} threads, fixed by this "
-                      f"process's first session; {threads} asked for later ({THREAD_POOL_ENV}=per-session gives each session its own)",
-                      RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"ONNX Runtime's shared thread pool has {_size or 'its default number of'} threads, fixed by this "
+            f"process's first session; {threads} asked for later ({THREAD_POOL_ENV}=per-session gives each session its "
+            "own)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
     if _mode is None:
         mode = os.environ.get(THREAD_POOL_ENV) or "per-session"
         if mode not in THREAD_POOLS:

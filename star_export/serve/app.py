@@ -41,7 +41,9 @@ class ServeSettings:
     header_timeout: float = 10.0  # seconds for a connection's request headers (serve/connections.py)
     body_timeout: float = 60.0  # seconds for a whole request body; also the longest pause between two of its chunks
     max_connections: int | None = None  # None: what the file-descriptor limit allows
-    max_image_memory: int | None = None  # bytes that large bodies and images being decoded may hold together (MemoryBudget);
+    max_image_memory: int | None = (
+        None  # bytes that large bodies and images being decoded may hold together (MemoryBudget);
+    )
     # None: default_image_memory()
     max_large_uploads: int = 2  # bodies over SMALL_BODY_BYTES read and parsed at once
 
@@ -61,9 +63,14 @@ def max_text_chars(tokenizer, max_input_len: int) -> int:
 def create_app(engine, settings: ServeSettings) -> FastAPI:
     metrics = Metrics()
     scheduler = Scheduler(engine, settings.max_queue, metrics)
-    limits = protocol.ServeLimits(settings.model_name, engine.limits.max_new_tokens, settings.max_image_bytes, settings.allow_remote_images,
-                                  max_input_len=engine.limits.max_input_len,
-                                  max_text_chars=max_text_chars(engine.processor.tokenizer, engine.limits.max_input_len))
+    limits = protocol.ServeLimits(
+        settings.model_name,
+        engine.limits.max_new_tokens,
+        settings.max_image_bytes,
+        settings.allow_remote_images,
+        max_input_len=engine.limits.max_input_len,
+        max_text_chars=max_text_chars(engine.processor.tokenizer, engine.limits.max_input_len),
+    )
     rule = ResizeRule.from_processor(engine.processor)
     image_memory = MemoryBudget(settings.max_image_memory or default_image_memory())
     uploads = asyncio.Semaphore(settings.max_large_uploads)
@@ -76,7 +83,12 @@ def create_app(engine, settings: ServeSettings) -> FastAPI:
         await run_in_threadpool(scheduler.stop)
 
     app = FastAPI(title="star-serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.scheduler, app.state.metrics, app.state.settings, app.state.image_memory = scheduler, metrics, settings, image_memory
+    app.state.scheduler, app.state.metrics, app.state.settings, app.state.image_memory = (
+        scheduler,
+        metrics,
+        settings,
+        image_memory,
+    )
 
     def error_response(e: APIError) -> JSONResponse:
         metrics.requests.labels(str(e.status)).inc()
@@ -100,7 +112,9 @@ def create_app(engine, settings: ServeSettings) -> FastAPI:
         header = request.headers.get("authorization", "")
         given = header[7:] if header[:7].lower() == "bearer " else ""
         if not hmac.compare_digest(given.encode(), settings.api_key.encode()):
-            raise APIError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'.", code="invalid_api_key")
+            raise APIError(
+                401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'.", code="invalid_api_key"
+            )
 
     async def read_body(request: Request) -> bytes:
         """The whole body, within the size limit and `body_timeout` (in total, and between two chunks)."""
@@ -109,8 +123,13 @@ def create_app(engine, settings: ServeSettings) -> FastAPI:
         limit = settings.max_body_bytes
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise APIError(413, f"the request body is {int(declared):,} bytes, over this server's limit of {limit:,} "
-                                "(it follows --max-image-bytes)", code="body_too_large", headers=CLOSE)
+            raise APIError(
+                413,
+                f"the request body is {int(declared):,} bytes, over this server's limit of {limit:,} "
+                "(it follows --max-image-bytes)",
+                code="body_too_large",
+                headers=CLOSE,
+            )
         loop = asyncio.get_running_loop()
         deadline = loop.time() + settings.body_timeout
         chunks, size, pieces = [], 0, request.stream().__aiter__()
@@ -120,14 +139,24 @@ def create_app(engine, settings: ServeSettings) -> FastAPI:
             except StopAsyncIteration:
                 break
             except asyncio.TimeoutError:
-                raise APIError(408, f"the request body did not arrive within {settings.body_timeout:g} s (--body-timeout)",
-                               code="body_timeout", headers=CLOSE) from None
+                raise APIError(
+                    408,
+                    f"the request body did not arrive within {settings.body_timeout:g} s (--body-timeout)",
+                    code="body_timeout",
+                    headers=CLOSE,
+                ) from None
             except ClientDisconnect:
-                raise APIError(499, "the client closed the connection before its request body arrived", code="client_closed") from None
+                raise APIError(
+                    499, "the client closed the connection before its request body arrived", code="client_closed"
+                ) from None
             size += len(piece)
             if size > limit:
-                raise APIError(413, f"the request body is over this server's limit of {limit:,} bytes (it follows --max-image-bytes)",
-                               code="body_too_large", headers=CLOSE)
+                raise APIError(
+                    413,
+                    f"the request body is over this server's limit of {limit:,} bytes (it follows --max-image-bytes)",
+                    code="body_too_large",
+                    headers=CLOSE,
+                )
             chunks.append(piece)
         return b"".join(chunks)
 
@@ -147,10 +176,23 @@ def create_app(engine, settings: ServeSettings) -> FastAPI:
     async def models(request: Request):
         authorize(request)
         m = engine.manifest
-        return {"object": "list", "data": [{
-            "id": settings.model_name, "object": "model", "created": int(engine.directory.stat().st_mtime), "owned_by": "star-export",
-            "star": {"source": m.source_name, "schedule": m.schedule.asdict(), "limits": m.limits.asdict(), "weights": m.weights.asdict()},
-        }]}
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": settings.model_name,
+                    "object": "model",
+                    "created": int(engine.directory.stat().st_mtime),
+                    "owned_by": "star-export",
+                    "star": {
+                        "source": m.source_name,
+                        "schedule": m.schedule.asdict(),
+                        "limits": m.limits.asdict(),
+                        "weights": m.weights.asdict(),
+                    },
+                }
+            ],
+        }
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -160,14 +202,28 @@ def create_app(engine, settings: ServeSettings) -> FastAPI:
         async with _slot(uploads if large else None):
             # A large body's bytes, its JSON text and its decoded image: about 3x its size, held until the image
             # bytes alone remain (their own share comes with the decode's).
-            share = await run_in_threadpool(image_memory.acquire, 3 * int(declared) if large and declared else 3 * settings.max_body_bytes) if large else 0
+            share = (
+                await run_in_threadpool(
+                    image_memory.acquire, 3 * int(declared) if large and declared else 3 * settings.max_body_bytes
+                )
+                if large
+                else 0
+            )
             try:
                 body = await read_body(request)
                 # a large body's JSON is parsed off the event loop (tens of MB take a noticeable fraction of a second)
-                req = await run_in_threadpool(protocol.parse_request, body, limits) if large else protocol.parse_request(body, limits)
+                req = (
+                    await run_in_threadpool(protocol.parse_request, body, limits)
+                    if large
+                    else protocol.parse_request(body, limits)
+                )
                 del body
-                data = await run_in_threadpool(image_source.fetch, req.image_url, max_bytes=settings.max_image_bytes,
-                                               allow_remote=settings.allow_remote_images)
+                data = await run_in_threadpool(
+                    image_source.fetch,
+                    req.image_url,
+                    max_bytes=settings.max_image_bytes,
+                    allow_remote=settings.allow_remote_images,
+                )
                 req = dataclasses.replace(req, image_url="")  # the base64 text is no longer needed
             finally:
                 image_memory.release(share)
@@ -187,13 +243,20 @@ def create_app(engine, settings: ServeSettings) -> FastAPI:
         try:
             scheduler.submit(job)
         except QueueFull:
-            raise APIError(429, f"the server's queue is full ({settings.max_queue} requests waiting, --max-queue): retry shortly",
-                           code="queue_full", headers={"Retry-After": "1"}) from None
+            raise APIError(
+                429,
+                f"the server's queue is full ({settings.max_queue} requests waiting, --max-queue): retry shortly",
+                code="queue_full",
+                headers={"Retry-After": "1"},
+            ) from None
         if not req.stream:
             watcher = asyncio.create_task(_watch_disconnect(request, job, emit))
         if req.stream:
-            return StreamingResponse(_stream(req, job, events, prompt_tokens, settings, metrics), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
+            return StreamingResponse(
+                _stream(req, job, events, prompt_tokens, settings, metrics),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache"},
+            )
         try:
             pieces, done = [], None
             while done is None:
@@ -248,7 +311,12 @@ class MemoryBudget:
         nbytes = min(nbytes, self.limit)
         with self.cv:
             if not self.cv.wait_for(lambda: self.used + nbytes <= self.limit, timeout=SLOT_WAIT_S):
-                raise APIError(429, "the server is holding other large images: retry shortly", code="server_busy", headers={"Retry-After": "1"})
+                raise APIError(
+                    429,
+                    "the server is holding other large images: retry shortly",
+                    code="server_busy",
+                    headers={"Retry-After": "1"},
+                )
             self.used += nbytes
         return nbytes
 
@@ -275,21 +343,33 @@ async def _slot(semaphore: asyncio.Semaphore | None):
     try:
         await asyncio.wait_for(semaphore.acquire(), timeout=SLOT_WAIT_S)
     except asyncio.TimeoutError:
-        raise APIError(429, "the server is receiving other large uploads: retry shortly", code="server_busy", headers={"Retry-After": "1"}) from None
+        raise APIError(
+            429,
+            "the server is receiving other large uploads: retry shortly",
+            code="server_busy",
+            headers={"Retry-After": "1"},
+        ) from None
     try:
         yield
     finally:
         semaphore.release()
 
 
-def _prepare(engine, req: protocol.ChatRequest, data: bytes, rule: ResizeRule | None, image_memory: MemoryBudget) -> dict:
+def _prepare(
+    engine, req: protocol.ChatRequest, data: bytes, rule: ResizeRule | None, image_memory: MemoryBudget
+) -> dict:
     """Image bytes and prompt -> the engine's inputs (in a worker thread: decoding and tokenizing are not free). The
     decode holds its share of the image memory; the processor lock is held only for the (bounded) text and the
     already-resized picture."""
     cost = image_source.decode_cost(data, rule)
     if cost > image_memory.limit:
-        raise APIError(400, f"the image needs about {cost / 2**20:,.0f} MiB to decode, over this server's {image_memory.limit / 2**20:,.0f} MiB "
-                            "for images (--max-image-memory): downscale it", param=image_source.PARAM, code="image_too_large")
+        raise APIError(
+            400,
+            f"the image needs about {cost / 2**20:,.0f} MiB to decode, over this server's "
+            f"{image_memory.limit / 2**20:,.0f} MiB for images (--max-image-memory): downscale it",
+            param=image_source.PARAM,
+            code="image_too_large",
+        )
     with image_memory.hold(cost):
         image = image_source.decode(data, rule)
         try:
@@ -302,7 +382,12 @@ def _prepare(engine, req: protocol.ChatRequest, data: bytes, rule: ResizeRule | 
             user = user_error_from(e)
             if user is None:
                 raise
-            raise APIError(400, str(user), param="messages", code="context_length_exceeded" if "max input length" in str(user) else None) from None
+            raise APIError(
+                400,
+                str(user),
+                param="messages",
+                code="context_length_exceeded" if "max input length" in str(user) else None,
+            ) from None
 
 
 async def _watch_disconnect(request: Request, job: Job, emit) -> None:
@@ -342,7 +427,9 @@ async def _stream(req, job: Job, events: asyncio.Queue, prompt_tokens: int, sett
                 continue
             yield protocol.chunk(req, model, {}, finish_reason=event.finish_reason)
             if req.include_usage:
-                yield protocol.chunk(req, model, None, use=protocol.usage(prompt_tokens, len(event.token_ids), event.star))
+                yield protocol.chunk(
+                    req, model, None, use=protocol.usage(prompt_tokens, len(event.token_ids), event.star)
+                )
             metrics.e2e.observe(time.monotonic() - job.arrived)
             break
         yield protocol.DONE

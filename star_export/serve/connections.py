@@ -22,10 +22,20 @@ FD_RESERVE = 64  # descriptors kept free for the engine's files, the thread pool
 
 
 def _too_many(limit: int) -> bytes:
-    body = json.dumps({"error": {"message": f"the server holds its limit of {limit} connections (--max-connections): retry shortly",
-                                 "type": "rate_limit_error", "param": None, "code": "too_many_connections"}}).encode()
-    head = (f"HTTP/1.1 429 Too Many Requests\r\ncontent-type: application/json\r\nretry-after: 1\r\nconnection: close\r\n"
-            f"content-length: {len(body)}\r\n\r\n").encode()
+    body = json.dumps(
+        {
+            "error": {
+                "message": f"the server holds its limit of {limit} connections (--max-connections): retry shortly",
+                "type": "rate_limit_error",
+                "param": None,
+                "code": "too_many_connections",
+            }
+        }
+    ).encode()
+    head = (
+        f"HTTP/1.1 429 Too Many Requests\r\ncontent-type: application/json\r\nretry-after: 1\r\nconnection: close\r\n"
+        f"content-length: {len(body)}\r\n\r\n"
+    ).encode()
     return head + body
 
 
@@ -55,7 +65,9 @@ class GuardedH11Protocol(H11Protocol):
 
     def _header_timed_out(self) -> None:
         self._header_timer = None
-        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():  # no complete request line and headers
+        if (
+            self.conn.their_state is h11.IDLE and not self.transport.is_closing()
+        ):  # no complete request line and headers
             self.transport.close()
             self.on_refused("header_timeout")
 
@@ -113,7 +125,10 @@ class AcceptErrors:
         if isinstance(exc, OSError) and "accept" in str(context.get("message", "")):
             self.count += 1
             if self.count == 1:
-                log.error("star-serve: cannot accept connections (%s): raise the file-descriptor limit (ulimit -n) or lower "
-                          "--max-connections; further accept failures are counted, not logged", exc.strerror or exc)
+                log.error(
+                    "star-serve: cannot accept connections (%s): raise the file-descriptor limit (ulimit -n) or lower "
+                    "--max-connections; further accept failures are counted, not logged",
+                    exc.strerror or exc,
+                )
             return
         loop.default_exception_handler(context)

@@ -32,52 +32,98 @@ def fetch(url: str, *, max_bytes: int, allow_remote: bool) -> bytes:
         return _data_url(url, max_bytes)
     if scheme in ("http", "https"):
         if not allow_remote:
-            raise APIError(400, "remote image URLs are off on this server: send the image inline as a data URL "
-                                "(data:image/png;base64,...), or start star-serve with --allow-remote-images", param=PARAM, code="remote_image_refused")
+            raise APIError(
+                400,
+                "remote image URLs are off on this server: send the image inline as a data URL "
+                "(data:image/png;base64,...), or start star-serve with --allow-remote-images",
+                param=PARAM,
+                code="remote_image_refused",
+            )
         return _fetch(url, max_bytes)
-    raise APIError(400, f"image_url must be a data: URL (data:image/png;base64,...){' or an http(s) URL' if allow_remote else ''}; "
-                        f"got {'a ' + scheme + ': URL' if scheme else 'a path or an unknown form'} (files on the server are never read)",
-                   param=PARAM, code="invalid_image_url")
+    raise APIError(
+        400,
+        f"image_url must be a data: URL (data:image/png;base64,...){' or an http(s) URL' if allow_remote else ''}; "
+        f"got {'a ' + scheme + ': URL' if scheme else 'a path or an unknown form'} "
+        "(files on the server are never read)",
+        param=PARAM,
+        code="invalid_image_url",
+    )
 
 
 def _data_url(url: str, max_bytes: int) -> bytes:
     m = DATA_URL.match(url)
     if m is None or not m.group("b64"):
-        raise APIError(400, "a data URL must be base64: data:image/<format>;base64,<data>", param=PARAM, code="invalid_image_url")
+        raise APIError(
+            400, "a data URL must be base64: data:image/<format>;base64,<data>", param=PARAM, code="invalid_image_url"
+        )
     mime = (m.group("mime") or "").lower()
     if mime and not mime.startswith("image/"):
-        raise APIError(400, f"the data URL's media type is {mime[:100]!r}: send an image (image/png, image/jpeg, ...)", param=PARAM, code="invalid_image")
-    payload = url[m.end():]
+        raise APIError(
+            400,
+            f"the data URL's media type is {mime[:100]!r}: send an image (image/png, image/jpeg, ...)",
+            param=PARAM,
+            code="invalid_image",
+        )
+    payload = url[m.end() :]
     if len(payload) // 4 * 3 > max_bytes + 3:  # checked before decoding
-        raise APIError(400, f"the image is about {len(payload) // 4 * 3:,} bytes, over this server's limit of {max_bytes:,} "
-                            "(--max-image-bytes): downscale or recompress it", param=PARAM, code="image_too_large")
+        raise APIError(
+            400,
+            f"the image is about {len(payload) // 4 * 3:,} bytes, over this server's limit of {max_bytes:,} "
+            "(--max-image-bytes): downscale or recompress it",
+            param=PARAM,
+            code="image_too_large",
+        )
     try:
         data = base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError) as e:
-        raise APIError(400, f"the data URL's base64 is malformed ({e})", param=PARAM, code="invalid_image_url") from None
+        raise APIError(
+            400, f"the data URL's base64 is malformed ({e})", param=PARAM, code="invalid_image_url"
+        ) from None
     if len(data) > max_bytes:
-        raise APIError(400, f"the image is {len(data):,} bytes, over this server's limit of {max_bytes:,} (--max-image-bytes)", param=PARAM, code="image_too_large")
+        raise APIError(
+            400,
+            f"the image is {len(data):,} bytes, over this server's limit of {max_bytes:,} (--max-image-bytes)",
+            param=PARAM,
+            code="image_too_large",
+        )
     return data
 
 
 class _HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
     def redirect_request(self, req, fp, code, msg, headers, newurl):
         if not newurl.lower().startswith(("http://", "https://")):
-            raise APIError(400, f"the image URL redirects to {newurl.split(':', 1)[0]}: (only http(s) is followed)", param=PARAM, code="invalid_image_url")
+            raise APIError(
+                400,
+                f"the image URL redirects to {newurl.split(':', 1)[0]}: (only http(s) is followed)",
+                param=PARAM,
+                code="invalid_image_url",
+            )
         return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
 def _fetch(url: str, max_bytes: int) -> bytes:
     opener = urllib.request.build_opener(_HttpOnlyRedirects)
     try:
-        with opener.open(urllib.request.Request(url, headers={"User-Agent": "star-serve"}), timeout=REMOTE_TIMEOUT_S) as r:
+        with opener.open(
+            urllib.request.Request(url, headers={"User-Agent": "star-serve"}), timeout=REMOTE_TIMEOUT_S
+        ) as r:
             data = r.read(max_bytes + 1)
     except APIError:
         raise
     except (urllib.error.URLError, OSError, ValueError) as e:
-        raise APIError(400, f"the image URL could not be fetched ({type(e).__name__}: {str(e)[:200]})", param=PARAM, code="image_fetch_failed") from None
+        raise APIError(
+            400,
+            f"the image URL could not be fetched ({type(e).__name__}: {str(e)[:200]})",
+            param=PARAM,
+            code="image_fetch_failed",
+        ) from None
     if len(data) > max_bytes:
-        raise APIError(400, f"the image at the URL is over this server's limit of {max_bytes:,} bytes (--max-image-bytes)", param=PARAM, code="image_too_large")
+        raise APIError(
+            400,
+            f"the image at the URL is over this server's limit of {max_bytes:,} bytes (--max-image-bytes)",
+            param=PARAM,
+            code="image_too_large",
+        )
     return data
 
 

@@ -21,15 +21,39 @@ from ..runtime.generate import Sampling
 class APIError(Exception):
     """An HTTP error with OpenAI's body: {"error": {"message", "type", "param", "code"}}."""
 
-    TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error", 408: "timeout_error",
-             413: "invalid_request_error", 429: "rate_limit_error", 499: "client_closed_request", 500: "server_error", 503: "server_error"}
+    TYPES = {
+        400: "invalid_request_error",
+        401: "invalid_request_error",
+        404: "invalid_request_error",
+        408: "timeout_error",
+        413: "invalid_request_error",
+        429: "rate_limit_error",
+        499: "client_closed_request",
+        500: "server_error",
+        503: "server_error",
+    }
 
-    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None, headers: dict | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers or {}
 
     def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.TYPES.get(self.status, "invalid_request_error"), "param": self.param, "code": self.code}}
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.TYPES.get(self.status, "invalid_request_error"),
+                "param": self.param,
+                "code": self.code,
+            }
+        }
 
 
 # ------------------------------------------------------------------ the request body
@@ -64,7 +88,9 @@ class Message(_Strict):
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)  # include_obfuscation and later additions change nothing here
+    model_config = ConfigDict(
+        extra="ignore", strict=True
+    )  # include_obfuscation and later additions change nothing here
     include_usage: bool = False
 
 
@@ -123,7 +149,13 @@ def _shown(text: str, limit: int = 100) -> str:
 
 def _validation_error(e: ValidationError) -> APIError:
     err = e.errors()[0]
-    loc = _shown(".".join(str(p) for p in err["loc"] if not (isinstance(p, str) and p in ("str", "list[tagged-union[TextPart,ImagePart]]", "function-after"))))
+    loc = _shown(
+        ".".join(
+            str(p)
+            for p in err["loc"]
+            if not (isinstance(p, str) and p in ("str", "list[tagged-union[TextPart,ImagePart]]", "function-after"))
+        )
+    )
     if err["type"] == "extra_forbidden":
         return APIError(400, f"Unrecognized request argument supplied: {loc}", param=loc)
     if err["type"] == "missing":
@@ -167,9 +199,13 @@ def parse_request(raw: bytes, limits: ServeLimits) -> ChatRequest:
     try:
         obj = json.loads(raw)
     except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an integer of over 4,300 digits
-        raise APIError(400, f"The request body is not valid JSON ({_shown(str(e), 200)}).", code="invalid_json") from None
+        raise APIError(
+            400, f"The request body is not valid JSON ({_shown(str(e), 200)}).", code="invalid_json"
+        ) from None
     except RecursionError:
-        raise APIError(400, f"The request body nests too deeply (limit {MAX_JSON_DEPTH} levels).", code="invalid_json") from None
+        raise APIError(
+            400, f"The request body nests too deeply (limit {MAX_JSON_DEPTH} levels).", code="invalid_json"
+        ) from None
     if not isinstance(obj, dict):
         raise APIError(400, f"The request body must be a JSON object, got {type(obj).__name__}.", code="invalid_json")
     _check_json(obj)
@@ -179,18 +215,36 @@ def parse_request(raw: bytes, limits: ServeLimits) -> ChatRequest:
         raise _validation_error(e) from None
     for name, allowed in NEUTRAL.items():
         if getattr(body, name) not in allowed:
-            raise APIError(400, f"'{name}' is not supported by this server (only its default is accepted).", param=name, code="unsupported_parameter")
+            raise APIError(
+                400,
+                f"'{name}' is not supported by this server (only its default is accepted).",
+                param=name,
+                code="unsupported_parameter",
+            )
     if body.model != limits.model_name:
-        raise APIError(404, f"The model '{_shown(body.model)}' does not exist: this server serves '{limits.model_name}' (GET /v1/models).", param="model", code="model_not_found")
+        raise APIError(
+            404,
+            f"The model '{_shown(body.model)}' does not exist: this server serves '{limits.model_name}' (GET "
+            "/v1/models).",
+            param="model",
+            code="model_not_found",
+        )
     if body.n not in (None, 1):
-        raise APIError(400, f"n={body.n}: this server generates one choice per request (n=1).", param="n", code="unsupported_value")
+        raise APIError(
+            400, f"n={body.n}: this server generates one choice per request (n=1).", param="n", code="unsupported_value"
+        )
     if body.stream_options is not None and not body.stream:
         raise APIError(400, "'stream_options' is only allowed with 'stream': true.", param="stream_options")
     conversation, image_url = _conversation(body.messages)
     chars = sum(len(part["text"]) for m in conversation for part in m["content"] if part["type"] == "text")
     if chars > limits.max_text_chars:
-        raise APIError(400, f"the messages hold {chars:,} characters of text, more than this engine's {limits.max_input_len} input tokens "
-                            f"can hold (at most {limits.max_text_chars:,} characters): shorten them", param="messages", code="context_length_exceeded")
+        raise APIError(
+            400,
+            f"the messages hold {chars:,} characters of text, more than this engine's {limits.max_input_len} input "
+            f"tokens can hold (at most {limits.max_text_chars:,} characters): shorten them",
+            param="messages",
+            code="context_length_exceeded",
+        )
     return ChatRequest(
         id=f"chatcmpl-{uuid.uuid4().hex}",
         conversation=conversation,
@@ -209,7 +263,9 @@ def _check_json(obj: Any) -> None:
     while stack:
         value, depth = stack.pop()
         if depth > MAX_JSON_DEPTH:
-            raise APIError(400, f"The request body nests too deeply (limit {MAX_JSON_DEPTH} levels).", code="invalid_json")
+            raise APIError(
+                400, f"The request body nests too deeply (limit {MAX_JSON_DEPTH} levels).", code="invalid_json"
+            )
         if isinstance(value, dict):
             stack.extend((k, depth) for k in value)
             stack.extend((v, depth + 1) for v in value.values())
@@ -219,8 +275,12 @@ def _check_json(obj: Any) -> None:
             try:
                 value.encode("utf-8")
             except UnicodeEncodeError:
-                raise APIError(400, f"The request body holds a lone surrogate (\\u{ord(value[_surrogate(value)]):04x}): strings must be valid "
-                                    "Unicode.", code="invalid_json") from None
+                raise APIError(
+                    400,
+                    f"The request body holds a lone surrogate (\\u{ord(value[_surrogate(value)]):04x}): strings must "
+                    "be valid Unicode.",
+                    code="invalid_json",
+                ) from None
 
 
 def _surrogate(text: str) -> int:
@@ -235,34 +295,63 @@ def _conversation(messages: list[Message]) -> tuple[list[dict], str]:
         parts = [TextPart(type="text", text=m.content)] if isinstance(m.content, str) else m.content
         found = [p.image_url.url for p in parts if isinstance(p, ImagePart)]
         if found and m.role != "user":
-            raise APIError(400, f"messages[{i}] ({m.role}) holds an image: images go in user messages.", param=f"messages.{i}.content")
+            raise APIError(
+                400,
+                f"messages[{i}] ({m.role}) holds an image: images go in user messages.",
+                param=f"messages.{i}.content",
+            )
         images += found
-        content = [{"type": "image"} for _ in found] + [{"type": "text", "text": p.text} for p in parts if isinstance(p, TextPart)]
+        content = [{"type": "image"} for _ in found] + [
+            {"type": "text", "text": p.text} for p in parts if isinstance(p, TextPart)
+        ]
         conversation.append({"role": "system" if m.role == "developer" else m.role, "content": content})
     if len(images) != 1:
-        raise APIError(400, f"the messages hold {len(images)} images: LLaVA-1.5 takes exactly one image per request "
-                            "(one content part of type 'image_url' in a user message).", param="messages", code="invalid_image_count")
+        raise APIError(
+            400,
+            f"the messages hold {len(images)} images: LLaVA-1.5 takes exactly one image per request "
+            "(one content part of type 'image_url' in a user message).",
+            param="messages",
+            code="invalid_image_count",
+        )
     if conversation[-1]["role"] == "assistant":
-        raise APIError(400, "the last message is the assistant's: end with a user message to get an answer.", param="messages")
+        raise APIError(
+            400, "the last message is the assistant's: end with a user message to get an answer.", param="messages"
+        )
     return conversation, images[0]
 
 
 def check_max_tokens(wanted: int, limit: int) -> None:
     """A request's token budget against the engine's (star-serve and the Triton model alike)."""
     if wanted > limit:
-        raise APIError(400, f"max_tokens={wanted} exceeds this engine's limit of {limit} new tokens "
-                            "(rebuild the engine with a larger --max-new-tokens).", param="max_tokens", code="max_tokens_exceeded")
+        raise APIError(
+            400,
+            f"max_tokens={wanted} exceeds this engine's limit of {limit} new tokens "
+            "(rebuild the engine with a larger --max-new-tokens).",
+            param="max_tokens",
+            code="max_tokens_exceeded",
+        )
 
 
 def _sampling(body: ChatCompletionBody, limits: ServeLimits) -> Sampling:
-    if body.max_tokens is not None and body.max_completion_tokens is not None and body.max_tokens != body.max_completion_tokens:
-        raise APIError(400, "'max_tokens' and 'max_completion_tokens' differ: give one of them.", param="max_completion_tokens")
+    if (
+        body.max_tokens is not None
+        and body.max_completion_tokens is not None
+        and body.max_tokens != body.max_completion_tokens
+    ):
+        raise APIError(
+            400, "'max_tokens' and 'max_completion_tokens' differ: give one of them.", param="max_completion_tokens"
+        )
     wanted = body.max_completion_tokens or body.max_tokens
     if wanted is not None:
         check_max_tokens(wanted, limits.max_new_tokens)
     temperature = 1.0 if body.temperature is None else body.temperature  # OpenAI's default
     seed = body.seed if body.seed is not None else int.from_bytes(uuid.uuid4().bytes[:8], "little") >> 1
-    return Sampling(max_new_tokens=wanted or limits.max_new_tokens, temperature=temperature, top_p=1.0 if body.top_p is None else body.top_p, seed=seed)
+    return Sampling(
+        max_new_tokens=wanted or limits.max_new_tokens,
+        temperature=temperature,
+        top_p=1.0 if body.top_p is None else body.top_p,
+        seed=seed,
+    )
 
 
 def _stops(stop) -> tuple[str, ...]:
@@ -279,22 +368,57 @@ def _stops(stop) -> tuple[str, ...]:
 
 def usage(prompt_tokens: int, completion_tokens: int, star: dict) -> dict:
     """OpenAI's usage, plus `star`: visual tokens per stage (576 -> k1 -> keep) and the stage timings."""
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens, "star": star}
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "star": star,
+    }
 
 
 def completion(req: ChatRequest, model: str, text: str, token_ids: list[int], finish_reason: str, use: dict) -> dict:
     return {
-        "id": req.id, "object": "chat.completion", "created": req.created, "model": model, "system_fingerprint": None,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text, "refusal": None}, "logprobs": None,
-                     "finish_reason": finish_reason, "token_ids": token_ids}],
+        "id": req.id,
+        "object": "chat.completion",
+        "created": req.created,
+        "model": model,
+        "system_fingerprint": None,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": text, "refusal": None},
+                "logprobs": None,
+                "finish_reason": finish_reason,
+                "token_ids": token_ids,
+            }
+        ],
         "usage": use,
     }
 
 
-def chunk(req: ChatRequest, model: str, delta: dict | None, finish_reason: str | None = None, token_ids: list[int] | None = None, use: dict | None = None) -> str:
+def chunk(
+    req: ChatRequest,
+    model: str,
+    delta: dict | None,
+    finish_reason: str | None = None,
+    token_ids: list[int] | None = None,
+    use: dict | None = None,
+) -> str:
     """One server-sent event of a `chat.completion.chunk` stream; `delta=None` is the usage chunk (no choices)."""
-    body: dict[str, Any] = {"id": req.id, "object": "chat.completion.chunk", "created": req.created, "model": model, "system_fingerprint": None}
-    body["choices"] = [] if delta is None else [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason, "token_ids": token_ids or []}]
+    body: dict[str, Any] = {
+        "id": req.id,
+        "object": "chat.completion.chunk",
+        "created": req.created,
+        "model": model,
+        "system_fingerprint": None,
+    }
+    body["choices"] = (
+        []
+        if delta is None
+        else [
+            {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason, "token_ids": token_ids or []}
+        ]
+    )
     if req.include_usage:
         body["usage"] = use
     return f"data: {json.dumps(body)}\n\n"

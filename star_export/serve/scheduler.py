@@ -78,7 +78,8 @@ class Scheduler:
         self.engine, self.pipeline, self.metrics = engine, engine.pipeline, metrics or _NoMetrics()
         self.max_batch = engine.limits.max_batch_size
         self.max_queue = max_queue
-        # A copy of its own: a fast tokenizer mutated by a request's encoding (padding settings) while this thread decodes
+        # A copy of its own: a fast tokenizer mutated by a request's encoding (padding settings) while this thread
+        # decodes
         # fails with "Already borrowed".
         self.tokenizer = copy.deepcopy(engine.processor.tokenizer)
         self.eos = engine.layout.eos_token_id
@@ -121,7 +122,9 @@ class Scheduler:
                         self.cv.wait()
                     if self.stopping:
                         break
-                    admitted = [self.waiting.popleft() for _ in range(min(len(self.waiting), self.max_batch - len(self.rows)))]
+                    admitted = [
+                        self.waiting.popleft() for _ in range(min(len(self.waiting), self.max_batch - len(self.rows)))
+                    ]
                     self.metrics.queue_depth.set(len(self.waiting))
                 for job in admitted:
                     self._admit(job)
@@ -131,10 +134,19 @@ class Scheduler:
                     except Exception as e:  # the running rows fail; the server goes on with the next requests
                         rows, self.rows, self.state = self.rows, [], None
                         for job in rows:
-                            job.emit(Event("error", error=APIError(500, f"decoding failed ({type(e).__name__}: {str(e)[:200]})")))
-        except BaseException as e:  # a bug: fail every request in flight rather than leave them waiting (/health turns 503)
+                            job.emit(
+                                Event(
+                                    "error",
+                                    error=APIError(500, f"decoding failed ({type(e).__name__}: {str(e)[:200]})"),
+                                )
+                            )
+        except (
+            BaseException
+        ) as e:  # a bug: fail every request in flight rather than leave them waiting (/health turns 503)
             self.failure = e
-            self._fail_all(APIError(500, f"the scheduler failed ({type(e).__name__}: {str(e)[:200]}); restart the server"))
+            self._fail_all(
+                APIError(500, f"the scheduler failed ({type(e).__name__}: {str(e)[:200]}); restart the server")
+            )
             raise
         self._fail_all(APIError(503, "the server is shutting down"))
 
@@ -153,14 +165,19 @@ class Scheduler:
             return
         try:
             state, gen = self.pipeline.prefill(
-                job.inputs["pixel_values"], job.inputs["input_ids"], job.inputs["attention_mask"], reserve=job.sampling.max_new_tokens - 1
+                job.inputs["pixel_values"],
+                job.inputs["input_ids"],
+                job.inputs["attention_mask"],
+                reserve=job.sampling.max_new_tokens - 1,
             )
         except Exception as e:
             job.emit(Event("error", error=APIError(500, f"prefill failed ({type(e).__name__}: {str(e)[:200]})")))
             return
         S = self.engine.schedule
-        job.star = {"visual_tokens": {"input": S.num_vision_tokens, "stage1": S.stage1_keep, "kept": S.keep},
-                    "timings": {"queue_s": now - job.arrived, **gen.timings, "decode_s": 0.0, "decode_steps": 0}}
+        job.star = {
+            "visual_tokens": {"input": S.num_vision_tokens, "stage1": S.stage1_keep, "kept": S.keep},
+            "timings": {"queue_s": now - job.arrived, **gen.timings, "decode_s": 0.0, "decode_steps": 0},
+        }
         job.rng = np.random.default_rng(job.sampling.seed)
         job.kept = (gen.stage1_indices[0], gen.stage2_indices[0])
         self.metrics.visual_tokens(S.num_vision_tokens, S.stage1_keep, S.keep)
@@ -228,5 +245,9 @@ class Scheduler:
 
 
 def timeout_error(job: Job) -> APIError:
-    return APIError(408, f"the request ran past this server's timeout of {job.timeout_s:g} s (--request-timeout): "
-                         "ask for fewer tokens, or retry when the server is less busy", code="request_timeout")
+    return APIError(
+        408,
+        f"the request ran past this server's timeout of {job.timeout_s:g} s (--request-timeout): "
+        "ask for fewer tokens, or retry when the server is less busy",
+        code="request_timeout",
+    )

@@ -80,19 +80,31 @@ class TritonPythonModel:
         question = question.decode("utf-8", errors="replace") if isinstance(question, bytes) else str(question)
         data = self._input(request, "image_bytes_input")
         if data is None or data.size == 0:
-            raise APIError(400, "image_bytes_input is missing: LLaVA-1.5 takes exactly one image per request (the encoded file's bytes, UINT8)")
-        image = images.decode(np.ascontiguousarray(data, dtype=np.uint8).tobytes(), ResizeRule.from_processor(self.engine.processor))
+            raise APIError(
+                400,
+                "image_bytes_input is missing: LLaVA-1.5 takes exactly one image per request (the encoded file's "
+                "bytes, UINT8)",
+            )
+        image = images.decode(
+            np.ascontiguousarray(data, dtype=np.uint8).tobytes(), ResizeRule.from_processor(self.engine.processor)
+        )
         limit = self.engine.limits.max_new_tokens
         max_tokens = self._scalar(request, "max_tokens", int, min(64, limit))
         check_max_tokens(max_tokens, limit)
         try:
-            sampling = Sampling(max_new_tokens=max_tokens, temperature=self._scalar(request, "temperature", float, 0.0),
-                                top_p=self._scalar(request, "top_p", float, 1.0), seed=self._scalar(request, "random_seed", int, 0))
+            sampling = Sampling(
+                max_new_tokens=max_tokens,
+                temperature=self._scalar(request, "temperature", float, 0.0),
+                top_p=self._scalar(request, "top_p", float, 1.0),
+                seed=self._scalar(request, "random_seed", int, 0),
+            )
             inputs = self.engine.prepare([image], [question])
         except InputError as e:
             raise APIError(400, str(e)) from None
         stream = bool(self._scalar(request, "stream", bool, False))
-        return Job(inputs=inputs, sampling=sampling, stop=(), timeout_s=REQUEST_TIMEOUT_S, emit=self._emitter(sender, stream)), stream
+        return Job(
+            inputs=inputs, sampling=sampling, stop=(), timeout_s=REQUEST_TIMEOUT_S, emit=self._emitter(sender, stream)
+        ), stream
 
     def _emitter(self, sender, stream: bool):
         pb, pieces = self.pb, []
@@ -116,12 +128,14 @@ class TritonPythonModel:
     def _response(self, text: str, ids: list[int], kept):
         pb = self.pb
         stage1, stage2 = kept if kept is not None else (np.zeros(0, np.int64), np.zeros(0, np.int64))
-        return pb.InferenceResponse(output_tensors=[
-            pb.Tensor("text_output", np.array([[text.encode("utf-8")]], dtype=np.object_)),
-            pb.Tensor("output_ids", np.asarray(ids, dtype=np.int32).reshape(1, -1)),
-            pb.Tensor("stage1_indices", np.asarray(stage1, dtype=np.int64).reshape(1, -1)),
-            pb.Tensor("stage2_indices", np.asarray(stage2, dtype=np.int64).reshape(1, -1)),
-        ])
+        return pb.InferenceResponse(
+            output_tensors=[
+                pb.Tensor("text_output", np.array([[text.encode("utf-8")]], dtype=np.object_)),
+                pb.Tensor("output_ids", np.asarray(ids, dtype=np.int32).reshape(1, -1)),
+                pb.Tensor("stage1_indices", np.asarray(stage1, dtype=np.int64).reshape(1, -1)),
+                pb.Tensor("stage2_indices", np.asarray(stage2, dtype=np.int64).reshape(1, -1)),
+            ]
+        )
 
     def _fail(self, sender, message: str) -> None:
         pb = self.pb

@@ -25,7 +25,12 @@ MAX_QUEUE_DELAY_US = 5000  # how long Triton holds a request to batch it with ot
 
 INPUTS = (  # name, type, dims, optional
     ("text_input", "TYPE_STRING", "[ 1 ]", False),
-    ("image_bytes_input", "TYPE_UINT8", "[ -1 ]", True),  # optional so that a request without it gets our error, not Triton's
+    (
+        "image_bytes_input",
+        "TYPE_UINT8",
+        "[ -1 ]",
+        True,
+    ),  # optional so that a request without it gets our error, not Triton's
     ("max_tokens", "TYPE_INT32", "[ 1 ]", True),
     ("temperature", "TYPE_FP32", "[ 1 ]", True),
     ("top_p", "TYPE_FP32", "[ 1 ]", True),
@@ -44,7 +49,9 @@ def _tensor(name: str, type_: str, dims: str, optional: bool = False) -> str:
     return f'  {{ name: "{name}" data_type: {type_} dims: {dims}{" optional: true" if optional else ""} }}'
 
 
-def config_pbtxt(name: str, max_batch_size: int, kind: str, parameters: dict[str, str], decoupled: bool, note: str) -> str:
+def config_pbtxt(
+    name: str, max_batch_size: int, kind: str, parameters: dict[str, str], decoupled: bool, note: str
+) -> str:
     preferred = sorted({max(1, max_batch_size // 2), max_batch_size})
     inputs = ",\n".join(_tensor(*t) for t in INPUTS if decoupled or t[0] != "stream")
     outputs = ",\n".join(_tensor(*t) for t in OUTPUTS)
@@ -93,14 +100,24 @@ def check_target(repo, model_name: str, kind: str, force: bool) -> tuple[str, st
     for name in names:
         if (repo / name).exists():
             if not force:
-                raise UserError(f"{repo / name} exists: choose another model name or repository, or pass --force to replace it")
+                raise UserError(
+                    f"{repo / name} exists: choose another model name or repository, or pass --force to replace it"
+                )
             if not (repo / name / "config.pbtxt").is_file():
                 raise UserError(f"{repo / name} exists and is not a Triton model folder: refusing to replace it")
     return names
 
 
-def write_repository(engine_dir, repo, *, model_name: str = "star_llava", kind: str = "cpu", copy_engine: bool = False,
-                     max_queue: int = 64, force: bool = False) -> list[Path]:
+def write_repository(
+    engine_dir,
+    repo,
+    *,
+    model_name: str = "star_llava",
+    kind: str = "cpu",
+    copy_engine: bool = False,
+    max_queue: int = 64,
+    force: bool = False,
+) -> list[Path]:
     """Two models: REPO/<model_name>_stream (decoupled: streams over gRPC; holds the engine, referenced by its absolute
     path or copied into its version folder with `copy_engine`) and REPO/<model_name> (HTTP / gRPC `infer`: one
     response, forwarded to the first). Written in hidden staging folders and renamed into place. Returns both."""
@@ -118,15 +135,34 @@ def write_repository(engine_dir, repo, *, model_name: str = "star_llava", kind: 
         if copy_engine:
             shutil.copytree(engine_dir, engine_model / "1" / "engine")
             where = "1/engine"  # relative to the model folder
-        engine_model.joinpath("1", "model.py").write_text(MODEL_PY.format(what="A star-export engine, streaming", cls="TritonPythonModel"))
-        engine_model.joinpath("config.pbtxt").write_text(config_pbtxt(
-            names[0], batch, kind, {"engine_dir": where, "max_queue": str(max_queue)}, decoupled=True,
-            note=f"star-export engine {engine_dir.name} ({where}); decoupled: one response per new piece of text when stream is true"))
+        engine_model.joinpath("1", "model.py").write_text(
+            MODEL_PY.format(what="A star-export engine, streaming", cls="TritonPythonModel")
+        )
+        engine_model.joinpath("config.pbtxt").write_text(
+            config_pbtxt(
+                names[0],
+                batch,
+                kind,
+                {"engine_dir": where, "max_queue": str(max_queue)},
+                decoupled=True,
+                note=f"star-export engine {engine_dir.name} ({where}); decoupled: one response per new piece of text "
+                "when stream is true",
+            )
+        )
         unary = staged[names[1]]
-        unary.joinpath("1", "model.py").write_text(MODEL_PY.format(what="One-response face of the engine model", cls="UnaryModel"))
-        unary.joinpath("config.pbtxt").write_text(config_pbtxt(
-            names[1], batch, "cpu", {"target": names[0]}, decoupled=False,
-            note=f"forwards each request to {names[0]} (BLS) and answers once: for HTTP and gRPC infer"))
+        unary.joinpath("1", "model.py").write_text(
+            MODEL_PY.format(what="One-response face of the engine model", cls="UnaryModel")
+        )
+        unary.joinpath("config.pbtxt").write_text(
+            config_pbtxt(
+                names[1],
+                batch,
+                "cpu",
+                {"target": names[0]},
+                decoupled=False,
+                note=f"forwards each request to {names[0]} (BLS) and answers once: for HTTP and gRPC infer",
+            )
+        )
         for name, staging in staged.items():
             if (repo / name).exists():
                 shutil.rmtree(repo / name)

@@ -30,7 +30,8 @@ from dataclasses import dataclass
 import numpy as np
 
 # Slack for two implementations that sum in different orders. Measured on the 24-model sweep
-# (tests/test_validate_sweep.py, run with -m slow): median 1.0, 95th percentile 1.8, max 5.4 (float32, x8-sharpened attention).
+# (tests/test_validate_sweep.py, run with -m slow): median 1.0, 95th percentile 1.8, max 5.4 (float32, x8-sharpened
+# attention).
 MULTIPLIER = 10.0
 FLOOR_ULPS = 4  # ulps of the dtype, relative: outputs eager computes exactly (a gather) that the engine rounds
 EPS = {name: float(np.finfo(name).eps) for name in ("float16", "float32", "float64")}
@@ -87,7 +88,9 @@ def error_budget(truth: np.ndarray, eager: np.ndarray, engine: np.ndarray, dtype
     return group_budget({"": (truth, eager, engine)}, dtype, rows=rows)
 
 
-def group_budget(tensors: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], dtype: str, *, rows: bool = False) -> Budget:
+def group_budget(
+    tensors: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], dtype: str, *, rows: bool = False
+) -> Budget:
     """Judge tensors of one kind together (name -> truth, eager, engine; e.g. a segment's K/V caches): every tensor
     (or row) with its own error, against a budget from the eager error level of the group."""
     e, r, names, max_abs = [], [], [], 0.0
@@ -110,13 +113,18 @@ def group_budget(tensors: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], 
     worst = int(np.argmax(np.where(np.isfinite(limit), e / limit, np.inf)))
     cause = ""
     if not eager_finite:
-        cause = f"the eager {dtype} reference itself overflows (inf/NaN): this model does not run in {dtype}; export float32"
+        cause = (
+            f"the eager {dtype} reference itself overflows (inf/NaN): this model does not run in {dtype}; "
+            "export float32"
+        )
     elif not engine_finite:
         cause = f"non-finite values (inf/NaN) in the engine's output, none in eager {dtype}: an overflow in the engine"
     elif not e[worst] <= limit[worst]:
         tensor, row = names[worst]
         where = "".join([f" in {tensor}" if len(tensors) > 1 else "", f" (row {row})" if rows and len(e) > 1 else ""])
-        cause = f"error {e[worst]:.2e}{where} > budget {limit[worst]:.2e} = {MULTIPLIER:g} x eager {r[worst]:.2e} + floor"
+        cause = (
+            f"error {e[worst]:.2e}{where} > budget {limit[worst]:.2e} = {MULTIPLIER:g} x eager {r[worst]:.2e} + floor"
+        )
     return Budget(float(e[worst]), float(r[worst]), float(limit[worst]), max_abs if engine_finite else np.inf, cause)
 
 
@@ -144,7 +152,11 @@ class Selection:
 def check_selection(truth_scores: np.ndarray, eager_scores: np.ndarray, kept: np.ndarray, dtype: str) -> Selection:
     """`kept` (B, k): the engine's ascending indices into the scored tokens; scores (B, N): truth (float64)
     and the eager run in the engine's dtype, for the budget of each row."""
-    truth_scores, eager_scores, kept = np.asarray(truth_scores, np.float64), np.asarray(eager_scores, np.float64), np.asarray(kept)
+    truth_scores, eager_scores, kept = (
+        np.asarray(truth_scores, np.float64),
+        np.asarray(eager_scores, np.float64),
+        np.asarray(kept),
+    )
     swaps, worst = 0, (-np.inf, 0.0)
     for b, (t, r, idx) in enumerate(zip(truth_scores, eager_scores, kept)):
         n, k = len(t), len(idx)
@@ -165,8 +177,11 @@ def check_selection(truth_scores: np.ndarray, eager_scores: np.ndarray, kept: np
             rank[np.argsort(-t, kind="stable")] = np.arange(n)
             named = ", ".join(f"#{j} (rank {rank[j] + 1})" for j in extra[:3])
             return Selection(
-                swaps, float(gap), 2 * budget,
-                f"row {b}: different tokens kept: {named}{' ...' if len(extra) > 3 else ''} of top-{k}; score gap {gap:.2e} > {2 * budget:.2e} (2 x budget)",
+                swaps,
+                float(gap),
+                2 * budget,
+                f"row {b}: different tokens kept: {named}{' ...' if len(extra) > 3 else ''} of top-{k}; score gap "
+                f"{gap:.2e} > {2 * budget:.2e} (2 x budget)",
             )
         if len(extra) and gap - 2 * budget > worst[0] - worst[1]:
             worst = (float(gap), 2 * budget)

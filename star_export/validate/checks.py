@@ -38,7 +38,9 @@ class Recorder:
     def run(self, feed):
         out = self.graph.run(feed)
         if len(self.calls) < self.keep_calls:
-            inputs = {k: np.array(self.to_numpy(feed[k])) for k in self.graph.input_names}  # a copy: caches are written in place
+            inputs = {
+                k: np.array(self.to_numpy(feed[k])) for k in self.graph.input_names
+            }  # a copy: caches are written in place
             self.calls.append((inputs, {k: self.to_numpy(v) for k, v in out.items()}))
         return out
 
@@ -55,7 +57,8 @@ def _cast(feed: dict[str, np.ndarray], dtype) -> dict[str, np.ndarray]:
 
 
 def compare_outputs(report: ValidationReport, label: str, truth: dict, eager: dict, engine: dict) -> None:
-    """Every output of one graph call: exact ones exactly, the rest by budget; `new_key_values.*` in one row (the worst)."""
+    """Every output of one graph call: exact ones exactly, the rest by budget; `new_key_values.*` in one row (the
+    worst)."""
     groups: dict[str, list[str]] = {}
     for n in truth:
         groups.setdefault(NEW + "*" if n.startswith(NEW) else n, []).append(n)
@@ -63,10 +66,19 @@ def compare_outputs(report: ValidationReport, label: str, truth: dict, eager: di
         if group in EXACT_OUTPUTS or group in {s for s, _ in SELECTIONS.values()}:
             if group in EXACT_OUTPUTS:
                 same = truth[group].shape == engine[group].shape and bool((truth[group] == engine[group]).all())
-                report.add(Check(f"{label} {group}", "identical" if same else "differs", "exact", same,
-                                 cause="" if same else f"differs from the reference's {group} for the same selection"))
+                report.add(
+                    Check(
+                        f"{label} {group}",
+                        "identical" if same else "differs",
+                        "exact",
+                        same,
+                        cause="" if same else f"differs from the reference's {group} for the same selection",
+                    )
+                )
             continue
-        result = budget.group_budget({n: (truth[n], eager[n], engine[n]) for n in names}, report.dtype, rows=group == "logits")
+        result = budget.group_budget(
+            {n: (truth[n], eager[n], engine[n]) for n in names}, report.dtype, rows=group == "logits"
+        )
         suffix = f" ({len(names)})" if len(names) > 1 else ""
         report.add_budget(f"{label} {group}{suffix}", result)
 
@@ -98,12 +110,23 @@ def sampled_eager(eager_graph, feed: dict, truth: dict, first: dict, samples: in
         if errs[worst] == 0 or not np.isfinite(errs[worst]):
             out[k] = first[k]
         else:
-            out[k] = t + (runs[worst][k].astype(np.float64) - t) * (float(np.sqrt(np.mean(np.square(errs)))) / errs[worst])
+            out[k] = t + (runs[worst][k].astype(np.float64) - t) * (
+                float(np.sqrt(np.mean(np.square(errs)))) / errs[worst]
+            )
     return out
 
 
-def check_graph_call(report: ValidationReport, call: str, name: str, engine_graph, truth_graph, eager_graph, feed: dict[str, np.ndarray],
-                     samples: int = 1, subset: bool = False) -> None:
+def check_graph_call(
+    report: ValidationReport,
+    call: str,
+    name: str,
+    engine_graph,
+    truth_graph,
+    eager_graph,
+    feed: dict[str, np.ndarray],
+    samples: int = 1,
+    subset: bool = False,
+) -> None:
     """One call of graph `name`: the engine graph on `feed` rounded to its dtype, against both eager graphs on the
     same feed (float64 for the truth), forced onto the engine's selection once that selection is judged; eager's
     error over `samples` runs (`sampled_eager`) where one run is not a fair sample. `subset`: the engine graph returns
@@ -125,7 +148,9 @@ def check_graph_call(report: ValidationReport, call: str, name: str, engine_grap
     compare_outputs(report, call, t, e, got)
 
 
-def check_graphs(report: ValidationReport, engine: Engine, truth: dict, eager: dict, recorders: dict[str, Recorder], samples: int = 1) -> None:
+def check_graphs(
+    report: ValidationReport, engine: Engine, truth: dict, eager: dict, recorders: dict[str, Recorder], samples: int = 1
+) -> None:
     """Each engine graph on the truth's own recorded feeds (prefill, first decode step); `truth`, `eager`:
     name -> TorchGraph, unwrapped."""
     for name, rec in recorders.items():
@@ -136,7 +161,17 @@ def check_graphs(report: ValidationReport, engine: Engine, truth: dict, eager: d
     for segment, name in DECODE_GRAPHS.items():
         if name in engine.graphs and len(recorders[segment].calls) > 1:
             feed = recorders[segment].calls[1][0]
-            check_graph_call(report, f"{name}[decode]", segment, AsSegment(engine.graphs[name]), truth[segment], eager[segment], feed, samples, subset=True)
+            check_graph_call(
+                report,
+                f"{name}[decode]",
+                segment,
+                AsSegment(engine.graphs[name]),
+                truth[segment],
+                eager[segment],
+                feed,
+                samples,
+                subset=True,
+            )
 
 
 def _top(logits: np.ndarray) -> np.ndarray:
@@ -150,12 +185,17 @@ def check_tokens(report: ValidationReport, label: str, truth: Generation, eager:
     reproduces float64's greedy tokens itself (a dtype that cannot reproduce float64's ranking on a model
     cannot be asked to; the report says so)."""
     dtype = report.dtype
-    rows = [[(truth.logits[s][row], eager.logits[s][row], got.logits[s][row]) for s in range(len(tokens))] for row, tokens in enumerate(got.token_ids)]
+    rows = [
+        [(truth.logits[s][row], eager.logits[s][row], got.logits[s][row]) for s in range(len(tokens))]
+        for row, tokens in enumerate(got.token_ids)
+    ]
     lost = sum(int(np.argmax(t)) != int(np.argmax(r)) for steps in rows for t, r, _ in steps)
     attainable = lost == 0
     # eager's error at a step, at least the RMS over the steps (budget's group rule: int8-compute engines, whose errors
     # come as rare quantization flips, make one step's error a noisy sample)
-    steps_error = {(row, s): float(np.abs(r - t).max()) for row, steps in enumerate(rows) for s, (t, r, _) in enumerate(steps)}
+    steps_error = {
+        (row, s): float(np.abs(r - t).max()) for row, steps in enumerate(rows) for s, (t, r, _) in enumerate(steps)
+    }
     eager_error = dict(zip(steps_error, budget.at_least_rms(np.array(list(steps_error.values())))))
     for row, (tokens, steps) in enumerate(zip(got.token_ids, rows)):
         own = [(int(np.argmax(t)), int(np.argmax(r))) for t, r, _ in steps]
@@ -165,7 +205,9 @@ def check_tokens(report: ValidationReport, label: str, truth: Generation, eager:
             if best == token:
                 continue
             gap = float(t[best] - t[token])
-            limit = 2 * (budget.MULTIPLIER * float(eager_error[row, step]) + budget.floor(dtype) * float(np.abs(t).max()))
+            limit = 2 * (
+                budget.MULTIPLIER * float(eager_error[row, step]) + budget.floor(dtype) * float(np.abs(t).max())
+            )
             ok = gap <= limit and (not attainable or (token in _top(t) and best in _top(g)))
             first = first or (step, best, token, gap, limit)
             if not ok:
@@ -200,20 +242,38 @@ def quality_vs_float(report: ValidationReport, label: str, reference: np.ndarray
     tokens = engine.argmax(-1)
     agree = float((reference.argmax(-1) == tokens).mean())
     top5 = float(np.mean([t in _top(r) for t, r in zip(tokens, reference)]))
-    report.quality[label] = {"greedy_agreement": agree, "top5_containment": top5, "kl_mean": float(kl.mean()), "kl_max": float(kl.max())}
-    report.notes.append(f"{label}: vs the unquantized model: greedy agreement {agree:.3f}, top-5 containment {top5:.3f}, "
-                        f"KL mean {kl.mean():.2e} max {kl.max():.2e} ({len(tokens)} steps)")
+    report.quality[label] = {
+        "greedy_agreement": agree,
+        "top5_containment": top5,
+        "kl_mean": float(kl.mean()),
+        "kl_max": float(kl.max()),
+    }
+    report.notes.append(
+        f"{label}: vs the unquantized model: greedy agreement {agree:.3f}, top-5 containment {top5:.3f}, "
+        f"KL mean {kl.mean():.2e} max {kl.max():.2e} ({len(tokens)} steps)"
+    )
 
 
-def check_end_to_end(report: ValidationReport, label: str, got: Generation, truth: Generation, eager: Generation,
-                     s1: Sequence[np.ndarray], s2: Sequence[np.ndarray], plain: Generation | None = None) -> None:
+def check_end_to_end(
+    report: ValidationReport,
+    label: str,
+    got: Generation,
+    truth: Generation,
+    eager: Generation,
+    s1: Sequence[np.ndarray],
+    s2: Sequence[np.ndarray],
+    plain: Generation | None = None,
+) -> None:
     """The decisive and end-to-end checks of one batch: both stages' kept indices against the (truth, eager) scores
-    `s1` / `s2`, the logits of every step, greedy tokens; with `plain` (the unquantized truth), what quantization costs."""
+    `s1` / `s2`, the logits of every step, greedy tokens; with `plain` (the unquantized truth), what quantization
+    costs."""
     report.add_selection(f"{label} stage1_indices", budget.check_selection(*s1, got.stage1_indices, report.dtype))
     report.add_selection(f"{label} stage2_indices", budget.check_selection(*s2, got.stage2_indices, report.dtype))
     lengths = [len(row) for row in got.token_ids]
     logits = [stack_logits(g, lengths) for g in (truth, eager, got)]
-    report.add_budget(f"{label} logits ({len(logits[0])} step-rows)", budget.error_budget(*logits, report.dtype, rows=True))
+    report.add_budget(
+        f"{label} logits ({len(logits[0])} step-rows)", budget.error_budget(*logits, report.dtype, rows=True)
+    )
     check_tokens(report, label, truth, eager, got)
     if plain is not None:
         quality_vs_float(report, label, stack_logits(plain, lengths), logits[2])
@@ -230,13 +290,16 @@ def check_same_model(loaded: LoadedModel, engine: Engine) -> None:
     differ = [f"{k} {mine[k]!r} vs engine {theirs[k]!r}" for k in theirs if mine.get(k) != theirs[k]]
     name = loaded.source.get("name")
     if differ:
-        raise EngineError(f"the model {name!r} does not have the engine's architecture ({'; '.join(differ)}): pass the engine's source model with --model")
+        raise EngineError(
+            f"the model {name!r} does not have the engine's architecture ({'; '.join(differ)}): pass the engine's "
+            "source model with --model"
+        )
     a, b = loaded.source.get("fingerprint"), engine.manifest.source.get("fingerprint")
     if a and b and b.startswith("sha256-weights:") and not a.startswith("sha256-weights:"):
         a = fingerprint_weights(loaded.model)  # the engine's source was in memory, so small (same architecture)
     comparable = a and b and a.split(":")[0] == b.split(":")[0]  # same scheme (models.fingerprint_*)
     if comparable and a != b:
         raise EngineError(
-            f"this is not the model the engine was built from: {name!r} has fingerprint {a[:19]}..., the engine's source "
-            f"{engine.manifest.source_name!r} had {b[:19]}...; pass the engine's source model with --model"
+            f"this is not the model the engine was built from: {name!r} has fingerprint {a[:19]}..., the engine's "
+            f"source {engine.manifest.source_name!r} had {b[:19]}...; pass the engine's source model with --model"
         )

@@ -24,7 +24,9 @@ from ..runtime.sessions import session_options, with_options
 _JITTER: ContextVar = ContextVar("int8_activation_jitter", default=None)  # (relative, torch.Generator) or None
 
 
-def dequantize(packed: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, K: int, bits: int, block_size: int) -> np.ndarray:
+def dequantize(
+    packed: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, K: int, bits: int, block_size: int
+) -> np.ndarray:
     """The weight `[N, K]` MatMulNBits computes with: `(q - zero_point) * scale` per block of K (float64)."""
     N, blocks, _ = packed.shape
     if bits == 4:  # two values per byte, the lower nibble first
@@ -34,7 +36,11 @@ def dequantize(packed: np.ndarray, scales: np.ndarray, zero_points: np.ndarray |
     if zero_points is None:
         zp = np.full((N, blocks, 1), 1 << (bits - 1), dtype=np.float64)
     elif bits == 4:
-        zp = np.stack([zero_points & 0x0F, zero_points >> 4], axis=-1).reshape(N, -1)[:, :blocks, None].astype(np.float64)
+        zp = (
+            np.stack([zero_points & 0x0F, zero_points >> 4], axis=-1)
+            .reshape(N, -1)[:, :blocks, None]
+            .astype(np.float64)
+        )
     else:
         zp = zero_points.reshape(N, blocks, 1).astype(np.float64)
     w = (q.astype(np.float64) - zp) * scales.astype(np.float64).reshape(N, blocks, 1)
@@ -43,14 +49,18 @@ def dequantize(packed: np.ndarray, scales: np.ndarray, zero_points: np.ndarray |
 
 def quantized_twin(weight_nk: np.ndarray, scheme: WeightScheme, activation_dtype="float32") -> np.ndarray:
     """What the engine's MatMulNBits uses in place of `weight_nk` (float64)."""
-    return dequantize(*engine_packing(weight_nk, scheme, activation_dtype), weight_nk.shape[1], scheme.bits, scheme.block_size)
+    return dequantize(
+        *engine_packing(weight_nk, scheme, activation_dtype), weight_nk.shape[1], scheme.bits, scheme.block_size
+    )
 
 
 def quantized_modules(model) -> list:
     """The Linears of a LLaVA model that a quantized engine holds as MatMulNBits: the decoder's and lm_head."""
     import torch
 
-    return [m for layer in model.model.language_model.layers for m in layer.modules() if isinstance(m, torch.nn.Linear)] + [model.lm_head]
+    return [
+        m for layer in model.model.language_model.layers for m in layer.modules() if isinstance(m, torch.nn.Linear)
+    ] + [model.lm_head]
 
 
 def engine_weight(weight, engine_dtype: str) -> np.ndarray:
@@ -66,7 +76,9 @@ def quantized_reference(loaded, scheme: WeightScheme, engine_dtype: str, compute
     model = cast_copy(loaded.model, torch.float64).to(torch.float64)  # .to: the buffers too, as before
     with torch.no_grad():
         for linear in quantized_modules(model):
-            linear.weight.copy_(torch.from_numpy(quantized_twin(engine_weight(linear.weight, engine_dtype), scheme, engine_dtype)))
+            linear.weight.copy_(
+                torch.from_numpy(quantized_twin(engine_weight(linear.weight, engine_dtype), scheme, engine_dtype))
+            )
             if compute == "int8":
                 linear.register_forward_pre_hook(int8_activation_hook(scheme.block_size))
     return LoadedModel(model, loaded.processor, loaded.spec, loaded.defaults, loaded.source)
@@ -132,8 +144,13 @@ def matmulnbits_model(scheme: WeightScheme, activation_dtype, K: int, N: int, we
     if scheme.accuracy_level:
         attrs["accuracy_level"] = scheme.accuracy_level
     node = helper.make_node("MatMulNBits", ["A", *(t.name for t in inits)], ["Y"], domain="com.microsoft", **attrs)
-    graph = helper.make_graph([node], "probe", [helper.make_tensor_value_info("A", elem, ["M", K])],
-                              [helper.make_tensor_value_info("Y", elem, ["M", N])], inits)
+    graph = helper.make_graph(
+        [node],
+        "probe",
+        [helper.make_tensor_value_info("A", elem, ["M", K])],
+        [helper.make_tensor_value_info("Y", elem, ["M", N])],
+        inits,
+    )
     opsets = [helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)]
     return helper.make_model(graph, opset_imports=opsets, ir_version=10).SerializeToString()
 
@@ -150,16 +167,26 @@ def matmul_compute(scheme: WeightScheme, activation_dtype: str, providers) -> st
     rng = np.random.default_rng(0)
     weight = rng.standard_normal((N, K)).astype(np.float32)
     a = rng.standard_normal((8, K)).astype(activation_dtype)
-    session = ort.InferenceSession(matmulnbits_model(scheme, activation_dtype, K, N, weight), session_options(), providers=with_options(providers))
+    session = ort.InferenceSession(
+        matmulnbits_model(scheme, activation_dtype, K, N, weight), session_options(), providers=with_options(providers)
+    )
     y = session.run(None, {"A": a})[0].astype(np.float64)
     w = quantized_twin(weight, scheme, activation_dtype)
-    models = {"float": a.astype(np.float64) @ w.T,
-              "int8": int8_activations(torch.from_numpy(a), scheme.block_size).double().numpy() @ w.T}
+    models = {
+        "float": a.astype(np.float64) @ w.T,
+        "int8": int8_activations(torch.from_numpy(a), scheme.block_size).double().numpy() @ w.T,
+    }
     return min(models, key=lambda k: np.linalg.norm(y - models[k]))
 
 
 def quantized_note(scheme: WeightScheme, compute: str, provider: str) -> str:
     """The validator's note on what its references do for a quantized engine."""
-    what = "and quantize their activations to int8 per block as the engine does" if compute == "int8" else "and float activations"
-    return (f"{scheme.kind} weights (block {scheme.block_size}, accuracy_level {scheme.accuracy_level}): MatMulNBits computes "
-            f"in {compute} on {provider} (probed); references use the engine's dequantized weights {what}")
+    what = (
+        "and quantize their activations to int8 per block as the engine does"
+        if compute == "int8"
+        else "and float activations"
+    )
+    return (
+        f"{scheme.kind} weights (block {scheme.block_size}, accuracy_level {scheme.accuracy_level}): MatMulNBits "
+        f"computes in {compute} on {provider} (probed); references use the engine's dequantized weights {what}"
+    )

@@ -72,14 +72,18 @@ def widen_numerics(model) -> None:
             module.__class__ = WideRMSNorm
 
 
-def reference_pipeline(loaded: LoadedModel, schedule: StarSchedule, device: str = "cpu", dtype: str = "float32") -> StarPipeline:
+def reference_pipeline(
+    loaded: LoadedModel, schedule: StarSchedule, device: str = "cpu", dtype: str = "float32"
+) -> StarPipeline:
     """The eager reference in `dtype` on `device` ("cpu" or "cuda"). float64 is the truth the validator
     measures errors against; the engine's own dtype gives the error an eager run of that dtype makes."""
     variant = loaded.cast(dtype)
     if dtype == "float64":
         widen_numerics(variant.model)
     variant.model.to(device)
-    graphs = {name: TorchGraph(module, i, o, device) for name, (module, i, o) in graph_modules(variant, schedule).items()}
+    graphs = {
+        name: TorchGraph(module, i, o, device) for name, (module, i, o) in graph_modules(variant, schedule).items()
+    }
     embed = variant.model.get_input_embeddings().weight.detach().cpu().numpy()
     return StarPipeline(graphs, embed, schedule, decoder_layout(variant, dtype))
 
@@ -93,4 +97,6 @@ def generate(
 ) -> Generation:
     """Eager STAR generation: token ids, per-step logits, stage-1 and stage-2 kept indices."""
     inputs = prepare_inputs(loaded.processor, images, prompts)
-    return reference_pipeline(loaded, schedule).generate(inputs["pixel_values"], inputs["input_ids"], inputs["attention_mask"], sampling)
+    return reference_pipeline(loaded, schedule).generate(
+        inputs["pixel_values"], inputs["input_ids"], inputs["attention_mask"], sampling
+    )

@@ -38,24 +38,47 @@ class ValidationReport:
         self.checks.append(check)
 
     def add_budget(self, name: str, b: budget.Budget) -> None:
-        self.add(Check(
-            name, f"{b.error:.2e} (max abs {b.max_abs:.1e})", f"{b.limit:.2e}", b.ok, f"{b.ratio:.2f}", b.cause,
-            {"error": b.error, "eager_error": b.eager_error, "limit": b.limit, "ratio": b.ratio, "max_abs": b.max_abs},
-        ))
+        self.add(
+            Check(
+                name,
+                f"{b.error:.2e} (max abs {b.max_abs:.1e})",
+                f"{b.limit:.2e}",
+                b.ok,
+                f"{b.ratio:.2f}",
+                b.cause,
+                {
+                    "error": b.error,
+                    "eager_error": b.eager_error,
+                    "limit": b.limit,
+                    "ratio": b.ratio,
+                    "max_abs": b.max_abs,
+                },
+            )
+        )
 
     def add_selection(self, name: str, s: budget.Selection) -> None:
-        self.add(Check(name, s.describe(), "top-k within 2 x score budget", s.ok, cause=s.cause,
-                       numbers={"swaps": s.swaps, "gap": s.gap, "limit": s.limit}))
+        self.add(
+            Check(
+                name,
+                s.describe(),
+                "top-k within 2 x score budget",
+                s.ok,
+                cause=s.cause,
+                numbers={"swaps": s.swaps, "gap": s.gap, "limit": s.limit},
+            )
+        )
 
     def table(self) -> str:
         w = max([len(c.name) for c in self.checks] + [5])
         head = f"{'check':<{w}}  {'engine error':<30}  {'budget':<28}  {'x eager':>7}  result"
         lines = [head]
         for c in self.checks:
-            lines.append(f"{c.name:<{w}}  {c.measured:<30}  {c.budget:<28}  {c.multiplier:>7}  {'ok' if c.ok else 'FAIL'}")
+            lines.append(
+                f"{c.name:<{w}}  {c.measured:<30}  {c.budget:<28}  {c.multiplier:>7}  {'ok' if c.ok else 'FAIL'}"
+            )
         lines.append(
-            f"rule: relative error ||engine - float64|| / ||float64|| <= {self.multiplier:g} x that of eager {self.dtype} "
-            f"+ {budget.FLOOR_ULPS} ulp ({self.floor:.1e}); 'x eager' is the multiplier each output needed"
+            f"rule: relative error ||engine - float64|| / ||float64|| <= {self.multiplier:g} x that of eager "
+            f"{self.dtype} + {budget.FLOOR_ULPS} ulp ({self.floor:.1e}); 'x eager' is the multiplier each output needed"
         )
         lines += [f"note: {n}" for n in self.notes]
         failed = [c for c in self.checks if not c.ok]
@@ -68,7 +91,9 @@ class ValidationReport:
         ratios = [c.numbers["ratio"] for c in self.checks if "ratio" in c.numbers]
         worst = f"; largest multiplier {max(ratios):.2f} of {self.multiplier:g} allowed" if ratios else ""
         ok = sum(c.ok for c in self.checks)
-        return f"{'PASSED' if self.ok else 'FAILED'}: {ok}/{len(self.checks)} checks against the float64 reference{worst}"
+        return (
+            f"{'PASSED' if self.ok else 'FAILED'}: {ok}/{len(self.checks)} checks against the float64 reference{worst}"
+        )
 
     def asdict(self) -> dict:
         return asdict(self) | {"ok": self.ok}

@@ -60,7 +60,8 @@ UNIT_ROUNDOFF = {"float64": 2.0**-53, "float32": 2.0**-24, "float16": 2.0**-11, 
 
 
 def eager_dtype_for(dtype: str) -> tuple[str, float]:
-    """The eager run that can stand for `dtype` on a CPU in the streamed modes, and the factor its error is scaled by."""
+    """The eager run that can stand for `dtype` on a CPU in the streamed modes, and the factor its error is scaled
+    by."""
     if dtype in ("float16", "bfloat16"):
         return "float32", UNIT_ROUNDOFF[dtype] / UNIT_ROUNDOFF["float32"]
     return dtype, 1.0
@@ -91,7 +92,9 @@ class WholeReferences:
 
     per_graph = True
 
-    def __init__(self, report: ValidationReport, engine: Engine, loaded: LoadedModel, device: str, stack: ExitStack, say):
+    def __init__(
+        self, report: ValidationReport, engine: Engine, loaded: LoadedModel, device: str, stack: ExitStack, say
+    ):
         dtype, scheme, schedule = report.dtype, engine.scheme, engine.schedule
         self.plain, self.samples = None, 1
         if scheme.quantized:
@@ -102,7 +105,10 @@ class WholeReferences:
             report.notes.append(quantized_note(scheme, compute, engine.provider))
         self.eager = reference_pipeline(loaded, schedule, device=device, dtype=dtype)
         self.truth = reference_pipeline(loaded, schedule, device=device, dtype="float64")
-        self.graphs = {"truth": dict(self.truth.graphs), "eager": dict(self.eager.graphs)}  # unwrapped: scores, per-graph runs
+        self.graphs = {
+            "truth": dict(self.truth.graphs),
+            "eager": dict(self.eager.graphs),
+        }  # unwrapped: scores, per-graph runs
         self.recorders = {name: Recorder(g) for name, g in self.truth.graphs.items()}
         self.truth.graphs = self.recorders
         self.eager_pivot = self.eager.graphs["pivot"] = Recorder(self.eager.graphs["pivot"], keep_calls=1)
@@ -129,8 +135,16 @@ class StreamedReferences:
 
     per_graph = False
 
-    def __init__(self, report: ValidationReport, engine: Engine, loaded: LoadedModel, device: str, stack: ExitStack, say):
-        dtype, self.scheme, self.schedule, self.loaded, self.say = report.dtype, engine.scheme, engine.schedule, loaded, say
+    def __init__(
+        self, report: ValidationReport, engine: Engine, loaded: LoadedModel, device: str, stack: ExitStack, say
+    ):
+        dtype, self.scheme, self.schedule, self.loaded, self.say = (
+            report.dtype,
+            engine.scheme,
+            engine.schedule,
+            loaded,
+            say,
+        )
         self.int8 = nullcontext
         if self.scheme.quantized:
             compute = matmul_compute(self.scheme, dtype, engine.providers)
@@ -139,8 +153,10 @@ class StreamedReferences:
                 self.int8 = partial(int8_activation_hooks, quantized_modules(loaded.model), self.scheme.block_size)
         self.eager_dtype, self.ratio = eager_dtype_for(dtype)
         if self.ratio != 1.0:
-            report.notes.append(f"eager {dtype} cannot run on this CPU: its error is eager {self.eager_dtype}'s x {self.ratio:g} "
-                                "(the ratio of unit roundoffs), a looser budget than a real eager run")
+            report.notes.append(
+                f"eager {dtype} cannot run on this CPU: its error is eager {self.eager_dtype}'s x {self.ratio:g} "
+                "(the ratio of unit roundoffs), a looser budget than a real eager run"
+            )
         self.streamer = stack.enter_context(Streamer(loaded.model))
         self.transform = quantized_transform(loaded.model, self.scheme, dtype) if self.scheme.quantized else None
 
@@ -152,13 +168,17 @@ class StreamedReferences:
             pivot = pipe.graphs["pivot"] = Recorder(pipe.graphs["pivot"], keep_calls=1)
             with self.int8():
                 gen = pipe.generate(*batch.feed, batch.force)
-                s1 = scores(pipe.graphs["vision"], "vision", {"pixel_values": batch.inputs["pixel_values"]}, np.dtype(run_dtype))
+                s1 = scores(
+                    pipe.graphs["vision"], "vision", {"pixel_values": batch.inputs["pixel_values"]}, np.dtype(run_dtype)
+                )
                 s2 = scores(pivot.graph, "pivot", pivot.calls[0][0], np.dtype(run_dtype))
             runs[kind] = (gen, s1, s2)
         plain = None
         if self.scheme.quantized:
             self.say("layer-streamed eager reference, float64, unquantized")
-            plain = streamed_pipeline(self.loaded, self.schedule, self.streamer, "float64").generate(*batch.feed, batch.force)
+            plain = streamed_pipeline(self.loaded, self.schedule, self.streamer, "float64").generate(
+                *batch.feed, batch.force
+            )
         (t, t1, t2), (e, e1, e2) = runs["truth"], runs["eager"]
         if self.ratio != 1.0:
             e1, e2 = scaled_eager(t1, e1, self.ratio), scaled_eager(t2, e2, self.ratio)
@@ -169,10 +189,16 @@ class StreamedReferences:
 def all_cases(engine: Engine, images, prompts, report: ValidationReport) -> list:
     """The built-in cases that fit the engine's --max-input-len (the others left out, with a note), then the user's."""
     limit, V = engine.limits.max_input_len, engine.spec.num_vision_tokens
-    builtin = [(synthetic_image(i), q) for i, q in enumerate(BUILTIN_QUESTIONS) if prompt_length(engine.processor, q, V) <= limit]
+    builtin = [
+        (synthetic_image(i), q)
+        for i, q in enumerate(BUILTIN_QUESTIONS)
+        if prompt_length(engine.processor, q, V) <= limit
+    ]
     if len(builtin) < len(BUILTIN_QUESTIONS):
-        report.notes.append(f"{len(BUILTIN_QUESTIONS) - len(builtin)} built-in case(s) left out: longer than the engine's "
-                            f"max input length {limit}")
+        report.notes.append(
+            f"{len(BUILTIN_QUESTIONS) - len(builtin)} built-in case(s) left out: longer than the engine's "
+            f"max input length {limit}"
+        )
     pairs = builtin + list(zip(images, prompts))
     if not pairs:
         raise UserError(f"no case fits the engine's max input length {limit}: pass a shorter --image/--prompt pair")
@@ -227,7 +253,9 @@ def validate_engine(
     """Compare the engine in `engine_dir` with the eager reference of its source model (or `model`).
     `loaded` / `engine`: already loaded (by star-export), so neither is loaded twice."""
     if device == "cuda" and not torch.cuda.is_available() and not allow_fallback:
-        raise UserError("--device cuda: torch sees no CUDA GPU here: run where one is, use --device cpu, or pass --allow-fallback")
+        raise UserError(
+            "--device cuda: torch sees no CUDA GPU here: run where one is, use --device cpu, or pass --allow-fallback"
+        )
     name = mode or choose_mode(engine_dir, engine)
     mode = MODES[name]
     engine = engine or Engine.from_dir(engine_dir, provider=provider, allow_fallback=allow_fallback, lazy=mode.lazy)
@@ -241,9 +269,14 @@ def validate_engine(
     loaded = loaded or load_model(model or manifest.source["name"])
     check_same_model(loaded, engine)
     if manifest.decode_graphs and not decode_graph_names(engine.graphs):
-        why = ("the engine ran one graph at a time (memory), which decodes with the segment graphs" if mode.lazy
-               else f"they run on ONNX Runtime's CPU provider only, and this engine ran on {engine.provider}")
-        report.notes.append(f"the engine's ONNX Runtime decode graphs were not checked (star-run uses them on the CPU provider): {why}")
+        why = (
+            "the engine ran one graph at a time (memory), which decodes with the segment graphs"
+            if mode.lazy
+            else f"they run on ONNX Runtime's CPU provider only, and this engine ran on {engine.provider}"
+        )
+        report.notes.append(
+            f"the engine's ONNX Runtime decode graphs were not checked (star-run uses them on the CPU provider): {why}"
+        )
     say = progress or (lambda s: None)
     pairs = mode.cases(engine, images, prompts, report)
     tokens = min(max_new_tokens, mode.max_new_tokens or max_new_tokens, engine.limits.max_new_tokens)

@@ -27,23 +27,43 @@ from ..runtime.sessions import TorchGraph
 from .quantized import dequantize, engine_packing, engine_weight, quantized_modules
 from .reference import widen_numerics
 
+
 def units(model) -> list[torch.nn.Module]:
     """The modules cast as a whole: every parameter of the model but the token embeddings lies in exactly one."""
     tower, lm = model.model.vision_tower, model.model.language_model
     # Layers by their parts: the graph modules call a layer's parts directly where they keep attention probabilities,
     # and the decoder's attention by its projections (graphs/decoder.py `attend`).
-    clip = [m for layer in tower.encoder.layers for m in (layer.layer_norm1, layer.self_attn, layer.layer_norm2, layer.mlp)]
-    llama = [
-        m for layer in lm.layers
-        for m in (layer.input_layernorm, *(getattr(layer.self_attn, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj")), layer.post_attention_layernorm, layer.mlp)
+    clip = [
+        m for layer in tower.encoder.layers for m in (layer.layer_norm1, layer.self_attn, layer.layer_norm2, layer.mlp)
     ]
-    found = [tower.embeddings, tower.pre_layrnorm, *clip, model.model.multi_modal_projector, *llama, lm.norm, lm.rotary_emb, model.lm_head]
+    llama = [
+        m
+        for layer in lm.layers
+        for m in (
+            layer.input_layernorm,
+            *(getattr(layer.self_attn, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj")),
+            layer.post_attention_layernorm,
+            layer.mlp,
+        )
+    ]
+    found = [
+        tower.embeddings,
+        tower.pre_layrnorm,
+        *clip,
+        model.model.multi_modal_projector,
+        *llama,
+        lm.norm,
+        lm.rotary_emb,
+        model.lm_head,
+    ]
     if getattr(tower, "post_layernorm", None) is not None:
         found.append(tower.post_layernorm)
     return found
 
 
-Transform = Callable[[torch.nn.Module, str, torch.Tensor, torch.Tensor], torch.Tensor]  # (owner, name, stored, cast) -> used
+Transform = Callable[
+    [torch.nn.Module, str, torch.Tensor, torch.Tensor], torch.Tensor
+]  # (owner, name, stored, cast) -> used
 
 
 class Streamer:
@@ -57,8 +77,14 @@ class Streamer:
         covered = {id(p) for u in units(model) for p in u.parameters()} | {id(model.get_input_embeddings().weight)}
         missing = [n for n, p in model.named_parameters() if id(p) not in covered]
         if missing:
-            raise RuntimeError(f"layer streaming does not cover {missing[:3]}: the model's structure is not LLaVA-1.5's")
-        self._hooks = [h for unit in units(model) for h in (unit.register_forward_pre_hook(self._enter), unit.register_forward_hook(self._exit))]
+            raise RuntimeError(
+                f"layer streaming does not cover {missing[:3]}: the model's structure is not LLaVA-1.5's"
+            )
+        self._hooks = [
+            h
+            for unit in units(model)
+            for h in (unit.register_forward_pre_hook(self._enter), unit.register_forward_hook(self._exit))
+        ]
         # A float64 run widens the model's numerics in place (reference.widen_numerics): undone on close.
         self._attention = getattr(model.config, "_attn_implementation", None) or "eager"
         self._classes = [(m, type(m)) for m in model.modules()]
@@ -127,17 +153,24 @@ def quantized_transform(model, scheme, engine_dtype: str) -> Transform:
             return cast
         if id(owner) not in packed:
             packed[id(owner)] = engine_packing(engine_weight(stored, engine_dtype), scheme, engine_dtype)
-        return torch.from_numpy(dequantize(*packed[id(owner)], stored.shape[1], scheme.bits, scheme.block_size)).to(cast.dtype)
+        return torch.from_numpy(dequantize(*packed[id(owner)], stored.shape[1], scheme.bits, scheme.block_size)).to(
+            cast.dtype
+        )
 
     return transform
 
 
-def streamed_pipeline(loaded: LoadedModel, schedule: StarSchedule, streamer: Streamer, dtype: str, transform: Transform | None = None) -> StarPipeline:
+def streamed_pipeline(
+    loaded: LoadedModel, schedule: StarSchedule, streamer: Streamer, dtype: str, transform: Transform | None = None
+) -> StarPipeline:
     """The eager reference in `dtype` over the streamed model (CPU)."""
     if dtype == "float64":
         widen_numerics(loaded.model)  # float32 / float16 runs keep HF's numerics under it (reference.py)
     context = lambda: streamer.active(dtype, transform)  # noqa: E731
-    graphs = {name: TorchGraph(module, i, o, "cpu", context) for name, (module, i, o) in graph_modules(loaded, schedule).items()}
+    graphs = {
+        name: TorchGraph(module, i, o, "cpu", context)
+        for name, (module, i, o) in graph_modules(loaded, schedule).items()
+    }
     embed = loaded.model.get_input_embeddings().weight.detach().to(TORCH_DTYPES[dtype]).numpy()
     return StarPipeline(graphs, embed, schedule, decoder_layout(loaded, dtype))
 
