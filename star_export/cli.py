@@ -16,6 +16,7 @@ import signal
 import sys
 import threading
 
+from .config import CPU_ARENAS, PROVIDERS, THREAD_POOLS, RuntimeOptions
 from .errors import EXIT_INTERNAL, EXIT_MISMATCH, EXIT_USAGE, Terminated, require_extra, user_error_from
 from .runtime.threads import claim_process
 
@@ -23,7 +24,6 @@ os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
 DEFAULT_TEXT_TOKENS = 52  # text tokens of a typical single-question prompt; the plan's --text-tokens default
 BACKENDS = ("onnx", "tensorrt")  # export/backends.py holds the registry; its names here keep --help free of torch
-PROVIDERS = ("auto", "cpu", "cuda", "tensorrt")
 LIBRARY_LOGGERS = (
     "torch",
     "transformers",
@@ -421,6 +421,29 @@ def export_main(argv=None) -> int:
 # ------------------------------------------------------------------ star-run
 
 
+def _session_flags(g: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    g.add_argument(
+        "--thread-pool",
+        default=None,
+        choices=THREAD_POOLS,
+        help="ONNX Runtime CPU threads: one pool shared by every session (spinning), or a pool per session "
+        "(default: $STAR_ORT_THREAD_POOL, else shared; docs/runtime.md)",
+    )
+    g.add_argument(
+        "--cpu-arena",
+        default=None,
+        choices=CPU_ARENAS,
+        help="where sessions take CPU memory from: one arena for the process, one per session, or none "
+        "(default: $STAR_ORT_CPU_ARENA, else shared; docs/runtime.md)",
+    )
+
+
+def _options(args, **fixed) -> RuntimeOptions:
+    """The runtime options a command's flags give."""
+    given = {"provider": args.provider, "allow_fallback": args.allow_fallback} | fixed
+    return RuntimeOptions(thread_pool=args.thread_pool, cpu_arena=args.cpu_arena, **given)
+
+
 def _fallback_flag(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     p.add_argument(
         "--allow-fallback",
@@ -473,6 +496,7 @@ def run_parser() -> argparse.ArgumentParser:
         help="decode with the segment graphs even where the engine has ONNX Runtime decode graphs",
     )
     _fallback_flag(g)
+    _session_flags(g)
     return p
 
 
@@ -511,9 +535,7 @@ def _run(args) -> int:
         temperature=args.temperature,
         top_p=args.top_p,
         seed=args.seed,
-        provider=args.provider,
-        allow_fallback=args.allow_fallback,
-        decode_graphs=not args.no_decode_graphs,
+        options=_options(args, decode_graphs=not args.no_decode_graphs),
         stream=stream,
         info=info,
     )
@@ -548,6 +570,7 @@ def validate_parser() -> argparse.ArgumentParser:
         "--provider", default="cpu", choices=PROVIDERS, help="ONNX Runtime execution provider for the engine"
     )
     _fallback_flag(p)
+    _session_flags(p)
     p.add_argument("--image", action="append", default=None, help="extra case image (with --prompt)")
     p.add_argument("--prompt", action="append", default=None, help="extra case question (with --image)")
     p.add_argument("--max-new-tokens", type=_positive, default=16, help="greedy tokens compared per case")
@@ -573,6 +596,7 @@ def _validate(args) -> int:
         max_new_tokens=args.max_new_tokens,
         provider=args.provider,
         allow_fallback=args.allow_fallback,
+        options=_options(args),
     )
     print(json.dumps(report.asdict(), indent=2) if args.json else report.table())
     return 0 if report.ok else EXIT_MISMATCH
@@ -645,9 +669,8 @@ def serve_parser() -> argparse.ArgumentParser:
         metavar="MIB",
         help="memory that large request bodies and images being decoded "
         "may hold together, in MiB (a 64-megapixel RGB photo takes 256; a rotated, CMYK or transparent one twice that; "
-        "an image that "
-        "needs more is refused; default: 320 or half the server's memory once the engine is loaded, whichever is "
-        "larger)",
+        "an image that needs more is refused; default: 320 or half the server's memory once the engine is loaded, "
+        "whichever is larger)",
     )
     g.add_argument(
         "--max-connections",
@@ -667,6 +690,7 @@ def serve_parser() -> argparse.ArgumentParser:
         help="ONNX Runtime execution provider (auto: CUDA when present, else CPU)",
     )
     _fallback_flag(g)
+    _session_flags(g)
     g = p.add_argument_group("Triton Inference Server")
     _triton_flags(g, "--write-triton-repo", "write a Triton model repository for ENGINE and exit (no server starts)")
     g.add_argument("--force", action="store_true", help="with --write-triton-repo: replace models of the same names")
@@ -701,8 +725,7 @@ def _serve(args) -> int:
             "header_timeout": args.header_timeout,
             "body_timeout": args.body_timeout,
         },
-        provider=args.provider,
-        allow_fallback=args.allow_fallback,
+        options=_options(args),
         quiet=args.quiet,
         verbose=args.verbose,
     )

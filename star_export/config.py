@@ -259,3 +259,42 @@ class Limits:
 
     def asdict(self) -> dict[str, int]:
         return asdict(self)
+
+
+PROVIDERS = (
+    "auto",
+    "cpu",
+    "cuda",
+    "tensorrt",
+)  # ONNX Runtime execution providers by short name (auto: CUDA if present)
+THREAD_POOLS = ("shared", "per-session")  # runtime/threads.py
+CPU_ARENAS = ("shared", "session", "off")  # runtime/sessions.py `cpu_arena`
+
+
+class RuntimeOptionsError(UserError, ValueError):
+    """A runtime option outside its allowed values; the message names them."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class RuntimeOptions:
+    """How an engine's ONNX Runtime sessions run (the star-run / star-validate / star-serve flags of the same names).
+
+    `thread_pool` and `cpu_arena` None: the environment's choice ($STAR_ORT_THREAD_POOL, $STAR_ORT_CPU_ARENA), else the
+    default (a pool per session for a program that imports the package, the shared pool in star-* commands; one shared
+    CPU arena). The thread pool is the process's, fixed by its first session (runtime/threads.py)."""
+
+    provider: str = "auto"
+    allow_fallback: bool = False  # run on the CPU where the asked-for GPU provider is missing
+    thread_pool: str | None = None
+    cpu_arena: str | None = None
+    decode_graphs: bool = True  # decode with the engine's ONNX Runtime decode graphs where it has them (CPU provider)
+
+    def __post_init__(self):
+        for name, value, allowed in (
+            ("provider", self.provider, PROVIDERS),
+            ("thread_pool", self.thread_pool, THREAD_POOLS),
+            ("cpu_arena", self.cpu_arena, CPU_ARENAS),
+        ):
+            if value is not None and value not in allowed:
+                flag = "--" + name.replace("_", "-")
+                raise RuntimeOptionsError(f"{flag} {value!r}: allowed {', '.join(allowed)}")

@@ -1,6 +1,8 @@
-"""ONNX Runtime's thread pools (runtime/threads.py): a pool per session for a library user, one shared pool
-where star-export owns the process (its commands, the Triton model), $STAR_ORT_THREAD_POOL over both. The mode is fixed
-by a process's first session, so each case runs in an interpreter of its own."""
+"""How an engine's ONNX Runtime sessions run (config.RuntimeOptions, runtime/threads.py, runtime/sessions.py): a thread
+pool per session for a library user, one shared pool where star-export owns the process (its commands, the Triton
+model), `--thread-pool` / $STAR_ORT_THREAD_POOL over both; one CPU arena for the process unless `--cpu-arena` /
+$STAR_ORT_CPU_ARENA says otherwise. The pool mode is fixed by a process's first session, so each case that depends on
+it runs in an interpreter of its own."""
 
 import json
 import os
@@ -58,10 +60,10 @@ def test_the_thread_pool_mode(mode, caller, shared):
     assert lines[-1] == ("own session: refused True" if shared else "own session: created"), lines
 
 
-def _star_run(engine, image, mode, **env):
+def _star_run(engine, image, mode, *flags, **env):
     code = "import sys; from star_export.cli import run_main; sys.exit(run_main(sys.argv[1:]))"
     return subprocess.run([sys.executable, "-c", code, str(engine), "--image", str(image), "--prompt", "Describe.", "--max-new-tokens", "6",
-                           "--json", "--quiet"], capture_output=True, text=True, env=_env(mode) | env, timeout=600)
+                           "--json", "--quiet", *flags], capture_output=True, text=True, env=_env(mode) | env, timeout=600)
 
 
 def test_star_run_shares_one_pool_and_generates_the_same_tokens(decode_engine, tmp_path):
@@ -119,3 +121,48 @@ def test_cpu_arena_is_shared_by_default(monkeypatch):
     monkeypatch.setenv("STAR_ORT_CPU_ARENA", "yes")
     with pytest.raises(UserError, match="STAR_ORT_CPU_ARENA='yes': allowed shared, session, off"):
         session_options()
+
+
+def test_runtime_options_choose_the_arena_of_an_engines_sessions(tiny_engine):
+    from star_export.config import RuntimeOptions
+    from star_export.runtime.engine import Engine
+
+    for arena, enabled in (("off", False), ("session", True)):
+        engine = Engine(tiny_engine, RuntimeOptions(provider="cpu", cpu_arena=arena))
+        held = {(g.cpu_arena, g.session.get_session_options().enable_cpu_mem_arena) for g in engine.graphs.values()}
+        assert held == {(arena, enabled)}
+        assert engine.options.cpu_arena == arena and engine.options.provider == "cpu"
+
+
+def test_runtime_options_refuse_what_they_do_not_know(monkeypatch):
+    from star_export.config import RuntimeOptions
+    from star_export.errors import UserError
+    from star_export.runtime import threads
+
+    for field, value, allowed in (("cpu_arena", "yes", "shared, session, off"), ("thread_pool", "global", "shared, per-session"),
+                                  ("provider", "tpu", "auto, cpu, cuda, tensorrt")):
+        with pytest.raises(UserError, match=f"--{field.replace('_', '-')} '{value}': allowed {allowed}"):
+            RuntimeOptions(**{field: value})
+    # the pool is the process's, fixed by its first session: asking for the other one later is refused, not ignored
+    monkeypatch.setattr(threads, "_mode", "per-session")
+    with pytest.raises(UserError, match="already run on the 'per-session' thread pool"):
+        threads.thread_pool(mode="shared")
+    assert threads.thread_pool(mode="per-session") == "per-session" and threads.thread_pool() == "per-session"
+
+
+def test_star_run_flags_choose_the_pool_and_the_arena_over_the_environment(decode_engine, tmp_path):
+    from star_export.runtime.inputs import synthetic_image
+
+    image = tmp_path / "a.png"
+    synthetic_image(0).save(image)
+    flagged = _star_run(decode_engine, image, "shared", "--thread-pool", "per-session", "--cpu-arena", "off",
+                        STAR_ORT_CPU_ARENA="session")
+    assert flagged.returncode == 0, flagged.stderr
+    timings = json.loads(flagged.stdout)["timings"]
+    assert (timings["thread_pool"], timings["cpu_arena"]) == ("per-session", "off")
+    by_env = _star_run(decode_engine, image, None, STAR_ORT_CPU_ARENA="session")  # no flag: the environment's
+    assert by_env.returncode == 0, by_env.stderr
+    assert json.loads(by_env.stdout)["timings"]["cpu_arena"] == "session"
+    assert json.loads(by_env.stdout)["token_ids"] == json.loads(flagged.stdout)["token_ids"]
+    wrong = _star_run(decode_engine, image, None, "--cpu-arena", "yes")
+    assert wrong.returncode == 2 and "invalid choice: 'yes'" in wrong.stderr

@@ -8,7 +8,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from ..config import DecoderLayout, ModelSpec
+from ..config import DecoderLayout, ModelSpec, RuntimeOptions
 from ..engine_check import GRAPHS, check_fields, check_graphs, check_paths, check_processor, load_embeddings
 from ..errors import user_error_from
 from ..manifest import EngineError, EngineManifest, decode_graph_names
@@ -39,13 +39,15 @@ def load_processor(path: Path, spec: ModelSpec, layout: DecoderLayout):
     return processor
 
 
-def _load_graph(path: Path, providers, lazy: bool = False, graph: type = OrtGraph) -> OrtGraph | LazyOrtGraph:
+def _load_graph(
+    path: Path, providers, lazy: bool = False, graph: type = OrtGraph, arena: str | None = None
+) -> OrtGraph | LazyOrtGraph:
     try:
         if lazy:  # the session is created at each call; check now that it loads, then free it
-            lazy_graph = LazyOrtGraph(path, providers)
+            lazy_graph = LazyOrtGraph(path, providers, arena=arena)
             lazy_graph.session()
             return lazy_graph
-        return graph(path, providers)
+        return graph(path, providers, arena=arena)
     except Exception as e:  # ONNX Runtime's own exception types: the file is not a graph it can run
         if user_error_from(e):
             raise
@@ -59,16 +61,23 @@ class Engine:
     def __init__(
         self,
         directory: str | Path,
+        options: RuntimeOptions | None = None,
         *,
-        provider: str = "auto",
         verify: bool = True,
-        allow_fallback: bool = False,
         lazy: bool = False,
-        decode_graphs: bool = True,
+        provider: str | None = None,
+        allow_fallback: bool | None = None,
+        decode_graphs: bool | None = None,
     ):
-        """`lazy`: one graph resident at a time (each session created per call: slow, for validating engines that do
-        not fit in memory as a whole). `decode_graphs`: decode with the engine's ONNX Runtime decode graphs where it
-        has them (export/decode_graphs.py; CPU provider only); False: with the segment graphs."""
+        """`options`: how the sessions run (provider, thread pool, CPU arena, decode graphs); `provider`,
+        `allow_fallback`, `decode_graphs` given here override theirs. `lazy`: one graph resident at a time (each
+        session created per call: slow, for validating engines that do not fit in memory as a whole). Decode graphs
+        (export/decode_graphs.py) run on the CPU provider only; elsewhere, and when a lazy engine decodes, the
+        segment graphs do."""
+        given = {"provider": provider, "allow_fallback": allow_fallback, "decode_graphs": decode_graphs}
+        self.options = options = replace(
+            options or RuntimeOptions(), **{k: v for k, v in given.items() if v is not None}
+        )
         self.directory = Path(directory)
         # files are verified below, after the cheap checks
         self.manifest = manifest = EngineManifest.read(self.directory, verify=False)
@@ -77,7 +86,7 @@ class Engine:
         self.scheme, self.limits = manifest.weights, manifest.limits
         check_fields(self.spec, self.schedule, self.layout, self.limits.asdict(), manifest.dtype)
         check_paths(self.directory, m)
-        self.providers = resolve_providers(provider, allow_fallback=allow_fallback)
+        self.providers = resolve_providers(options.provider, allow_fallback=options.allow_fallback)
         if self.providers[0] == "CPUExecutionProvider" and not lazy:
             check_run_fits(manifest)  # refuse now rather than be killed loading the sessions
         if verify:
@@ -85,15 +94,18 @@ class Engine:
         check_graphs(self.directory, m, self.spec, self.schedule, self.layout)
         self.embed_tokens = load_embeddings(self.directory, m, self.spec, self.layout)
         self.processor = load_processor(self.directory / "processor", self.spec, self.layout)
+        threads.thread_pool(mode=options.thread_pool)  # the process's pool, fixed by its first session
         files = {name: m["graphs"][name]["file"] for name in GRAPHS}
-        self.graphs = {name: _load_graph(self.directory / files[name], self.providers, lazy) for name in GRAPHS}
+        arena = options.cpu_arena
+        self.graphs = {
+            name: _load_graph(self.directory / files[name], self.providers, lazy, arena=arena) for name in GRAPHS
+        }
         # The decode graphs run on ONNX Runtime's CPU provider only (their caches are bound as host memory); a lazy
         # engine, or one on another provider, decodes with the segment graphs.
-        use = decode_graphs and not lazy and self.providers[0] == "CPUExecutionProvider"
+        use = options.decode_graphs and not lazy and self.providers[0] == "CPUExecutionProvider"
         for name in manifest.decode_graphs if use else ():
-            self.graphs[name] = _load_graph(
-                self.directory / m["graphs"][name]["file"], self.providers, graph=DecodeGraph
-            )
+            path = self.directory / m["graphs"][name]["file"]
+            self.graphs[name] = _load_graph(path, self.providers, graph=DecodeGraph, arena=arena)
         self.provider = self.graphs["segment0"].provider
         self.pipeline = StarPipeline(self.graphs, self.embed_tokens, self.schedule, self.layout)
 
@@ -146,20 +158,18 @@ def run_engine(
     temperature: float = 0.0,
     top_p: float = 1.0,
     seed: int = 0,
-    provider: str = "auto",
-    allow_fallback: bool = False,
-    decode_graphs: bool = True,
+    options: RuntimeOptions = RuntimeOptions(),
     stream: Callable[[str], None] | None = None,
     info: dict | None = None,
 ) -> list[dict]:
     """Generate for each (image, prompt) pair as one batch; `stream` receives the new text of request 0 per step.
     `max_new_tokens=None`: 64, or the engine's limit if lower. `info`, when given, receives what a summary line
-    needs (visual tokens per stage, the source model and whether its weights are random). `decode_graphs`: False
-    decodes with the segment graphs where the engine also has ONNX Runtime decode graphs."""
+    needs (visual tokens per stage, the source model and whether its weights are random). `options`: how the engine's
+    sessions run (provider, thread pool, CPU arena, decode graphs)."""
     # Requests are checked before the engine loads: sampling settings, image files, pairs.
     sampling = Sampling(max_new_tokens=max_new_tokens or 1, temperature=temperature, top_p=top_p, seed=seed)
     images = load_requests(images, prompts, rule_from_engine_dir(engine_dir))
-    engine = Engine.from_dir(engine_dir, provider=provider, allow_fallback=allow_fallback, decode_graphs=decode_graphs)
+    engine = Engine.from_dir(engine_dir, options)
     if max_new_tokens is None:
         max_new_tokens = min(64, engine.limits.max_new_tokens)
     sampling = replace(sampling, max_new_tokens=max_new_tokens)

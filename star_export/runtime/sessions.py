@@ -172,13 +172,13 @@ def _shared_arena_of_process(opts) -> None:
     opts.add_session_config_entry("session.use_env_allocators", "1")
 
 
-CPU_ARENAS = {"shared": _shared_arena_of_process, "session": _own_arena, "off": _no_arena}
+ARENA_SETTINGS = {"shared": _shared_arena_of_process, "session": _own_arena, "off": _no_arena}
 
 
-def cpu_arena(transient: bool = False) -> str:
-    """Where a session's CPU tensors come from: $STAR_ORT_CPU_ARENA, read as each session is created (another value is a
-    user error); `session_options` sets it. Measured on 2 cores (docs/performance.md,
-    "Decided experiments"):
+def cpu_arena(transient: bool = False, value: str | None = None) -> str:
+    """Where a session's CPU tensors come from: `value` (RuntimeOptions.cpu_arena), else $STAR_ORT_CPU_ARENA, read as
+    each session is created (another value is a user error), else "shared"; `session_options` sets it. Measured on 2
+    cores (docs/performance.md, "Decided experiments"):
     - "shared" (default): one ONNX Runtime arena for every session of the process. Prefill and decode took the time
       they took with an arena per session (0.97-1.03x in one process, either load order, 4-layer int4 and float32 and
       full-size int4), and a process's memory grows to its largest call's, not to the sum of every session's:
@@ -189,19 +189,20 @@ def cpu_arena(transient: bool = False) -> str:
       prefill took 1.14x as long (1.03-1.20).
     `transient`: a session freed after one run (LazyOrtGraph) gets its own arena where the process's is shared, so that
     what it grew to is freed with it (memory.py's plan for a lazy validation counts on that)."""
-    value = os.environ.get(CPU_ARENA_ENV) or "shared"
-    if value not in CPU_ARENAS:
-        raise UserError(f"{CPU_ARENA_ENV}={value!r}: allowed {', '.join(CPU_ARENAS)}")
+    value = value or os.environ.get(CPU_ARENA_ENV) or "shared"
+    if value not in ARENA_SETTINGS:
+        raise UserError(f"{CPU_ARENA_ENV}={value!r}: allowed {', '.join(ARENA_SETTINGS)}")
     return "session" if transient and value == "shared" else value
 
 
-def session_options(threads: int | None = None, transient: bool = False):
-    """The options every engine session is created with (see `thread_pool`; `cpu_arena`, with `transient`)."""
+def session_options(threads: int | None = None, transient: bool = False, arena: str | None = None):
+    """The options every engine session is created with (see `thread_pool`; `cpu_arena`, with `transient` and
+    `arena`)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    CPU_ARENAS[cpu_arena(transient)](opts)
+    ARENA_SETTINGS[cpu_arena(transient, arena)](opts)
     if thread_pool(threads) == "shared":  # runtime/threads.py
         opts.use_per_session_threads = False
         return opts
@@ -240,15 +241,20 @@ class OrtGraph:
     are read in place."""
 
     def __init__(
-        self, path: str | Path, providers: Sequence[str] = ("CPUExecutionProvider",), threads: int | None = None
+        self,
+        path: str | Path,
+        providers: Sequence[str] = ("CPUExecutionProvider",),
+        threads: int | None = None,
+        arena: str | None = None,
     ):
+        """`arena`: the CPU arena (`cpu_arena`'s value; None: the environment's, else shared)."""
         import onnxruntime as ort
 
         self._ort = ort
         self.session = ort.InferenceSession(
-            str(path), sess_options=session_options(threads), providers=with_options(providers)
+            str(path), sess_options=session_options(threads, arena=arena), providers=with_options(providers)
         )
-        self.cpu_arena = cpu_arena()  # what session_options just set
+        self.cpu_arena = cpu_arena(value=arena)  # what session_options just set
         self.provider = self.session.get_providers()[0]
         if self.provider != providers[0]:
             warnings.warn(
@@ -334,10 +340,12 @@ class LazyOrtGraph:
     Each call creates the session, runs it on numpy inputs and frees it, so only one graph is ever resident; the
     session is rebuilt at every call (seconds per GB), which only the validator's few steps can afford."""
 
-    def __init__(self, path: str | Path, providers: Sequence[str] = ("CPUExecutionProvider",)):
+    def __init__(
+        self, path: str | Path, providers: Sequence[str] = ("CPUExecutionProvider",), arena: str | None = None
+    ):
         import onnx
 
-        self.path, self.providers = Path(path), list(providers)
+        self.path, self.providers, self.arena = Path(path), list(providers), arena
         graph = onnx.load(str(self.path), load_external_data=False).graph
         initializers = {i.name for i in graph.initializer}
         self.input_names = [i.name for i in graph.input if i.name not in initializers]
@@ -347,8 +355,7 @@ class LazyOrtGraph:
     # Without constant folding. Folding replaces each float16 weight's Cast by a float32 copy while the file's float16
     # tensors are still held: segment 1 of a 7B float16 engine peaked at 19.16 GiB with it and 13.14 GiB without,
     # created in 33 s instead of 75, with bitwise-equal logits (measured on a 7B float16 engine; tests/test_streaming.py
-    # checks the
-    # equality on every graph of a float16 engine).
+    # checks the equality on every graph of a float16 engine).
     DISABLED_OPTIMIZERS = ("ConstantFolding",)
 
     def session(self):
@@ -356,7 +363,7 @@ class LazyOrtGraph:
 
         return ort.InferenceSession(
             str(self.path),
-            sess_options=session_options(transient=True),
+            sess_options=session_options(transient=True, arena=self.arena),
             providers=with_options(self.providers),
             disabled_optimizers=list(self.DISABLED_OPTIMIZERS),
         )

@@ -21,9 +21,9 @@ from __future__ import annotations
 import os
 import warnings
 
+from ..config import THREAD_POOLS
 from ..errors import UserError
 
-THREAD_POOLS = ("shared", "per-session")
 THREAD_POOL_ENV = "STAR_ORT_THREAD_POOL"
 _mode: str | None = None
 _size: int | None = None  # the shared pool's size as asked for at the first call (None: ONNX Runtime's default)
@@ -35,11 +35,17 @@ def claim_process() -> None:
     os.environ.setdefault(THREAD_POOL_ENV, "shared")
 
 
-def thread_pool(threads: int | None = None) -> str:
-    """This process's mode: $STAR_ORT_THREAD_POOL (default "per-session"), fixed by the first call, which comes before
-    the process's first session. `threads`: the shared pool's size, taken at that first call (default: ONNX Runtime's,
-    one per physical core); a later call cannot change it, and warns when it asks for another."""
+def thread_pool(threads: int | None = None, mode: str | None = None) -> str:
+    """This process's mode: `mode` (RuntimeOptions.thread_pool), else $STAR_ORT_THREAD_POOL, else "per-session"; fixed
+    by the first call, which comes before the process's first session (a later call asking for the other mode is a
+    user error). `threads`: the shared pool's size, taken at that first call (default: ONNX Runtime's, one per
+    physical core); a later call cannot change it, and warns when it asks for another."""
     global _mode, _size
+    if _mode is not None and mode is not None and mode != _mode:
+        raise UserError(
+            f"--thread-pool {mode}: this process's ONNX Runtime sessions already run on the {_mode!r} thread pool, "
+            "fixed by its first session; choose the mode before any session is created"
+        )
     if _mode == "shared" and threads and threads != _size:
         warnings.warn(
             f"ONNX Runtime's shared thread pool has {_size or 'its default number of'} threads, fixed by this "
@@ -49,7 +55,7 @@ def thread_pool(threads: int | None = None) -> str:
             stacklevel=3,
         )
     if _mode is None:
-        mode = os.environ.get(THREAD_POOL_ENV) or "per-session"
+        mode = mode or os.environ.get(THREAD_POOL_ENV) or "per-session"
         if mode not in THREAD_POOLS:
             raise UserError(f"{THREAD_POOL_ENV}={mode!r}: allowed {', '.join(THREAD_POOLS)}")
         if mode == "shared":

@@ -7,6 +7,7 @@ import socket
 import sys
 from pathlib import Path
 
+from ..config import RuntimeOptions
 from ..errors import UserError
 
 
@@ -64,12 +65,11 @@ def serve(
     host: str,
     port: int,
     settings_kwargs: dict,
-    provider: str = "auto",
-    allow_fallback: bool = False,
+    options: RuntimeOptions = RuntimeOptions(),
     quiet: bool = False,
     verbose: bool = False,
 ) -> None:
-    """Load and verify the engine, bind, then serve until SIGINT / SIGTERM."""
+    """Load and verify the engine (its sessions as `options` say), bind, then serve until SIGINT / SIGTERM."""
     import uvicorn
 
     from ..runtime.engine import Engine
@@ -80,7 +80,7 @@ def serve(
     return_large_frees()  # images decoded in worker threads give their memory back (memory.py)
     say = (lambda msg: None) if quiet else (lambda msg: print(f"star-serve: {msg}", file=sys.stderr, flush=True))
     say(f"loading {engine_dir} ...")
-    engine = Engine.from_dir(engine_dir, provider=provider, allow_fallback=allow_fallback)
+    engine = Engine.from_dir(engine_dir, options)
     settings = ServeSettings(
         model_name=settings_kwargs.pop("model_name", None) or default_model_name(engine.manifest), **settings_kwargs
     )

@@ -35,6 +35,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from ..config import RuntimeOptions
 from ..errors import UserError
 from ..manifest import EngineManifest, decode_graph_names
 from ..memory import validation_mode
@@ -247,18 +248,22 @@ def validate_engine(
     max_new_tokens: int = 16,
     provider: str = "cpu",
     allow_fallback: bool = False,
+    options: RuntimeOptions | None = None,
     mode: str | None = None,
     progress=None,
 ) -> ValidationReport:
     """Compare the engine in `engine_dir` with the eager reference of its source model (or `model`).
-    `loaded` / `engine`: already loaded (by star-export), so neither is loaded twice."""
+    `loaded` / `engine`: already loaded (by star-export), so neither is loaded twice. `options`: how the engine's
+    sessions run (its provider and fallback are `provider` and `allow_fallback`)."""
     if device == "cuda" and not torch.cuda.is_available() and not allow_fallback:
         raise UserError(
             "--device cuda: torch sees no CUDA GPU here: run where one is, use --device cpu, or pass --allow-fallback"
         )
     name = mode or choose_mode(engine_dir, engine)
     mode = MODES[name]
-    engine = engine or Engine.from_dir(engine_dir, provider=provider, allow_fallback=allow_fallback, lazy=mode.lazy)
+    engine = engine or Engine.from_dir(
+        engine_dir, options, provider=provider, allow_fallback=allow_fallback, lazy=mode.lazy
+    )
     manifest, dtype = engine.manifest, engine.manifest.dtype
     report = ValidationReport(engine=str(engine_dir), reference_device=device, dtype=dtype, floor=budget.floor(dtype))
     if device == "cuda" and not torch.cuda.is_available():
