@@ -193,3 +193,38 @@ def test_attention_block_is_found_behind_transposed_weights(tiny_engine, tmp_pat
         _, folded, absolute, _ = attention_block(path, layer)
         _, behind, absolute_behind, _ = attention_block(tmp_path / "segment0.onnx", layer)
         assert (behind, absolute_behind) == (folded, absolute)
+
+
+def test_add_decode_graphs_writes_them_into_an_engine_exported_without(tiny_engine, images, tmp_path, capsys):
+    """`star-export --add-decode-graphs ENGINE`: an engine exported without decode graphs gets them and a re-signed
+    star.json (the next load verifies every sha256), then decodes with them to the tokens its segment graphs give, logits
+    within float32 rounding (RELATIVE). Asked again it writes nothing; an engine they do not apply to is exit 2."""
+    from star_export.cli import export_main
+    from star_export.runtime.generate import Sampling
+
+    directory = tmp_path / "engine"
+    shutil.copytree(tiny_engine, directory)
+    assert "decode0" not in json.loads((directory / "star.json").read_text())["graphs"]
+    assert export_main(["--add-decode-graphs", str(directory), "--quiet"]) == 0
+    assert "decode graphs written into" in capsys.readouterr().out
+    manifest = json.loads((directory / "star.json").read_text())
+    assert {"decode0", "decode1"} <= set(manifest["graphs"]) and {"decode0.onnx", "decode1.onnx"} <= set(manifest["files"])
+    sampling = Sampling(max_new_tokens=6, stop_at_eos=False)
+    runs = {}
+    for use in (True, False):
+        engine = Engine(directory, provider="cpu", decode_graphs=use)  # verify=True: the new hashes hold
+        assert ("decode0" in engine.graphs) is use
+        runs[use] = engine.generate(images[:1], QUESTIONS[:1], sampling)
+    assert runs[True].token_ids == runs[False].token_ids
+    for g, w in zip(runs[True].logits, runs[False].logits):
+        assert np.abs(g - w).max() <= RELATIVE * np.abs(w).max()
+
+    assert export_main(["--add-decode-graphs", str(directory), "--quiet"]) == 0
+    assert "no decode graphs written (it has them already" in capsys.readouterr().out
+
+    other = tmp_path / "float16"
+    shutil.copytree(tiny_engine, other)
+    edited = json.loads((other / "star.json").read_text()) | {"dtype": "float16"}
+    (other / "star.json").write_text(json.dumps(edited))
+    assert export_main(["--add-decode-graphs", str(other), "--quiet"]) == 2
+    assert "--add-decode-graphs: needs a float32 onnx engine" in capsys.readouterr().err

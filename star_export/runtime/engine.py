@@ -110,8 +110,8 @@ class Engine:
         self.pipeline = StarPipeline(self.graphs, self.embed_tokens, self.schedule, self.layout)
 
     @classmethod
-    def from_dir(cls, directory: str | Path, **kwargs) -> "Engine":
-        return cls(directory, **kwargs)
+    def from_dir(cls, directory: str | Path, options: RuntimeOptions | None = None, **kwargs) -> "Engine":
+        return cls(directory, options, **kwargs)
 
     def prepare(self, images: Sequence[Any], prompts: Sequence[str]) -> dict[str, np.ndarray]:
         lim = self.limits
