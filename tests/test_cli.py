@@ -1,4 +1,4 @@
-"""The console entry points (cli.py): --dry-run, bad input (exit 2, nothing written),
+"""The console entry points (cli/): --dry-run, bad input (exit 2, nothing written),
 and the engine directory as a product: export a local HF directory, run it, validate it, tamper with it."""
 
 import json
