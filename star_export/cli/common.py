@@ -14,7 +14,7 @@ import signal
 import sys
 import threading
 
-from ..config import CPU_ARENAS, THREAD_POOLS, RuntimeOptions
+from ..config import CPU_ARENAS, PROVIDERS, THREAD_POOLS, RuntimeOptions
 from ..errors import EXIT_INTERNAL, EXIT_USAGE, Terminated, user_error_from
 from ..runtime.threads import claim_process
 
@@ -201,6 +201,18 @@ def gib(text: str) -> int:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"{text!r}: allowed a number of GiB > 0")
     return int(value * (1 << 30))
+
+
+def device_flags(g: argparse.ArgumentParser | argparse._ArgumentGroup, provider: str = "auto", what: str = "") -> None:
+    """--provider (default `provider`; `what`: whose provider it is), --allow-fallback, and the session flags."""
+    g.add_argument(
+        "--provider",
+        default=provider,
+        choices=PROVIDERS,
+        help=f"ONNX Runtime execution provider{what} (auto: CUDA when present, else CPU)",
+    )
+    fallback_flag(g)
+    session_flags(g)
 
 
 def session_flags(g: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:

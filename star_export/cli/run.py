@@ -6,17 +6,15 @@ import argparse
 import json
 import sys
 
-from ..config import PROVIDERS
 from ..errors import EXIT_MISMATCH
 from .common import (
     command_parser,
     count,
-    fallback_flag,
+    device_flags,
     finite,
     positive,
     run_command,
     runtime_options,
-    session_flags,
 )
 
 # ------------------------------------------------------------------ star-run
@@ -54,19 +52,12 @@ def run_parser() -> argparse.ArgumentParser:
         help='print {"text", "token_ids", "stage1_indices", "stage2_indices", "timings"} (a list for several requests)',
     )
     g = p.add_argument_group("device")
-    g.add_argument(
-        "--provider",
-        default="auto",
-        choices=PROVIDERS,
-        help="ONNX Runtime execution provider (auto: CUDA when present, else CPU)",
-    )
+    device_flags(g)
     g.add_argument(
         "--no-decode-graphs",
         action="store_true",
         help="decode with the segment graphs even where the engine has ONNX Runtime decode graphs",
     )
-    fallback_flag(g)
-    session_flags(g)
     return p
 
 
@@ -136,11 +127,7 @@ def validate_parser() -> argparse.ArgumentParser:
     p.add_argument("engine", help="engine directory written by star-export")
     p.add_argument("--model", default=None, help="source model for the reference (default: the one in star.json)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the eager reference runs")
-    p.add_argument(
-        "--provider", default="cpu", choices=PROVIDERS, help="ONNX Runtime execution provider for the engine"
-    )
-    fallback_flag(p)
-    session_flags(p)
+    device_flags(p, "cpu", " for the engine")
     p.add_argument("--image", action="append", default=None, help="extra case image (with --prompt)")
     p.add_argument("--prompt", action="append", default=None, help="extra case question (with --image)")
     p.add_argument("--max-new-tokens", type=positive, default=16, help="greedy tokens compared per case")

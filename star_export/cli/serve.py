@@ -5,17 +5,15 @@ from __future__ import annotations
 import argparse
 import os
 
-from ..config import PROVIDERS
 from ..errors import require_extra
 from .common import (
     command_parser,
-    fallback_flag,
+    device_flags,
     port,
     positive,
     run_command,
     runtime_options,
     seconds,
-    session_flags,
     triton_flags,
     write_triton,
 )
@@ -82,15 +80,7 @@ def serve_parser() -> argparse.ArgumentParser:
         "--header-timeout", type=seconds, default=10.0, help="seconds a connection has to send its request headers"
     )
     g.add_argument("--body-timeout", type=seconds, default=60.0, help="seconds a request has to send its whole body")
-    g = p.add_argument_group("device")
-    g.add_argument(
-        "--provider",
-        default="auto",
-        choices=PROVIDERS,
-        help="ONNX Runtime execution provider (auto: CUDA when present, else CPU)",
-    )
-    fallback_flag(g)
-    session_flags(g)
+    device_flags(p.add_argument_group("device"))
     g = p.add_argument_group("Triton Inference Server")
     triton_flags(g, "--write-triton-repo", "write a Triton model repository for ENGINE and exit (no server starts)")
     g.add_argument("--force", action="store_true", help="with --write-triton-repo: replace models of the same names")
