@@ -92,6 +92,7 @@ class WholeReferences:
     (what quantization costs, reported). Per-graph checks on the truth's recorded feeds of the first batch."""
 
     per_graph = True
+    says_steps = False  # whole-model references are quick: the export's line for the stage is enough
 
     def __init__(
         self, report: ValidationReport, engine: Engine, loaded: LoadedModel, device: str, stack: ExitStack, say
@@ -135,6 +136,7 @@ class StreamedReferences:
     whose eager twin cannot run on a CPU is estimated from float32 (`eager_dtype_for`)."""
 
     per_graph = False
+    says_steps = True  # each streamed forward re-reads the weights (minutes at 7B): every step is said
 
     def __init__(
         self, report: ValidationReport, engine: Engine, loaded: LoadedModel, device: str, stack: ExitStack, say
@@ -292,7 +294,8 @@ def validate_engine(
         for b, start in enumerate(range(0, len(pairs), size)):
             cases = pairs[start : start + size]
             inputs = engine.prepare([p[0] for p in cases], [p[1] for p in cases])
-            say("engine run")
+            if references.says_steps:
+                say("engine run")
             batch = Batch(f"batch {b} ({len(cases)})", inputs, sampling, None)
             batch.got = engine.pipeline.generate(*batch.feed)
             t, e, s1, s2, plain = references.run(batch)
