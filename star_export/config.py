@@ -261,12 +261,9 @@ class Limits:
         return asdict(self)
 
 
-PROVIDERS = (
-    "auto",
-    "cpu",
-    "cuda",
-    "tensorrt",
-)  # ONNX Runtime execution providers by short name (auto: CUDA if present)
+# ONNX Runtime execution providers by short name, and OpenVINO's CPU plugin (runtime/openvino.py); auto: the fastest
+# measured that this machine has (runtime/sessions.auto_provider)
+PROVIDERS = ("auto", "cpu", "cuda", "tensorrt", "openvino")
 THREAD_POOLS = ("shared", "per-session")  # runtime/threads.py
 CPU_ARENAS = ("shared", "session", "off")  # runtime/sessions.py `cpu_arena`
 

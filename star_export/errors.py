@@ -41,6 +41,7 @@ EXTRAS = {
     "tensorrt": "tensorrt",
     "sentencepiece": "checkpoint",
     "matplotlib": "bench",
+    "openvino": "openvino",
 }
 
 

@@ -8,6 +8,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # their own (onnx-graphsurgeon's constant folding): a pool per session, as a library user gets (runtime/threads.py).
 # The shared pool, the commands' default, is tested in processes of its own (tests/test_sessions.py).
 os.environ.setdefault("STAR_ORT_THREAD_POOL", "per-session")
+# `auto` would pick OpenVINO in bfloat16 on a CPU with bfloat16 units and ONNX Runtime elsewhere: the suite pins ONNX
+# Runtime's CPU provider so that it tests the same thing on every CPU; OpenVINO is tested where asked for
+# (tests/test_openvino.py).
+os.environ.setdefault("STAR_PROVIDER", "cpu")
 
 import pytest
 import torch

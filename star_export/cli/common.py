@@ -209,7 +209,9 @@ def device_flags(g: argparse.ArgumentParser | argparse._ArgumentGroup, provider:
         "--provider",
         default=provider,
         choices=PROVIDERS,
-        help=f"ONNX Runtime execution provider{what} (auto: CUDA when present, else CPU)",
+        help=f"where the graphs run{what}: ONNX Runtime's cpu / cuda / tensorrt provider, or OpenVINO's CPU plugin "
+        "(auto: $STAR_PROVIDER if set; else CUDA when present; else openvino for an unquantized engine on a CPU with "
+        "bfloat16 units; else cpu; docs/runtime.md)",
     )
     fallback_flag(g)
     session_flags(g)

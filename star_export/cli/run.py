@@ -127,7 +127,7 @@ def validate_parser() -> argparse.ArgumentParser:
     p.add_argument("engine", help="engine directory written by star-export")
     p.add_argument("--model", default=None, help="source model for the reference (default: the one in star.json)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the eager reference runs")
-    device_flags(p, "cpu", " for the engine")
+    device_flags(p, "auto", " for the engine (the default validates what star-run runs)")
     p.add_argument("--image", action="append", default=None, help="extra case image (with --prompt)")
     p.add_argument("--prompt", action="append", default=None, help="extra case question (with --image)")
     p.add_argument("--max-new-tokens", type=positive, default=16, help="greedy tokens compared per case")

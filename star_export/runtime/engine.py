@@ -19,6 +19,7 @@ from .decode import DecodeGraph
 from .generate import Generation, InputError, Sampling, StarPipeline
 from .images import rule_from_engine_dir
 from .inputs import load_requests, prepare_inputs
+from .openvino import OPENVINO, OvGraph
 from .sessions import LazyOrtGraph, OrtGraph, resolve_providers
 
 
@@ -41,18 +42,21 @@ def load_processor(path: Path, spec: ModelSpec, layout: DecoderLayout):
 
 def _load_graph(
     path: Path, providers, lazy: bool = False, graph: type = OrtGraph, arena: str | None = None
-) -> OrtGraph | LazyOrtGraph:
+) -> OrtGraph | LazyOrtGraph | OvGraph:
+    runtime = "OpenVINO" if providers == [OPENVINO] else "ONNX Runtime"
     try:
+        if providers == [OPENVINO]:
+            return OvGraph(path)
         if lazy:  # the session is created at each call; check now that it loads, then free it
             lazy_graph = LazyOrtGraph(path, providers, arena=arena)
             lazy_graph.session()
             return lazy_graph
         return graph(path, providers, arena=arena)
-    except Exception as e:  # ONNX Runtime's own exception types: the file is not a graph it can run
+    except Exception as e:  # the runtime's own exception types: the file is not a graph it can run
         if user_error_from(e):
             raise
         raise EngineError(
-            f"{path} could not be loaded by ONNX Runtime ({type(e).__name__}: {str(e)[:300]}): rebuild the engine with "
+            f"{path} could not be loaded by {runtime} ({type(e).__name__}: {str(e)[:300]}): rebuild the engine with "
             "star-export --force"
         ) from e
 
@@ -86,8 +90,10 @@ class Engine:
         self.scheme, self.limits = manifest.weights, manifest.limits
         check_fields(self.spec, self.schedule, self.layout, self.limits.asdict(), manifest.dtype)
         check_paths(self.directory, m)
-        self.providers = resolve_providers(options.provider, allow_fallback=options.allow_fallback)
-        if self.providers[0] == "CPUExecutionProvider" and not lazy:
+        self.providers = resolve_providers(
+            options.provider, allow_fallback=options.allow_fallback, quantized=self.scheme.quantized
+        )
+        if self.providers[0] in ("CPUExecutionProvider", OPENVINO) and not lazy:
             check_run_fits(manifest)  # refuse now rather than be killed loading the sessions
         if verify:
             manifest.verify_files()
@@ -107,6 +113,9 @@ class Engine:
             path = self.directory / m["graphs"][name]["file"]
             self.graphs[name] = _load_graph(path, self.providers, graph=DecodeGraph, arena=arena)
         self.provider = self.graphs["segment0"].provider
+        # What the graphs compute in: the engine's dtype, or OpenVINO's inference precision (bfloat16 on a CPU with
+        # bfloat16 units); star-validate's eager twin runs in it.
+        self.compute_dtype = getattr(self.graphs["segment0"], "compute_dtype", manifest.dtype)
         self.pipeline = StarPipeline(self.graphs, self.embed_tokens, self.schedule, self.layout)
 
     @classmethod
@@ -190,6 +199,7 @@ def run_engine(
             printed = text
     timings = result.timings | {
         "provider": engine.provider,
+        "compute_dtype": engine.compute_dtype,
         "decode_graphs": bool(decode_graph_names(engine.graphs)),
         "thread_pool": threads.current(),
         "cpu_arena": getattr(engine.graphs["segment0"], "cpu_arena", None),

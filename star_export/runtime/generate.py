@@ -102,12 +102,23 @@ def sample_next(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator
     return out
 
 
+# Dtypes numpy lacks, and the one their values are held in between graphs (losslessly: every bfloat16 value is a
+# float32 value). A bfloat16 pipeline is the validator's eager twin of an engine that computes in bfloat16
+# (runtime/openvino.py); each of its graphs casts what it is fed to bfloat16 (sessions.TorchGraph).
+HELD_AS = {"bfloat16": "float32"}
+
+
+def held_as(dtype: str) -> np.dtype:
+    """The numpy dtype a pipeline of `dtype` holds its values in."""
+    return np.dtype(HELD_AS.get(dtype, dtype))
+
+
 class StarPipeline:
     """vision -> merge -> segment 0 -> pivot -> segment 1, then decode steps through both segments."""
 
     def __init__(self, graphs: dict[str, Any], embed_tokens: np.ndarray, schedule: StarSchedule, layout: DecoderLayout):
         self.graphs, self.embed_tokens, self.schedule, self.layout = graphs, embed_tokens, schedule, layout
-        self.np_dtype = np.dtype(layout.dtype)
+        self.np_dtype = held_as(layout.dtype)
         self.logits_dtype = np.promote_types(self.np_dtype, np.float32)  # float64 stays float64 (the validator's truth)
 
     # ------------------------------------------------------------ helpers

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
+from . import openvino
 from .kvcache import NEW as NEW_KV
 from .threads import thread_pool
 
@@ -62,12 +63,19 @@ class TorchGraph:
         self.context = context or contextlib.nullcontext
         self.device = torch.device(device)
         self.provider = f"torch-eager-{self.device.type}"
+        # A bfloat16 module is fed float32 arrays (numpy has no bfloat16; generate.HELD_AS), cast to bfloat16 here;
+        # every other pipeline feeds its modules in their own dtype already.
+        dtypes = {p.dtype for p in module.parameters()}
+        self.cast_to = torch.bfloat16 if dtypes == {torch.bfloat16} else None
         # Keyword inputs the exported graph does not have (a forced selection, for validation): passed when fed.
         params = inspect.signature(module.forward).parameters
         self.optional_names = [n for n, p in params.items() if p.default is None and n not in self.input_names]
 
     def _tensor(self, value) -> torch.Tensor:
-        return (value if torch.is_tensor(value) else torch.from_numpy(np.ascontiguousarray(value))).to(self.device)
+        tensor = value if torch.is_tensor(value) else torch.from_numpy(np.ascontiguousarray(value))
+        if self.cast_to is not None and tensor.is_floating_point():
+            return tensor.to(self.device, self.cast_to)
+        return tensor.to(self.device)
 
     @torch.no_grad()
     def run(self, feed: dict[str, Any]) -> dict[str, Any]:
@@ -79,7 +87,12 @@ class TorchGraph:
 
     @staticmethod
     def to_numpy(value) -> np.ndarray:
-        return value.detach().cpu().numpy() if torch.is_tensor(value) else np.asarray(value)
+        if not torch.is_tensor(value):
+            return np.asarray(value)
+        value = value.detach().cpu()
+        return (
+            value.float() if value.dtype == torch.bfloat16 else value
+        ).numpy()  # exact: bfloat16 is float32's prefix
 
     @staticmethod
     def nbytes(value) -> int:
@@ -112,22 +125,54 @@ class ProviderError(UserError):
     pass
 
 
-def resolve_providers(name: str, allow_fallback: bool = False) -> list[str]:
-    """Providers for `cpu` / `cuda` / `tensorrt` / `auto` that this onnxruntime build has. A GPU provider that is
-    missing is an error unless `allow_fallback` (then the CPU, with a warning on stderr)."""
+PROVIDER_ENV = "STAR_PROVIDER"  # what `auto` means in this environment (a fleet or a test suite pinned to one)
+
+
+def auto_provider(quantized: bool) -> str:
+    """`auto`: $STAR_PROVIDER where set; else CUDA where this onnxruntime build and torch see a GPU; else OpenVINO for
+    an unquantized engine on a CPU with bfloat16 units (where it measured faster than ONNX Runtime,
+    runtime/openvino.py); else ONNX Runtime's CPU provider (OpenVINO in float32, and on int4 segments, measured no
+    faster)."""
     import onnxruntime as ort
 
-    available = ort.get_available_providers()
+    pinned = os.environ.get(PROVIDER_ENV)
+    if pinned:
+        if pinned not in PROVIDER_ALIASES and pinned != "openvino":
+            raise ProviderError(f"{PROVIDER_ENV}={pinned!r}: allowed {', '.join(PROVIDER_ALIASES)}, openvino")
+        return pinned
+    if "CUDAExecutionProvider" in ort.get_available_providers() and torch.cuda.is_available():
+        return "cuda"
+    if not quantized and openvino.missing() is None and openvino.bfloat16_units():
+        return "openvino"
+    return "cpu"
+
+
+def resolve_providers(name: str, allow_fallback: bool = False, quantized: bool = False) -> list[str]:
+    """Providers for `cpu` / `cuda` / `tensorrt` / `openvino` / `auto` (`auto_provider`) that this machine has:
+    ONNX Runtime's provider names, or [OPENVINO]. A GPU provider that is missing is an error unless `allow_fallback`
+    (then the CPU, with a warning on stderr); so is OpenVINO where it is not installed, or for a quantized engine."""
+    import onnxruntime as ort
+
     if name == "auto":
-        wanted = (
-            PROVIDER_ALIASES["cuda"]
-            if "CUDAExecutionProvider" in available and torch.cuda.is_available()
-            else ["CPUExecutionProvider"]
-        )
-    elif name in PROVIDER_ALIASES:
+        name = auto_provider(quantized)
+    if name == "openvino":
+        reason = openvino.missing()
+        if quantized:
+            reason = (
+                "it runs unquantized (float32 / float16) engines only: ONNX Runtime's int4 / int8 kernels measured "
+                "faster on the segments, and star-validate has no reference for OpenVINO's dynamic int8 activations"
+            )
+        if reason and not allow_fallback:
+            raise ProviderError(f"--provider openvino: {reason}; use --provider cpu")
+        if reason:
+            print(f"warning: --provider openvino: {reason}: running on ONNX Runtime's CPU provider", file=sys.stderr)
+            return PROVIDER_ALIASES["cpu"]
+        return [openvino.OPENVINO]
+    available = ort.get_available_providers()
+    if name in PROVIDER_ALIASES:
         wanted = PROVIDER_ALIASES[name]
     else:
-        raise ProviderError(f"unknown provider {name!r}: allowed auto, {', '.join(PROVIDER_ALIASES)}")
+        raise ProviderError(f"unknown provider {name!r}: allowed auto, {', '.join(PROVIDER_ALIASES)}, openvino")
     missing = [p for p in wanted if p not in available]
     if missing and name != "cpu" and allow_fallback:
         print(

@@ -34,7 +34,8 @@ import numpy as np
 # attention).
 MULTIPLIER = 10.0
 FLOOR_ULPS = 4  # ulps of the dtype, relative: outputs eager computes exactly (a gather) that the engine rounds
-EPS = {name: float(np.finfo(name).eps) for name in ("float16", "float32", "float64")}
+EPS = {name: float(np.finfo(name).eps) for name in ("float16", "float32", "float64")} | {"bfloat16": 2.0**-7}  # 8-bit
+# significand (numpy has no bfloat16 to ask)
 
 
 def floor(dtype: str) -> float:

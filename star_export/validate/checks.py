@@ -13,7 +13,7 @@ from ..manifest import DECODE_GRAPHS, EngineError
 from ..models import LoadedModel, fingerprint_weights
 from ..runtime.decode import AsSegment
 from ..runtime.engine import Engine
-from ..runtime.generate import Generation
+from ..runtime.generate import Generation, held_as
 from ..runtime.kvcache import NEW
 from . import budget
 from .quantized import activation_jitter
@@ -131,7 +131,7 @@ def check_graph_call(
     same feed (float64 for the truth), forced onto the engine's selection once that selection is judged; eager's
     error over `samples` runs (`sampled_eager`) where one run is not a fair sample. `subset`: the engine graph returns
     some of graph `name`'s outputs (a decode graph: no stage-2 scores); those are compared."""
-    dtype = np.dtype(report.dtype)
+    dtype = held_as(report.dtype)
     fed = _cast(feed, dtype)
     wide = _cast(fed, np.float64)
     got = {k: engine_graph.to_numpy(v) for k, v in engine_graph.run(fed).items()}

@@ -84,7 +84,7 @@ def reference_pipeline(
     graphs = {
         name: TorchGraph(module, i, o, device) for name, (module, i, o) in graph_modules(variant, schedule).items()
     }
-    embed = variant.model.get_input_embeddings().weight.detach().cpu().numpy()
+    embed = TorchGraph.to_numpy(variant.model.get_input_embeddings().weight)  # bfloat16 held as float32
     return StarPipeline(graphs, embed, schedule, decoder_layout(variant, dtype))
 
 

@@ -266,8 +266,13 @@ def validate_engine(
     engine = engine or Engine.from_dir(
         engine_dir, options, provider=provider, allow_fallback=allow_fallback, lazy=mode.lazy
     )
-    manifest, dtype = engine.manifest, engine.manifest.dtype
+    manifest, dtype = engine.manifest, engine.compute_dtype  # the eager twin's dtype: what the graphs compute in
     report = ValidationReport(engine=str(engine_dir), reference_device=device, dtype=dtype, floor=budget.floor(dtype))
+    if dtype != manifest.dtype:
+        report.notes.append(
+            f"a {manifest.dtype} engine that {engine.provider} computes in {dtype} (its inference precision on this "
+            f"CPU): judged against an eager {dtype} twin"
+        )
     if device == "cuda" and not torch.cuda.is_available():
         msg = "--device cuda: torch sees no CUDA GPU here; the reference ran on the CPU (--allow-fallback)"
         print(f"warning: {msg}", file=sys.stderr)

@@ -1,0 +1,80 @@
+"""OpenVINO's CPU plugin running an engine's exported ONNX graphs: the same files ONNX Runtime runs, read by OpenVINO's
+ONNX front end and compiled for this CPU (`--provider openvino`; `auto` picks it where it measured faster).
+
+OpenVINO computes in its `INFERENCE_PRECISION_HINT`: bfloat16 by default on a CPU with bfloat16 units (AVX-512 BF16 or
+AMX), float32 elsewhere. Its graph interface keeps the file's dtypes (float32 in and out); the products inside are
+bfloat16 with float32 accumulation, so an engine run so is judged as a bfloat16 engine (`compute_dtype`, the
+validator's eager twin in bfloat16). Measured on 2 cores of an AMD EPYC with AVX-512 BF16, no AMX, a real-width
+4-layer float32 engine (docs/performance.md, "OpenVINO"): vision 2.4x, segment 0 2.2x, segment 1 1.3x as fast as ONNX
+Runtime's CPU provider; OpenVINO in float32 was no faster than ONNX Runtime, and on int4 graphs its segments were not
+faster either, so `auto` takes it for unquantized engines on CPUs with bfloat16 units only (sessions.py).
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import UserError
+
+OPENVINO = "OpenVINO"  # the provider name star-export records for graphs OpenVINO runs (not an ONNX Runtime provider)
+PRECISIONS = {"bf16": "bfloat16", "f16": "float16", "f32": "float32"}  # OpenVINO's element types -> numpy names
+
+
+def missing() -> str | None:
+    """Why OpenVINO cannot run here (None: it can)."""
+    try:
+        import openvino  # noqa: F401
+    except ModuleNotFoundError:
+        return "the Python package 'openvino' is not installed: pip install 'star-export[openvino]'"
+    return None
+
+
+@functools.cache
+def core():
+    import openvino as ov
+
+    return ov.Core()
+
+
+def bfloat16_units() -> bool:
+    """Whether this CPU computes bfloat16 natively (OpenVINO's own reading of the CPU: AVX-512 BF16 or AMX)."""
+    return "BF16" in core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
+class OvGraph:
+    """One exported ONNX graph compiled by OpenVINO for the CPU, with the `run(feed) -> dict` API of sessions.py: numpy
+    in, numpy out (copies: the request's buffers are reused by the next call)."""
+
+    device = "cpu"
+
+    def __init__(self, path: str | Path, threads: int | None = None):
+        reason = missing()
+        if reason:
+            raise UserError(f"--provider openvino: {reason}")
+        config = {"PERFORMANCE_HINT": "LATENCY"}
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = threads
+        compiled = core().compile_model(str(path), "CPU", config)
+        self.precision = compiled.get_property("INFERENCE_PRECISION_HINT").to_string()
+        self.compute_dtype = PRECISIONS.get(self.precision, "float32")
+        self.provider = f"{OPENVINO}-CPU-{self.precision}"
+        self.request = compiled.create_infer_request()
+        self.input_names = [p.get_any_name() for p in compiled.inputs]
+        self.output_names = [p.get_any_name() for p in compiled.outputs]
+
+    def run(self, feed: dict[str, Any]) -> dict[str, Any]:
+        inputs = {n: np.ascontiguousarray(self.to_numpy(feed[n])) for n in self.input_names}
+        results = self.request.infer(inputs, share_inputs=True, share_outputs=False)
+        return dict(zip(self.output_names, results.to_tuple()))
+
+    @staticmethod
+    def to_numpy(value) -> np.ndarray:
+        return value if isinstance(value, np.ndarray) else np.asarray(value)
+
+    @staticmethod
+    def nbytes(value) -> int:
+        return np.asarray(value).nbytes
