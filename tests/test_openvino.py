@@ -7,7 +7,7 @@ import pytest
 from test_validate_defects import DEFECTS
 
 from star_export.cli import run_main
-from star_export.config import StarSchedule
+from star_export.config import StarSchedule, WeightScheme
 from star_export.export.write import write_engine
 from star_export.runtime import openvino, sessions
 from star_export.runtime.engine import Engine
@@ -16,6 +16,7 @@ from star_export.validate import validate_engine
 
 pytest.importorskip("openvino")
 LIMITS = {"max_batch_size": 2, "max_input_len": 700, "max_new_tokens": 8}
+INT4 = WeightScheme(kind="int4", block_size=64, symmetric=False, accuracy_level=4)  # not OpenVINO's default group (32)
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +49,7 @@ def test_bfloat16_outputs_fail_the_float32_rule(engine_dir, tiny):
     assert not report.ok and any("> budget" in c.cause for c in report.checks if not c.ok), report.table()
 
 
-@pytest.mark.parametrize("defect", ["kv-swapped", "new-positions", "suffix-unmasked"])
+@pytest.mark.parametrize("defect", ["kv-swapped", "suffix-unmasked"])
 def test_planted_defect_is_caught_on_openvino(defect, tiny, tmp_path, monkeypatch):
     """The wider bfloat16 budget still catches what a wrong graph does (the defects of test_validate_defects.py)."""
     dtype, plant, name_words, cause_words = DEFECTS[defect]
@@ -81,7 +82,7 @@ def test_auto_picks_openvino_for_unquantized_engines_on_bfloat16_cpus(monkeypatc
     monkeypatch.setattr(openvino, "bfloat16_units", lambda: True)
     assert sessions.auto_provider(quantized=False) == "openvino"
     assert sessions.resolve_providers("auto") == [openvino.OPENVINO]
-    assert sessions.auto_provider(quantized=True) == "cpu"
+    assert sessions.auto_provider(quantized=True) == "openvino"
     monkeypatch.setattr(openvino, "bfloat16_units", lambda: False)
     assert sessions.auto_provider(quantized=False) == "cpu"
     monkeypatch.setattr(openvino, "bfloat16_units", lambda: True)
@@ -94,10 +95,40 @@ def test_auto_picks_openvino_for_unquantized_engines_on_bfloat16_cpus(monkeypatc
         sessions.auto_provider(quantized=False)
 
 
-def test_openvino_refuses_quantized_engines_and_names_the_way_out(monkeypatch):
-    with pytest.raises(sessions.ProviderError, match="--provider openvino: it runs unquantized .* use --provider cpu"):
-        sessions.resolve_providers("openvino", quantized=True)
-    assert sessions.resolve_providers("openvino", allow_fallback=True, quantized=True) == ["CPUExecutionProvider"]
+def test_openvino_missing_is_exit_2_naming_the_extra(monkeypatch):
     monkeypatch.setattr(openvino, "missing", lambda: "the Python package 'openvino' is not installed: pip install x")
-    with pytest.raises(sessions.ProviderError, match="not installed"):
+    with pytest.raises(sessions.ProviderError, match="not installed.*use --provider cpu"):
         sessions.resolve_providers("openvino")
+    assert sessions.resolve_providers("openvino", allow_fallback=True) == ["CPUExecutionProvider"]
+
+
+@pytest.fixture(scope="module")
+def int4_dir(tiny, tmp_path_factory):
+    out = tmp_path_factory.mktemp("openvino-int4") / "tiny"
+    schedule = StarSchedule.from_spec(tiny.spec, keep=58, defaults=tiny.defaults)
+    write_engine(tiny, schedule, out, dtype="float32", backend="onnx", limits=LIMITS, weights=INT4, decode_graphs=True)
+    return out
+
+
+def test_int4_engine_on_openvino_passes_with_int8_activations_and_onnx_runtime_decode_graphs(int4_dir, tiny):
+    """OpenVINO quantizes the segments' activations per block of the weights (probed to be the reference's int8
+    model); the engine's decode graphs still run on ONNX Runtime and are checked too."""
+    engine = Engine(int4_dir, provider="openvino")
+    assert {"decode0", "decode1"} <= set(engine.graphs) and engine.graphs["decode0"].provider == "CPUExecutionProvider"
+    report = validate_engine(int4_dir, loaded=tiny, engine=engine, max_new_tokens=4)
+    assert report.ok, report.table()
+    assert report.dtype == expected_dtype()
+    assert any("computes in int8 on OpenVINO" in n for n in report.notes), report.notes
+    assert any(c.name.startswith("decode1[decode]") for c in report.checks)
+
+
+def test_planted_defect_is_caught_on_an_int4_engine_on_openvino(tiny, tmp_path, monkeypatch):
+    """Stage-2 scores from layer P - 1: caught on OpenVINO's int4 path too (a looser eager sampling let it pass)."""
+    dtype, plant, name_words, cause_words = DEFECTS["pivot-off-by-one"]
+    with monkeypatch.context() as m:
+        plant(m)
+        schedule = StarSchedule.from_spec(tiny.spec, keep=58, defaults=tiny.defaults)
+        write_engine(tiny, schedule, tmp_path, dtype=dtype, backend="onnx", limits=LIMITS, weights=INT4)
+    report = validate_engine(tmp_path, loaded=tiny, provider="openvino", max_new_tokens=4)
+    failed = [c for c in report.checks if not c.ok]
+    assert any(name_words in c.name and cause_words in c.cause for c in failed), report.table()

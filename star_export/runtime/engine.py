@@ -8,7 +8,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from ..config import DecoderLayout, ModelSpec, RuntimeOptions
+from ..config import DecoderLayout, ModelSpec, RuntimeOptions, WeightScheme
 from ..engine_check import GRAPHS, check_fields, check_graphs, check_paths, check_processor, load_embeddings
 from ..errors import user_error_from
 from ..manifest import EngineError, EngineManifest, decode_graph_names
@@ -19,8 +19,8 @@ from .decode import DecodeGraph
 from .generate import Generation, InputError, Sampling, StarPipeline
 from .images import rule_from_engine_dir
 from .inputs import load_requests, prepare_inputs
-from .openvino import OPENVINO, OvGraph
-from .sessions import LazyOrtGraph, OrtGraph, resolve_providers
+from .openvino import OPENVINO, OvGraph, graph_config
+from .sessions import PROVIDER_ALIASES, LazyOrtGraph, OrtGraph, resolve_providers
 
 
 def load_processor(path: Path, spec: ModelSpec, layout: DecoderLayout):
@@ -41,12 +41,17 @@ def load_processor(path: Path, spec: ModelSpec, layout: DecoderLayout):
 
 
 def _load_graph(
-    path: Path, providers, lazy: bool = False, graph: type = OrtGraph, arena: str | None = None
+    path: Path,
+    providers,
+    lazy: bool = False,
+    graph: type = OrtGraph,
+    arena: str | None = None,
+    scheme: WeightScheme = WeightScheme(),
 ) -> OrtGraph | LazyOrtGraph | OvGraph:
     runtime = "OpenVINO" if providers == [OPENVINO] else "ONNX Runtime"
     try:
         if providers == [OPENVINO]:
-            return OvGraph(path)
+            return OvGraph(path, graph_config(scheme))
         if lazy:  # the session is created at each call; check now that it loads, then free it
             lazy_graph = LazyOrtGraph(path, providers, arena=arena)
             lazy_graph.session()
@@ -104,14 +109,16 @@ class Engine:
         files = {name: m["graphs"][name]["file"] for name in GRAPHS}
         arena = options.cpu_arena
         self.graphs = {
-            name: _load_graph(self.directory / files[name], self.providers, lazy, arena=arena) for name in GRAPHS
+            name: _load_graph(self.directory / files[name], self.providers, lazy, arena=arena, scheme=self.scheme)
+            for name in GRAPHS
         }
-        # The decode graphs run on ONNX Runtime's CPU provider only (their caches are bound as host memory); a lazy
-        # engine, or one on another provider, decodes with the segment graphs.
-        use = options.decode_graphs and not lazy and self.providers[0] == "CPUExecutionProvider"
+        # The decode graphs run on ONNX Runtime's CPU provider only (their caches are bound as host memory), also
+        # beside OpenVINO, whose graphs leave the caches in host memory too; a lazy engine, or one on a GPU provider,
+        # decodes with the segment graphs.
+        use = options.decode_graphs and not lazy and self.providers[0] in ("CPUExecutionProvider", OPENVINO)
         for name in manifest.decode_graphs if use else ():
             path = self.directory / m["graphs"][name]["file"]
-            self.graphs[name] = _load_graph(path, self.providers, graph=DecodeGraph, arena=arena)
+            self.graphs[name] = _load_graph(path, PROVIDER_ALIASES["cpu"], graph=DecodeGraph, arena=arena)
         self.provider = self.graphs["segment0"].provider
         # What the graphs compute in: the engine's dtype, or OpenVINO's inference precision (bfloat16 on a CPU with
         # bfloat16 units); star-validate's eager twin runs in it.

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from ..config import WeightScheme
 from ..errors import UserError
 
 OPENVINO = "OpenVINO"  # the provider name star-export records for graphs OpenVINO runs (not an ONNX Runtime provider)
@@ -45,17 +46,36 @@ def bfloat16_units() -> bool:
     return "BF16" in core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
 
 
+def graph_config(scheme: WeightScheme) -> dict[str, Any]:
+    """OpenVINO's compile properties for an engine whose weights are `scheme`: its defaults (bfloat16 where the CPU has
+    bfloat16 units), and for a quantized engine's MatMulNBits the activations quantized to int8 per block of the
+    weights' `block_size` (DYNAMIC_QUANTIZATION_GROUP_SIZE) where the engine asks for int8 compute (accuracy_level 4),
+    as ONNX Runtime's kernels do; none otherwise. Probed on one op (validate.quantized.matmul_compute): OpenVINO's
+    dynamic quantization is `int8_activations` of that group size, symmetric, amax / 127, up to float rounding
+    (relative 1e-7 in float32); its default group (32) would differ from the engine's block."""
+    if not scheme.quantized:
+        return {}
+    return {"DYNAMIC_QUANTIZATION_GROUP_SIZE": scheme.block_size if scheme.accuracy_level == 4 else 0}
+
+
+def run_once(model: bytes, feed: dict[str, np.ndarray], config: dict[str, Any]) -> list[np.ndarray]:
+    """One serialized ONNX model compiled with `config` and run once (a probe)."""
+    compiled = core().compile_model(core().read_model(model, b""), "CPU", config)
+    return [np.asarray(v) for v in compiled.create_infer_request().infer(feed).to_tuple()]
+
+
 class OvGraph:
     """One exported ONNX graph compiled by OpenVINO for the CPU, with the `run(feed) -> dict` API of sessions.py: numpy
     in, numpy out (copies: the request's buffers are reused by the next call)."""
 
     device = "cpu"
 
-    def __init__(self, path: str | Path, threads: int | None = None):
+    def __init__(self, path: str | Path, config: dict[str, Any] | None = None, threads: int | None = None):
+        """`config`: OpenVINO properties (`graph_config`)."""
         reason = missing()
         if reason:
             raise UserError(f"--provider openvino: {reason}")
-        config = {"PERFORMANCE_HINT": "LATENCY"}
+        config = {"PERFORMANCE_HINT": "LATENCY", **(config or {})}
         if threads:
             config["INFERENCE_NUM_THREADS"] = threads
         compiled = core().compile_model(str(path), "CPU", config)

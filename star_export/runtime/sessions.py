@@ -142,7 +142,7 @@ def auto_provider(quantized: bool) -> str:
         return pinned
     if "CUDAExecutionProvider" in ort.get_available_providers() and torch.cuda.is_available():
         return "cuda"
-    if not quantized and openvino.missing() is None and openvino.bfloat16_units():
+    if openvino.missing() is None and openvino.bfloat16_units():
         return "openvino"
     return "cpu"
 
@@ -150,18 +150,13 @@ def auto_provider(quantized: bool) -> str:
 def resolve_providers(name: str, allow_fallback: bool = False, quantized: bool = False) -> list[str]:
     """Providers for `cpu` / `cuda` / `tensorrt` / `openvino` / `auto` (`auto_provider`) that this machine has:
     ONNX Runtime's provider names, or [OPENVINO]. A GPU provider that is missing is an error unless `allow_fallback`
-    (then the CPU, with a warning on stderr); so is OpenVINO where it is not installed, or for a quantized engine."""
+    (then the CPU, with a warning on stderr); so is OpenVINO where it is not installed."""
     import onnxruntime as ort
 
     if name == "auto":
         name = auto_provider(quantized)
     if name == "openvino":
         reason = openvino.missing()
-        if quantized:
-            reason = (
-                "it runs unquantized (float32 / float16) engines only: ONNX Runtime's int4 / int8 kernels measured "
-                "faster on the segments, and star-validate has no reference for OpenVINO's dynamic int8 activations"
-            )
         if reason and not allow_fallback:
             raise ProviderError(f"--provider openvino: {reason}; use --provider cpu")
         if reason:

@@ -19,6 +19,7 @@ import numpy as np
 from ..config import WeightScheme
 from ..export.quantize import engine_packing
 from ..models import TORCH_DTYPES, LoadedModel, cast_copy
+from ..runtime import openvino
 from ..runtime.sessions import session_options, with_options
 
 _JITTER: ContextVar = ContextVar("int8_activation_jitter", default=None)  # (relative, torch.Generator) or None
@@ -167,10 +168,12 @@ def matmul_compute(scheme: WeightScheme, activation_dtype: str, providers) -> st
     rng = np.random.default_rng(0)
     weight = rng.standard_normal((N, K)).astype(np.float32)
     a = rng.standard_normal((8, K)).astype(activation_dtype)
-    session = ort.InferenceSession(
-        matmulnbits_model(scheme, activation_dtype, K, N, weight), session_options(), providers=with_options(providers)
-    )
-    y = session.run(None, {"A": a})[0].astype(np.float64)
+    model = matmulnbits_model(scheme, activation_dtype, K, N, weight)
+    if list(providers) == [openvino.OPENVINO]:
+        y = openvino.run_once(model, {"A": a}, openvino.graph_config(scheme))[0].astype(np.float64)
+    else:
+        session = ort.InferenceSession(model, session_options(), providers=with_options(providers))
+        y = session.run(None, {"A": a})[0].astype(np.float64)
     w = quantized_twin(weight, scheme, activation_dtype)
     models = {
         "float": a.astype(np.float64) @ w.T,

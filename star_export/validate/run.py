@@ -101,9 +101,10 @@ class WholeReferences:
         self.plain, self.samples = None, 1
         if scheme.quantized:
             self.plain = reference_pipeline(loaded, schedule, device=device, dtype="float64")
-            compute = matmul_compute(scheme, dtype, engine.providers)
+            # the engine's weights and activations are in its manifest's dtype; it may compute in another (`dtype`)
+            compute = matmul_compute(scheme, engine.manifest.dtype, engine.providers)
             self.samples = INT8_EAGER_SAMPLES if compute == "int8" else 1
-            loaded = quantized_reference(loaded, scheme, dtype, compute)
+            loaded = quantized_reference(loaded, scheme, engine.manifest.dtype, compute)
             report.notes.append(quantized_note(scheme, compute, engine.provider))
         self.eager = reference_pipeline(loaded, schedule, device=device, dtype=dtype)
         self.truth = reference_pipeline(loaded, schedule, device=device, dtype="float64")
@@ -150,7 +151,7 @@ class StreamedReferences:
         )
         self.int8 = nullcontext
         if self.scheme.quantized:
-            compute = matmul_compute(self.scheme, dtype, engine.providers)
+            compute = matmul_compute(self.scheme, engine.manifest.dtype, engine.providers)
             report.notes.append(quantized_note(self.scheme, compute, engine.provider))
             if compute == "int8":
                 self.int8 = partial(int8_activation_hooks, quantized_modules(loaded.model), self.scheme.block_size)
@@ -161,7 +162,9 @@ class StreamedReferences:
                 "(the ratio of unit roundoffs), a looser budget than a real eager run"
             )
         self.streamer = stack.enter_context(Streamer(loaded.model))
-        self.transform = quantized_transform(loaded.model, self.scheme, dtype) if self.scheme.quantized else None
+        self.transform = (
+            quantized_transform(loaded.model, self.scheme, engine.manifest.dtype) if self.scheme.quantized else None
+        )
 
     def run(self, batch: Batch):
         runs = {}
@@ -269,9 +272,15 @@ def validate_engine(
     manifest, dtype = engine.manifest, engine.compute_dtype  # the eager twin's dtype: what the graphs compute in
     report = ValidationReport(engine=str(engine_dir), reference_device=device, dtype=dtype, floor=budget.floor(dtype))
     if dtype != manifest.dtype:
+        decode = decode_graph_names(engine.graphs)
         report.notes.append(
-            f"a {manifest.dtype} engine that {engine.provider} computes in {dtype} (its inference precision on this "
-            f"CPU): judged against an eager {dtype} twin"
+            f"{engine.provider} computes this engine's graphs in {dtype} (its inference precision on this CPU; the "
+            f"engine's dtype is {manifest.dtype}): judged against an eager {dtype} twin"
+            + (
+                f"; its decode graphs run on ONNX Runtime in {manifest.dtype}, judged by the same budgets"
+                if decode
+                else ""
+            )
         )
     if device == "cuda" and not torch.cuda.is_available():
         msg = "--device cuda: torch sees no CUDA GPU here; the reference ran on the CPU (--allow-fallback)"
