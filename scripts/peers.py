@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """star-export against what a CPU user would run instead, on one checkpoint, one image, one prompt: HF transformers
 `generate` (bfloat16, float32), OpenVINO GenAI `VLMPipeline` (`optimum-cli export openvino`, int4 / int8), and
-star-export engines (int4 on ONNX Runtime, float32 on the `auto` provider and on ONNX Runtime's CPU provider).
+star-export engines (int4 and float32, on the `auto` provider and on the other CPU one).
 
 Every measurement is a fresh process (`--one NAME`): it loads the runtime (timed), makes one warm-up call on the
 mirrored image, then one timed call, and reports its time to the first token (image preprocessing included), decode ms/token, prompt tokens
@@ -158,10 +158,8 @@ def configurations(a) -> dict[str, dict]:
         f"star-int4-k{a.keep}": ("int4", a.keep, "auto"),
         f"star-int4-k{a.keep}-onnxruntime": ("int4", a.keep, "cpu"),
         "star-int4-k576": ("int4", 576, "auto"),
-        f"star-f16-k{a.keep}": ("float16", a.keep, "auto"),
         f"star-f32-k{a.keep}": ("float", a.keep, "auto"),
-        "star-f32-k576": ("float", 576, "auto"),
-        f"star-f32-k{a.keep}-onnxruntime": ("float", a.keep, "cpu"),
+        f"star-f32-k{a.keep}-openvino": ("float", a.keep, "openvino"),
     }
     out = {
         name: {"kind": "star", "path": str(work / f"star-{w}-k{k}"), "weights": w, "keep": k, "provider": p}
@@ -176,7 +174,7 @@ def export_engines(a, configs: dict) -> None:
     for spec in configs.values():
         if spec["kind"] != "star" or (Path(spec["path"]) / "star.json").is_file():
             continue
-        weights = {"float": [], "float16": ["--dtype", "float16"]}.get(spec["weights"], ["--weights", spec["weights"]])
+        weights = [] if spec["weights"] == "float" else ["--weights", spec["weights"]]
         cmd = ["star-export", "--model", a.model, "--keep", str(spec["keep"]), "--out", spec["path"], "--no-validate",
                "--quiet", "--max-batch-size", "1", "--max-new-tokens", str(a.tokens), "--max-input-len", "700", *weights]
         print("+", " ".join(cmd), file=sys.stderr)
@@ -199,7 +197,9 @@ def write(out: Path, meta: dict, results: dict) -> str:
     lines = [f"# star-export and its CPU peers ({meta['date']})", "",
              f"`lscpu`: {meta['cpu']['model']}, {meta['cpu']['cpus']} CPUs, {' '.join(meta['cpu']['isa'])}; "
              f"{meta['threads']} threads; {meta['rounds']} rounds, fresh process per measurement after a warm-up call; "
-             f"{meta['tokens']} new tokens; model {meta['model']}.", "", f"Command: `{meta['command']}`", "",
+             f"{meta['tokens']} new tokens; model {meta['model']}.", "",
+             "Versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()) + ".", "",
+             f"Command: `{meta['command']}`", "",
              "| runtime | time to first token ms | decode ms/token | load s | peak RSS GiB | prompt tokens | runs on |",
              "|---|---|---|---|---|---|---|"]
     for name, runs in results.items():
@@ -249,7 +249,10 @@ def main(argv=None) -> int:
             else:
                 results[name].append(json.loads(done.stdout.strip().splitlines()[-1]))
             print(f"round {r} {name}: {results[name][-1]}", file=sys.stderr)
-    meta = {"date": time.strftime("%Y-%m-%d"), "cpu": lscpu(), "threads": a.threads, "rounds": a.rounds,
+    from importlib.metadata import version
+
+    packages = ("onnxruntime", "openvino", "openvino-genai", "torch", "transformers")
+    meta = {"date": time.strftime("%Y-%m-%d"), "cpu": lscpu(), "versions": {p: version(p) for p in packages}, "threads": a.threads, "rounds": a.rounds,
             "tokens": a.tokens, "model": a.model, "command": " ".join(["python scripts/peers.py", *(argv or sys.argv[1:])])}
     print(write(Path(a.out), meta, results))
     return 0

@@ -75,21 +75,22 @@ def test_star_run_records_the_provider_and_compute_dtype(engine_dir, capsys):
     assert timings["provider"] == "CPUExecutionProvider" and timings["compute_dtype"] == "float32"
 
 
-def test_auto_picks_openvino_for_unquantized_engines_on_bfloat16_cpus(monkeypatch):
+def test_auto_picks_openvino_for_quantized_engines_on_bfloat16_cpus(monkeypatch):
     monkeypatch.delenv(sessions.PROVIDER_ENV, raising=False)
     monkeypatch.setattr(sessions.torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(openvino, "missing", lambda: None)
     monkeypatch.setattr(openvino, "bfloat16_units", lambda: True)
-    assert sessions.auto_provider(quantized=False) == "openvino"
-    assert sessions.resolve_providers("auto") == [openvino.OPENVINO]
     assert sessions.auto_provider(quantized=True) == "openvino"
+    assert sessions.resolve_providers("auto", quantized=True) == [openvino.OPENVINO]
+    assert sessions.auto_provider(quantized=False) == "cpu"  # a float engine: 1.7x the memory on OpenVINO
     monkeypatch.setattr(openvino, "bfloat16_units", lambda: False)
-    assert sessions.auto_provider(quantized=False) == "cpu"
+    assert sessions.auto_provider(quantized=True) == "cpu"
     monkeypatch.setattr(openvino, "bfloat16_units", lambda: True)
     monkeypatch.setattr(openvino, "missing", lambda: "not installed")
-    assert sessions.auto_provider(quantized=False) == "cpu"
+    assert sessions.auto_provider(quantized=True) == "cpu"
     monkeypatch.setenv(sessions.PROVIDER_ENV, "cpu")
-    assert sessions.auto_provider(quantized=False) == "cpu"
+    monkeypatch.setattr(openvino, "missing", lambda: None)
+    assert sessions.auto_provider(quantized=True) == "cpu"
     monkeypatch.setenv(sessions.PROVIDER_ENV, "gpu")
     with pytest.raises(sessions.ProviderError, match="STAR_PROVIDER='gpu'"):
         sessions.auto_provider(quantized=False)
@@ -132,3 +133,21 @@ def test_planted_defect_is_caught_on_an_int4_engine_on_openvino(tiny, tmp_path, 
     report = validate_engine(tmp_path, loaded=tiny, provider="openvino", max_new_tokens=4)
     failed = [c for c in report.checks if not c.ok]
     assert any(name_words in c.name and cause_words in c.cause for c in failed), report.table()
+
+
+def test_openvino_float_engine_is_refused_where_its_memory_is_not(engine_dir, int4_dir):
+    """OpenVINO holds a float engine's float32 weights and its bfloat16 copies: the run-fits check counts 1.75x (a
+    budget between the two estimates passes ONNX Runtime and refuses OpenVINO); a quantized engine is counted as on
+    ONNX Runtime."""
+    from star_export.manifest import EngineManifest
+    from star_export.memory import OPENVINO_FLOAT_FACTOR, RUNTIME_OVERHEAD, MemoryPlanError, check_run_fits, memory_plan
+
+    m = EngineManifest.read(engine_dir, verify=False)
+    run = memory_plan(m.model, m.schedule, m.dtype, m.weights, bool(m.decode_graphs)).run_bytes
+    budget = int(run * (1 + OPENVINO_FLOAT_FACTOR) / 2) - RUNTIME_OVERHEAD
+    check_run_fits(m, budget)
+    with pytest.raises(MemoryPlanError, match="to run on OpenVINO"):
+        check_run_fits(m, budget, openvino=True)
+    q = EngineManifest.read(int4_dir, verify=False)
+    run = memory_plan(q.model, q.schedule, q.dtype, q.weights, bool(q.decode_graphs)).run_bytes
+    check_run_fits(q, run - RUNTIME_OVERHEAD, openvino=True)

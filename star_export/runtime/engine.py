@@ -99,7 +99,7 @@ class Engine:
             options.provider, allow_fallback=options.allow_fallback, quantized=self.scheme.quantized
         )
         if self.providers[0] in ("CPUExecutionProvider", OPENVINO) and not lazy:
-            check_run_fits(manifest)  # refuse now rather than be killed loading the sessions
+            check_run_fits(manifest, openvino=self.providers == [OPENVINO])  # refuse now rather than be killed later
         if verify:
             manifest.verify_files()
         check_graphs(self.directory, m, self.spec, self.schedule, self.layout)

@@ -4,10 +4,12 @@ ONNX front end and compiled for this CPU (`--provider openvino`; `auto` picks it
 OpenVINO computes in its `INFERENCE_PRECISION_HINT`: bfloat16 by default on a CPU with bfloat16 units (AVX-512 BF16 or
 AMX), float32 elsewhere. Its graph interface keeps the file's dtypes (float32 in and out); the products inside are
 bfloat16 with float32 accumulation, so an engine run so is judged as a bfloat16 engine (`compute_dtype`, the
-validator's eager twin in bfloat16). Measured on 2 cores of an AMD EPYC with AVX-512 BF16, no AMX, a real-width
-4-layer float32 engine (docs/performance.md, "OpenVINO"): vision 2.4x, segment 0 2.2x, segment 1 1.3x as fast as ONNX
-Runtime's CPU provider; OpenVINO in float32 was no faster than ONNX Runtime, and on int4 graphs its segments were not
-faster either, so `auto` takes it for unquantized engines on CPUs with bfloat16 units only (sessions.py).
+validator's eager twin in bfloat16). Measured on 2 cores of an AMD EPYC with AVX-512 VNNI and BF16, no AMX, real-width
+4-layer engines, fresh process per run (docs/performance.md, "OpenVINO"): time to first token 0.71x ONNX Runtime's
+for int4 and 0.46x for float32; float32 decode 0.85x (bfloat16 weights are half the bytes per step), int4 decode with
+the engine's ONNX Runtime decode graphs as before. Memory: the int4 engine 1.2x ONNX Runtime's peak RSS, a float32
+engine 1.7x (OpenVINO keeps the file's float32 weights beside its bfloat16 copies), so `auto` takes OpenVINO for
+quantized engines only (sessions.auto_provider). OpenVINO in float32 was no faster than ONNX Runtime.
 """
 
 from __future__ import annotations
@@ -36,9 +38,13 @@ def missing() -> str | None:
 
 @functools.cache
 def core():
+    """OpenVINO's core, reading files into memory rather than mapping them: mapped, a compiled int4 segment held its
+    repacked weights and the file's pages (a real-width 4-layer int4 engine: 2.86 GiB peak RSS mapped, 2.47 read)."""
     import openvino as ov
 
-    return ov.Core()
+    ov_core = ov.Core()
+    ov_core.set_property({"ENABLE_MMAP": False})
+    return ov_core
 
 
 def bfloat16_units() -> bool:
