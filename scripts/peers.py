@@ -37,14 +37,14 @@ def peak_rss_gib() -> float:
     return float("nan")
 
 
-def star_runner(engine_dir: str, provider: str, threads: int):
+def star_runner(engine_dir: str, provider: str, threads: int, decode_graphs: bool = True):
     from star_export.config import RuntimeOptions
     from star_export.runtime.engine import Engine
     from star_export.runtime.generate import Sampling
     from star_export.runtime.threads import claim_process
 
     claim_process()
-    engine = Engine(engine_dir, RuntimeOptions(provider=provider), verify=False)
+    engine = Engine(engine_dir, RuntimeOptions(provider=provider, decode_graphs=decode_graphs), verify=False)
 
     def run(image, tokens):
         t0 = time.perf_counter()
@@ -52,7 +52,8 @@ def star_runner(engine_dir: str, provider: str, threads: int):
         for _, result in engine.stream([image], [QUESTION], Sampling(max_new_tokens=tokens, stop_at_eos=False)):
             stamps.append(time.perf_counter())
         prompt = len(engine.prepare([image], [QUESTION])["input_ids"][0])
-        return t0, stamps, prompt, {"provider": engine.provider, "compute_dtype": engine.compute_dtype}
+        used = {"provider": engine.provider, "compute_dtype": engine.compute_dtype}
+        return t0, stamps, prompt, used | {"decode_graphs": any(n.startswith("decode") for n in engine.graphs)}
 
     return run
 
@@ -130,7 +131,7 @@ def measure_one(spec: dict, image_path: str, tokens: int, threads: int) -> dict:
     t = time.perf_counter()
     kind = spec["kind"]
     if kind == "star":
-        run = star_runner(spec["path"], spec["provider"], threads)
+        run = star_runner(spec["path"], spec["provider"], threads, spec.get("decode_graphs", True))
     elif kind == "hf":
         run = hf_runner(spec["path"], spec["dtype"], threads)
     else:
@@ -165,6 +166,8 @@ def configurations(a) -> dict[str, dict]:
         name: {"kind": "star", "path": str(work / f"star-{w}-k{k}"), "weights": w, "keep": k, "provider": p}
         for name, (w, k, p) in star.items()
     }
+    # the int4 engine on OpenVINO without its ONNX Runtime decode graphs (less memory and load, slower steps)
+    out[f"star-int4-k{a.keep}-openvino-segments"] = out[f"star-int4-k{a.keep}"] | {"provider": "openvino", "decode_graphs": False}
     out |= {f"hf-{d}": {"kind": "hf", "path": a.model, "dtype": d} for d in ("bfloat16", "float32")}
     out |= {f"openvino-genai-{w}": {"kind": "ov", "path": str(work / f"ov-{w}")} for w in ("int4", "int8")}
     return {k: v for k, v in out.items() if not a.only or k in a.only}
@@ -209,6 +212,7 @@ def write(out: Path, meta: dict, results: dict) -> str:
             continue
         col = {k: [r[k] for r in ok] for k in ("ttft_ms", "decode_ms", "load_s", "peak_rss_gib")}
         where = ok[0].get("provider", "") + (f" ({ok[0]['compute_dtype']})" if ok[0].get("compute_dtype") else "")
+        where += " + ONNX Runtime decode graphs" if ok[0].get("decode_graphs") and "OpenVINO" in where else ""
         lines.append(
             f"| {name} | {summary(col['ttft_ms'])} | {statistics.median(col['decode_ms']):.1f} | "
             f"{statistics.median(col['load_s']):.1f} | {max(col['peak_rss_gib']):.2f} | "
