@@ -151,3 +151,28 @@ def test_openvino_float_engine_is_refused_where_its_memory_is_not(engine_dir, in
     q = EngineManifest.read(int4_dir, verify=False)
     run = memory_plan(q.model, q.schedule, q.dtype, q.weights, bool(q.decode_graphs)).run_bytes
     check_run_fits(q, run - RUNTIME_OVERHEAD, openvino=True)
+
+
+def test_auto_falls_back_to_onnx_runtime_where_openvino_cannot_compile(engine_dir, monkeypatch, capsys):
+    """An engine graph OpenVINO cannot compile: `auto` runs the engine on ONNX Runtime with a warning; an explicit
+    `--provider openvino` is exit 2 naming `--provider cpu`."""
+    import star_export.runtime.engine as engine_module
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("Unsupported operation")
+
+    monkeypatch.setattr(sessions, "auto_provider", lambda quantized: "openvino")
+    monkeypatch.setattr(engine_module, "OvGraph", broken)
+    engine = Engine(engine_dir, provider="auto")
+    assert engine.provider == "CPUExecutionProvider" and engine.compute_dtype == "float32"
+    assert "could not be compiled by OpenVINO" in capsys.readouterr().err
+    with pytest.raises(engine_module.OpenVinoError, match="run the engine with --provider cpu"):
+        Engine(engine_dir, provider="openvino")
+
+
+def test_engine_validated_one_graph_at_a_time_compiles_each_openvino_graph_per_call(engine_dir, tiny):
+    report = validate_engine(engine_dir, loaded=tiny, provider="openvino", mode="streamed-lazy", max_new_tokens=2)
+    assert report.ok, report.table()
+    assert report.dtype == expected_dtype()
+    engine = Engine(engine_dir, provider="openvino", lazy=True)
+    assert all(isinstance(g, openvino.LazyOvGraph) for g in engine.graphs.values())

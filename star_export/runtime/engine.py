@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -19,7 +20,7 @@ from .decode import DecodeGraph
 from .generate import Generation, InputError, Sampling, StarPipeline
 from .images import rule_from_engine_dir
 from .inputs import load_requests, prepare_inputs
-from .openvino import OPENVINO, OvGraph, graph_config
+from .openvino import OPENVINO, LazyOvGraph, OvGraph, graph_config
 from .sessions import PROVIDER_ALIASES, LazyOrtGraph, OrtGraph, resolve_providers
 
 
@@ -51,7 +52,7 @@ def _load_graph(
     runtime = "OpenVINO" if providers == [OPENVINO] else "ONNX Runtime"
     try:
         if providers == [OPENVINO]:
-            return OvGraph(path, graph_config(scheme))
+            return (LazyOvGraph if lazy else OvGraph)(path, graph_config(scheme))
         if lazy:  # the session is created at each call; check now that it loads, then free it
             lazy_graph = LazyOrtGraph(path, providers, arena=arena)
             lazy_graph.session()
@@ -60,10 +61,19 @@ def _load_graph(
     except Exception as e:  # the runtime's own exception types: the file is not a graph it can run
         if user_error_from(e):
             raise
+        if providers == [OPENVINO]:
+            raise OpenVinoError(
+                f"{path} could not be compiled by OpenVINO ({type(e).__name__}: {str(e)[:300]}): run the engine with "
+                "--provider cpu (ONNX Runtime)"
+            ) from e
         raise EngineError(
             f"{path} could not be loaded by {runtime} ({type(e).__name__}: {str(e)[:300]}): rebuild the engine with "
             "star-export --force"
         ) from e
+
+
+class OpenVinoError(EngineError):
+    """OpenVINO could not compile one of the engine's graphs."""
 
 
 class Engine:
@@ -108,10 +118,21 @@ class Engine:
         threads.thread_pool(mode=options.thread_pool)  # the process's pool, fixed by its first session
         files = {name: m["graphs"][name]["file"] for name in GRAPHS}
         arena = options.cpu_arena
-        self.graphs = {
-            name: _load_graph(self.directory / files[name], self.providers, lazy, arena=arena, scheme=self.scheme)
-            for name in GRAPHS
-        }
+        try:
+            self.graphs = {
+                name: _load_graph(self.directory / files[name], self.providers, lazy, arena=arena, scheme=self.scheme)
+                for name in GRAPHS
+            }
+        except OpenVinoError as e:
+            if options.provider != "auto":
+                raise
+            # `auto` chose OpenVINO: a graph it cannot compile (an engine of another release, an op it lacks) is run by
+            # ONNX Runtime, as before OpenVINO was chosen
+            print(f"warning: {e}; running on ONNX Runtime's CPU provider", file=sys.stderr)
+            self.providers = PROVIDER_ALIASES["cpu"]
+            self.graphs = {
+                name: _load_graph(self.directory / files[name], self.providers, lazy, arena=arena) for name in GRAPHS
+            }
         # The decode graphs run on ONNX Runtime's CPU provider only (their caches are bound as host memory), also
         # beside OpenVINO, whose graphs leave the caches in host memory too; a lazy engine, or one on a GPU provider,
         # decodes with the segment graphs.

@@ -5,11 +5,11 @@ OpenVINO computes in its `INFERENCE_PRECISION_HINT`: bfloat16 by default on a CP
 AMX), float32 elsewhere. Its graph interface keeps the file's dtypes (float32 in and out); the products inside are
 bfloat16 with float32 accumulation, so an engine run so is judged as a bfloat16 engine (`compute_dtype`, the
 validator's eager twin in bfloat16). Measured on 2 cores of an AMD EPYC with AVX-512 VNNI and BF16, no AMX, real-width
-4-layer engines, fresh process per run (docs/performance.md, "OpenVINO"): time to first token 0.71x ONNX Runtime's
-for int4 and 0.46x for float32; float32 decode 0.85x (bfloat16 weights are half the bytes per step), int4 decode with
-the engine's ONNX Runtime decode graphs as before. Memory: the int4 engine 1.2x ONNX Runtime's peak RSS, a float32
-engine 1.7x (OpenVINO keeps the file's float32 weights beside its bfloat16 copies), so `auto` takes OpenVINO for
-quantized engines only (sessions.auto_provider). OpenVINO in float32 was no faster than ONNX Runtime.
+4-layer engines, fresh process per run (docs/performance.md, "Against the CPU peers"): time to first token 0.61x ONNX
+Runtime's for int4 and 0.38x for float32; float32 decode 0.93x (bfloat16 weights are half the bytes per step), int4
+decode with the engine's ONNX Runtime decode graphs as before. Peak RSS: the int4 engine 1.16x ONNX Runtime's, a
+float32 engine 1.71x (OpenVINO keeps the file's float32 weights beside its bfloat16 copies), so `auto` takes OpenVINO
+for quantized engines only (sessions.auto_provider). OpenVINO in float32 was no faster than ONNX Runtime.
 """
 
 from __future__ import annotations
@@ -104,3 +104,22 @@ class OvGraph:
     @staticmethod
     def nbytes(value) -> int:
         return np.asarray(value).nbytes
+
+
+class LazyOvGraph:
+    """An OpenVINO graph compiled only while it runs, for an engine validated one graph at a time (sessions.LazyOrtGraph
+    is its ONNX Runtime twin): each call compiles, runs and frees it."""
+
+    device = "cpu"
+
+    def __init__(self, path: str | Path, config: dict[str, Any] | None = None):
+        self.path, self.config = Path(path), config
+        graph = OvGraph(self.path, config)  # check now that it compiles, and learn its names and precision
+        self.input_names, self.output_names = graph.input_names, graph.output_names
+        self.provider, self.compute_dtype = graph.provider, graph.compute_dtype
+
+    def run(self, feed: dict[str, Any]) -> dict[str, Any]:
+        return OvGraph(self.path, self.config).run(feed)
+
+    to_numpy = staticmethod(OvGraph.to_numpy)
+    nbytes = staticmethod(OvGraph.nbytes)

@@ -130,7 +130,7 @@ PROVIDER_ENV = "STAR_PROVIDER"  # what `auto` means in this environment (a fleet
 
 def auto_provider(quantized: bool) -> str:
     """`auto`: $STAR_PROVIDER where set; else CUDA where this onnxruntime build and torch see a GPU; else OpenVINO for
-    a quantized (int4 / int8) engine on a CPU with bfloat16 units (time to first token 0.7x ONNX Runtime's, decode and
+    a quantized (int4 / int8) engine on a CPU with bfloat16 units (time to first token 0.6x ONNX Runtime's, decode and
     memory close: runtime/openvino.py); else ONNX Runtime's CPU provider. A float engine keeps ONNX Runtime: OpenVINO
     halves its time to first token but holds 1.7x the memory; OpenVINO in float32 measured no faster."""
     import onnxruntime as ort
