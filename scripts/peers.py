@@ -159,6 +159,7 @@ def configurations(a) -> dict[str, dict]:
         f"star-int4-k{a.keep}": ("int4", a.keep, "auto"),
         f"star-int4-k{a.keep}-onnxruntime": ("int4", a.keep, "cpu"),
         "star-int4-k576": ("int4", 576, "auto"),
+        f"star-int8-k{a.keep}": ("int8", a.keep, "auto"),
         f"star-f32-k{a.keep}": ("float", a.keep, "auto"),
         f"star-f32-k{a.keep}-openvino": ("float", a.keep, "openvino"),
     }
