@@ -41,6 +41,10 @@ def load_processor(path: Path, spec: ModelSpec, layout: DecoderLayout):
     return processor
 
 
+class OpenVinoError(EngineError):
+    """OpenVINO could not compile one of the engine's graphs."""
+
+
 def _load_graph(
     path: Path,
     providers,
@@ -49,7 +53,6 @@ def _load_graph(
     arena: str | None = None,
     scheme: WeightScheme = WeightScheme(),
 ) -> OrtGraph | LazyOrtGraph | OvGraph:
-    runtime = "OpenVINO" if providers == [OPENVINO] else "ONNX Runtime"
     try:
         if providers == [OPENVINO]:
             return (LazyOvGraph if lazy else OvGraph)(path, graph_config(scheme))
@@ -67,13 +70,9 @@ def _load_graph(
                 "--provider cpu (ONNX Runtime)"
             ) from e
         raise EngineError(
-            f"{path} could not be loaded by {runtime} ({type(e).__name__}: {str(e)[:300]}): rebuild the engine with "
+            f"{path} could not be loaded by ONNX Runtime ({type(e).__name__}: {str(e)[:300]}): rebuild the engine with "
             "star-export --force"
         ) from e
-
-
-class OpenVinoError(EngineError):
-    """OpenVINO could not compile one of the engine's graphs."""
 
 
 class Engine:
@@ -118,11 +117,15 @@ class Engine:
         threads.thread_pool(mode=options.thread_pool)  # the process's pool, fixed by its first session
         files = {name: m["graphs"][name]["file"] for name in GRAPHS}
         arena = options.cpu_arena
-        try:
-            self.graphs = {
-                name: _load_graph(self.directory / files[name], self.providers, lazy, arena=arena, scheme=self.scheme)
+
+        def load(providers) -> dict:
+            return {
+                name: _load_graph(self.directory / files[name], providers, lazy, arena=arena, scheme=self.scheme)
                 for name in GRAPHS
             }
+
+        try:
+            self.graphs = load(self.providers)
         except OpenVinoError as e:
             if options.provider != "auto":
                 raise
@@ -130,9 +133,7 @@ class Engine:
             # ONNX Runtime, as before OpenVINO was chosen
             print(f"warning: {e}; running on ONNX Runtime's CPU provider", file=sys.stderr)
             self.providers = PROVIDER_ALIASES["cpu"]
-            self.graphs = {
-                name: _load_graph(self.directory / files[name], self.providers, lazy, arena=arena) for name in GRAPHS
-            }
+            self.graphs = load(self.providers)
         # The decode graphs run on ONNX Runtime's CPU provider only (their caches are bound as host memory), also
         # beside OpenVINO, whose graphs leave the caches in host memory too; a lazy engine, or one on a GPU provider,
         # decodes with the segment graphs.

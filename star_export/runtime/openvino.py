@@ -99,7 +99,7 @@ class OvGraph:
 
     @staticmethod
     def to_numpy(value) -> np.ndarray:
-        return value if isinstance(value, np.ndarray) else np.asarray(value)
+        return np.asarray(value)
 
     @staticmethod
     def nbytes(value) -> int:

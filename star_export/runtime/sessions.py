@@ -18,6 +18,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from ..config import PROVIDERS
 from ..errors import UserError
 from . import openvino
 from .kvcache import NEW as NEW_KV
@@ -90,9 +91,9 @@ class TorchGraph:
         if not torch.is_tensor(value):
             return np.asarray(value)
         value = value.detach().cpu()
-        return (
-            value.float() if value.dtype == torch.bfloat16 else value
-        ).numpy()  # exact: bfloat16 is float32's prefix
+        if value.dtype == torch.bfloat16:  # numpy has none; float32 holds every bfloat16 value exactly
+            value = value.float()
+        return value.numpy()
 
     @staticmethod
     def nbytes(value) -> int:
@@ -137,8 +138,9 @@ def auto_provider(quantized: bool) -> str:
 
     pinned = os.environ.get(PROVIDER_ENV)
     if pinned:
-        if pinned not in PROVIDER_ALIASES and pinned != "openvino":
-            raise ProviderError(f"{PROVIDER_ENV}={pinned!r}: allowed {', '.join(PROVIDER_ALIASES)}, openvino")
+        allowed = [p for p in PROVIDERS if p != "auto"]
+        if pinned not in allowed:
+            raise ProviderError(f"{PROVIDER_ENV}={pinned!r}: allowed {', '.join(allowed)}")
         return pinned
     if "CUDAExecutionProvider" in ort.get_available_providers() and torch.cuda.is_available():
         return "cuda"
@@ -167,7 +169,7 @@ def resolve_providers(name: str, allow_fallback: bool = False, quantized: bool =
     if name in PROVIDER_ALIASES:
         wanted = PROVIDER_ALIASES[name]
     else:
-        raise ProviderError(f"unknown provider {name!r}: allowed auto, {', '.join(PROVIDER_ALIASES)}, openvino")
+        raise ProviderError(f"unknown provider {name!r}: allowed {', '.join(PROVIDERS)}")
     missing = [p for p in wanted if p not in available]
     if missing and name != "cpu" and allow_fallback:
         print(
