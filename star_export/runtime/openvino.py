@@ -76,15 +76,12 @@ class OvGraph:
 
     device = "cpu"
 
-    def __init__(self, path: str | Path, config: dict[str, Any] | None = None, threads: int | None = None):
+    def __init__(self, path: str | Path, config: dict[str, Any] | None = None):
         """`config`: OpenVINO properties (`graph_config`)."""
         reason = missing()
         if reason:
             raise UserError(f"--provider openvino: {reason}")
-        config = {"PERFORMANCE_HINT": "LATENCY", **(config or {})}
-        if threads:
-            config["INFERENCE_NUM_THREADS"] = threads
-        compiled = core().compile_model(str(path), "CPU", config)
+        compiled = core().compile_model(str(path), "CPU", {"PERFORMANCE_HINT": "LATENCY", **(config or {})})
         self.precision = compiled.get_property("INFERENCE_PRECISION_HINT").to_string()
         self.compute_dtype = PRECISIONS.get(self.precision, "float32")
         self.provider = f"{OPENVINO}-CPU-{self.precision}"
