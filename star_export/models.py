@@ -19,13 +19,8 @@ import torch
 
 from .config import ModelSpec
 from .errors import UserError, user_error_from
+from .processor import CHAT_TEMPLATE, normalize_processor
 
-CHAT_TEMPLATE = (
-    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': ' }}{% endif %}"
-    "{% for item in message['content'] if item['type'] == 'image' %}{{ '<image>\n' }}{% endfor %}"
-    "{% for item in message['content'] if item['type'] == 'text' %}{{ item['text'] + ' ' }}{% endfor %}{% endfor %}"
-    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
-)
 
 # Text the tiny tokenizer's BPE merges are learnt from (offline, deterministic).
 _TOKENIZER_CORPUS = """
@@ -302,21 +297,6 @@ def build_random_llava(
 def _prepare(model):
     model.set_attn_implementation("eager")
     return model.eval().requires_grad_(False)
-
-
-def normalize_processor(processor, spec: ModelSpec):
-    """LlavaProcessor expands `<image>` into the right count only with these set."""
-    if getattr(processor, "patch_size", None) is None:
-        processor.patch_size = spec.patch_size
-    if getattr(processor, "vision_feature_select_strategy", None) is None:
-        processor.vision_feature_select_strategy = spec.vision_feature_select_strategy
-    processor.num_additional_image_tokens = 1  # CLIP's CLS token
-    processor.tokenizer.padding_side = "left"
-    if processor.tokenizer.pad_token is None:
-        processor.tokenizer.pad_token = processor.tokenizer.unk_token or processor.tokenizer.eos_token
-    if not getattr(processor, "chat_template", None):
-        processor.chat_template = CHAT_TEMPLATE
-    return processor
 
 
 FINGERPRINT_SAMPLES = 32  # blocks of tensor data read per safetensors file

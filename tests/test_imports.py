@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "star_export"
 # runtime share a rank but may not import each other (checked apart).
 LAYERS = {
     "errors": 0, "config": 0, "manifest": 0, "engine_check": 0, "memory": 0, "models": 0, "flops": 0, "testing": 0,
-    "checkpoints": 0, "assets": 0,
+    "checkpoints": 0, "assets": 0, "processor": 0,
     "graphs": 1,
     "export": 2, "runtime": 2,
     "validate": 3,

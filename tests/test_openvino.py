@@ -77,7 +77,9 @@ def test_star_run_records_the_provider_and_compute_dtype(engine_dir, capsys):
 
 def test_auto_picks_openvino_for_quantized_engines_on_bfloat16_cpus(monkeypatch):
     monkeypatch.delenv(sessions.PROVIDER_ENV, raising=False)
-    monkeypatch.setattr(sessions.torch.cuda, "is_available", lambda: False)
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(openvino, "missing", lambda: None)
     monkeypatch.setattr(openvino, "bfloat16_units", lambda: True)
     assert sessions.auto_provider(quantized=True) == "openvino"

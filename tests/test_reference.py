@@ -29,7 +29,7 @@ from star_export.validate import reference
 from star_export.config import StarSchedule
 from star_export.runtime.generate import Sampling, StarPipeline
 from star_export.runtime.inputs import prepare_inputs
-from star_export.runtime.sessions import TorchGraph
+from star_export.runtime.eager import TorchGraph
 
 from conftest import QUESTIONS
 

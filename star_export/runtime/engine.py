@@ -14,7 +14,7 @@ from ..engine_check import GRAPHS, check_fields, check_graphs, check_paths, chec
 from ..errors import user_error_from
 from ..manifest import EngineError, EngineManifest, decode_graph_names
 from ..memory import check_run_fits
-from ..models import normalize_processor
+from ..processor import normalize_processor, read_processor
 from . import threads
 from .decode import DecodeGraph
 from .generate import Generation, InputError, Sampling, StarPipeline
@@ -25,11 +25,10 @@ from .sessions import PROVIDER_ALIASES, LazyOrtGraph, OrtGraph, resolve_provider
 
 
 def load_processor(path: Path, spec: ModelSpec, layout: DecoderLayout):
-    """The engine's saved processor (tokenizer, image processor, chat template), checked against the graphs."""
-    from transformers import AutoProcessor
-
+    """The engine's saved processor (tokenizer, image processor, chat template), checked against the graphs: read
+    without transformers where star_export/processor.py reproduces it (LLaVA-1.5's), else transformers' own."""
     try:
-        processor = normalize_processor(AutoProcessor.from_pretrained(path, local_files_only=True), spec)
+        processor = read_processor(path, spec) or _transformers_processor(path, spec)
     except Exception as e:  # tokenizers' and transformers' own exception types: a broken or foreign file
         if user_error_from(e):
             raise
@@ -39,6 +38,12 @@ def load_processor(path: Path, spec: ModelSpec, layout: DecoderLayout):
         ) from e
     check_processor(processor, spec, layout)
     return processor
+
+
+def _transformers_processor(path: Path, spec: ModelSpec):
+    from transformers import AutoProcessor
+
+    return normalize_processor(AutoProcessor.from_pretrained(path, local_files_only=True), spec)
 
 
 class OpenVinoError(EngineError):

@@ -104,7 +104,7 @@ def sample_next(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator
 
 # Dtypes numpy lacks, and the one their values are held in between graphs (losslessly: every bfloat16 value is a
 # float32 value). A bfloat16 pipeline is the validator's eager twin of an engine that computes in bfloat16
-# (runtime/openvino.py); each of its graphs casts what it is fed to bfloat16 (sessions.TorchGraph).
+# (runtime/openvino.py); each of its graphs casts what it is fed to bfloat16 (eager.TorchGraph).
 HELD_AS = {"bfloat16": "float32"}
 
 

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from ..processor import resize_target
 from .generate import InputError
 
 MAX_IMAGE_PIXELS = 64_000_000  # 64 megapixels, e.g. 8000 x 8000: far above what the 336-px tower uses
@@ -56,16 +57,9 @@ class ResizeRule:
         return cls(shortest_edge=edge, resample=int(resample) if isinstance(resample, int) else 3, exact=exact)
 
     def target(self, size: tuple[int, int]) -> tuple[int, int]:
-        """(width, height) the processor resizes an image of `size` (width, height) to: its own computation."""
-        from transformers.image_transforms import get_resize_output_image_size
-        from transformers.image_utils import ChannelDimension
-
-        width, height = size
-        shape_only = np.broadcast_to(np.uint8(0), (1, height, width))  # no memory: only its shape is read
-        h, w = get_resize_output_image_size(
-            shape_only, size=self.shortest_edge, default_to_square=False, input_data_format=ChannelDimension.FIRST
-        )
-        return w, h
+        """(width, height) the processor resizes an image of `size` (width, height) to: its own computation
+        (processor.resize_target; tests/test_processor.py compares it with transformers')."""
+        return resize_target(size, self.shortest_edge)
 
     def check(self, size: tuple[int, int], name: str) -> None:
         w, h = self.target(size)

@@ -1,14 +1,13 @@
-"""Graph sessions with one API, `run(feed) -> dict`: eager PyTorch modules and ONNX Runtime sessions.
+"""ONNX Runtime sessions with the graphs' one API, `run(feed) -> dict` (runtime/eager.py: the eager PyTorch one).
 
-Values flow between graphs in each backend's own type (torch tensors, or `OrtValue`s bound with
-ORT IO binding so key/value caches stay where the provider put them); `to_numpy` reads one on the host.
+Values flow between graphs in each backend's own type (`OrtValue`s bound with ORT IO binding so key/value caches stay
+where the provider put them; torch tensors for the caches on a GPU); `to_numpy` reads one on the host. torch is
+imported only where a GPU needs it: a CPU engine loads without it (about a second of the load).
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import inspect
 import os
 import sys
 import warnings
@@ -16,7 +15,6 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-import torch
 
 from ..config import PROVIDERS
 from ..errors import UserError
@@ -25,79 +23,6 @@ from .kvcache import NEW as NEW_KV
 from .threads import thread_pool
 
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")  # onnxruntime otherwise writes state under ~/.cache
-
-
-@contextlib.contextmanager
-def full_float32(device: torch.device):
-    """float32 products and convolutions in float32 on a CUDA device, not TF32 (torch's default for convolutions):
-    the reference's float32 run is what float32 costs, which the validator's budgets stand on (budget.py)."""
-    if device.type != "cuda":
-        yield
-        return
-    knobs = [(torch.backends.cuda.matmul, "fp32_precision"), (torch.backends.cudnn.conv, "fp32_precision")]
-    if not all(hasattr(obj, name) for obj, name in knobs):  # torch < 2.9: the flags before fp32_precision
-        knobs = [(torch.backends.cuda.matmul, "allow_tf32"), (torch.backends.cudnn, "allow_tf32")]
-    saved = [getattr(obj, name) for obj, name in knobs]
-    for obj, name in knobs:
-        setattr(obj, name, "ieee" if name == "fp32_precision" else False)
-    try:
-        yield
-    finally:
-        for (obj, name), value in zip(knobs, saved):
-            setattr(obj, name, value)
-
-
-class TorchGraph:
-    """An exported graph's `nn.Module`, run eagerly: the reference path."""
-
-    def __init__(
-        self,
-        module: torch.nn.Module,
-        input_names: Sequence[str],
-        output_names: Sequence[str],
-        device: str = "cpu",
-        context=None,
-    ):
-        """`context`: a context-manager factory entered around every use of `module` (the layer-streamed reference
-        sets its dtype there)."""
-        self.module, self.input_names, self.output_names = module, list(input_names), list(output_names)
-        self.context = context or contextlib.nullcontext
-        self.device = torch.device(device)
-        self.provider = f"torch-eager-{self.device.type}"
-        # A bfloat16 module is fed float32 arrays (numpy has no bfloat16; generate.HELD_AS), cast to bfloat16 here;
-        # every other pipeline feeds its modules in their own dtype already.
-        dtypes = {p.dtype for p in module.parameters()}
-        self.cast_to = torch.bfloat16 if dtypes == {torch.bfloat16} else None
-        # Keyword inputs the exported graph does not have (a forced selection, for validation): passed when fed.
-        params = inspect.signature(module.forward).parameters
-        self.optional_names = [n for n, p in params.items() if p.default is None and n not in self.input_names]
-
-    def _tensor(self, value) -> torch.Tensor:
-        tensor = value if torch.is_tensor(value) else torch.from_numpy(np.ascontiguousarray(value))
-        if self.cast_to is not None and tensor.is_floating_point():
-            return tensor.to(self.device, self.cast_to)
-        return tensor.to(self.device)
-
-    @torch.no_grad()
-    def run(self, feed: dict[str, Any]) -> dict[str, Any]:
-        args = [self._tensor(feed[n]) for n in self.input_names]
-        kwargs = {n: self._tensor(feed[n]) for n in self.optional_names if feed.get(n) is not None}
-        with self.context(), full_float32(self.device):
-            outputs = self.module(*args, **kwargs)
-        return dict(zip(self.output_names, outputs))
-
-    @staticmethod
-    def to_numpy(value) -> np.ndarray:
-        if not torch.is_tensor(value):
-            return np.asarray(value)
-        value = value.detach().cpu()
-        if value.dtype == torch.bfloat16:  # numpy has none; float32 holds every bfloat16 value exactly
-            value = value.float()
-        return value.numpy()
-
-    @staticmethod
-    def nbytes(value) -> int:
-        return value.numel() * value.element_size() if torch.is_tensor(value) else np.asarray(value).nbytes
 
 
 PROVIDER_ALIASES = {
@@ -142,8 +67,11 @@ def auto_provider(quantized: bool) -> str:
         if pinned not in allowed:
             raise ProviderError(f"{PROVIDER_ENV}={pinned!r}: allowed {', '.join(allowed)}")
         return pinned
-    if "CUDAExecutionProvider" in ort.get_available_providers() and torch.cuda.is_available():
-        return "cuda"
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        import torch  # onnxruntime-gpu is installed: whether a GPU is there, torch answers
+
+        if torch.cuda.is_available():
+            return "cuda"
     if quantized and openvino.missing() is None and openvino.bfloat16_units():
         return "openvino"
     return "cpu"
@@ -254,27 +182,48 @@ def session_options(threads: int | None = None, transient: bool = False, arena: 
     return opts
 
 
-TORCH_TO_NUMPY = {
-    torch.float32: np.float32,
-    torch.float16: np.float16,
-    torch.float64: np.float64,
-    torch.int64: np.int64,
-}
-ORT_TO_TORCH = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16}
+NUMPY_OF_TORCH = ("float32", "float16", "float64", "int64")  # torch dtypes a GPU value is bound with, by name
+TORCH_OF_ORT = {"tensor(float)": "float32", "tensor(float16)": "float16"}
 
 
-def gpu_kv_outputs(outputs) -> dict[str, tuple[torch.dtype, int, int]]:
+def loaded_torch():
+    """torch where the process has imported it (a torch tensor can exist only then), else None."""
+    return sys.modules.get("torch")
+
+
+def numpy_dtype(torch_dtype):
+    name = str(torch_dtype).removeprefix("torch.")
+    if name not in NUMPY_OF_TORCH:
+        raise TypeError(f"no binding for a {torch_dtype} tensor")
+    return np.dtype(name).type
+
+
+def gpu_kv_outputs(outputs) -> dict[str, tuple[str, int, int]]:
     """A graph's new key and value outputs (`new_key_values.*`, (B, kv_heads, q, head_dim) with static heads and
-    head_dim) that a GPU run writes into torch tensors: name -> (dtype, kv_heads, head_dim)."""
+    head_dim) that a GPU run writes into torch tensors: name -> (torch dtype name, kv_heads, head_dim)."""
     return {
-        o.name: (ORT_TO_TORCH[o.type], o.shape[1], o.shape[3])
+        o.name: (TORCH_OF_ORT[o.type], o.shape[1], o.shape[3])
         for o in outputs
         if o.name.startswith(NEW_KV)
-        and o.type in ORT_TO_TORCH
+        and o.type in TORCH_OF_ORT
         and len(o.shape) == 4
         and isinstance(o.shape[1], int)
         and isinstance(o.shape[3], int)
     }
+
+
+def host_numpy(value) -> np.ndarray:
+    """A torch tensor (bfloat16 widened: numpy has none, float32 holds each value exactly) or an array, on the host."""
+    torch = loaded_torch()
+    if torch is None or not torch.is_tensor(value):
+        return np.asarray(value)
+    value = value.detach().cpu()
+    return (value.float() if value.dtype == torch.bfloat16 else value).numpy()
+
+
+def host_nbytes(value) -> int:
+    torch = loaded_torch()
+    return value.numel() * value.element_size() if torch and torch.is_tensor(value) else np.asarray(value).nbytes
 
 
 class OrtGraph:
@@ -309,18 +258,18 @@ class OrtGraph:
 
     def run(self, feed: dict[str, Any]) -> dict[str, Any]:
         binding = self.session.io_binding()
-        written_by_torch = set()
+        torch, written_by_torch = loaded_torch(), set()
         for name in self.input_names:
             value = feed[name]
             if isinstance(value, self._ort.OrtValue):
                 binding.bind_ortvalue_input(name, value)
-            elif torch.is_tensor(value):  # a KV buffer on the GPU (kvcache.zeros), read where it lies
+            elif torch is not None and torch.is_tensor(value):  # a KV buffer on the GPU (kvcache.zeros), read in place
                 value = value.contiguous()
                 binding.bind_input(
                     name,
                     value.device.type,
                     value.device.index or 0,
-                    TORCH_TO_NUMPY[value.dtype],
+                    numpy_dtype(value.dtype),
                     tuple(value.shape),
                     value.data_ptr(),
                 )
@@ -349,24 +298,26 @@ class OrtGraph:
         if tokens is None or spec is None:
             binding.bind_output(name, self.device)
             return None
+        import torch  # a GPU run: the caches are torch tensors on the device
+
         dtype, heads, head_dim = spec
         batch, q = (tokens.shape() if callable(tokens.shape) else tokens.shape)[:2]
         shape = (int(batch), heads, int(q), head_dim)
-        tensor = torch.empty(shape, dtype=dtype, device=self.device)
+        tensor = torch.empty(shape, dtype=getattr(torch, dtype), device=self.device)
         binding.bind_output(
-            name, tensor.device.type, tensor.device.index or 0, TORCH_TO_NUMPY[dtype], shape, tensor.data_ptr()
+            name, tensor.device.type, tensor.device.index or 0, np.dtype(dtype).type, shape, tensor.data_ptr()
         )
         return tensor
 
     def to_numpy(self, value) -> np.ndarray:
-        return value.numpy() if isinstance(value, self._ort.OrtValue) else TorchGraph.to_numpy(value)
+        return value.numpy() if isinstance(value, self._ort.OrtValue) else host_numpy(value)
 
     def nbytes(self, value) -> int:
         """Size without a copy to the host (the value may live on the GPU)."""
         if isinstance(value, self._ort.OrtValue):
             dtype = self._ort_dtypes[value.data_type()]
             return int(np.prod(value.shape(), dtype=np.int64)) * np.dtype(dtype).itemsize
-        return TorchGraph.nbytes(value)
+        return host_nbytes(value)
 
     _ort_dtypes = {
         "tensor(float)": np.float32,

@@ -20,7 +20,7 @@ from ..graphs.stages import decoder_layout, graph_modules
 from ..models import LoadedModel
 from ..runtime.generate import Generation, Sampling, StarPipeline
 from ..runtime.inputs import prepare_inputs
-from ..runtime.sessions import TorchGraph
+from ..runtime.eager import TorchGraph
 
 # ---------------------------------------------------------------- float64 that is float64
 # HF computes some steps in float32 whatever the model's dtype: LlamaRMSNorm casts its input to float32,

@@ -23,7 +23,7 @@ from ..graphs.stages import decoder_layout, graph_modules
 from ..memory import release_pages
 from ..models import TORCH_DTYPES, LoadedModel
 from ..runtime.generate import StarPipeline
-from ..runtime.sessions import TorchGraph
+from ..runtime.eager import TorchGraph
 from .quantized import dequantize, engine_packing, engine_weight, quantized_modules
 from .reference import widen_numerics
 
