@@ -106,14 +106,15 @@ def command_parser(prog: str, description: str) -> argparse.ArgumentParser:
     return p
 
 
-def silence_libraries() -> None:
+def silence_libraries(torch_first: bool = True) -> None:
     """Library warnings and log lines (the ONNX exporter alone prints ~30 per export) stay out of the user's way.
-    Runs after parsing (so --help stays fast); every command needs torch, which sets its loggers' levels when
-    imported, so it is imported first."""
+    Runs after parsing (so --help stays fast). torch sets its loggers' levels when imported, so a command that needs
+    it imports it first (`torch_first`); star-run and star-serve run a CPU engine without it (a second of their load)."""
     import logging
     import warnings
 
-    import torch  # noqa: F401
+    if torch_first:
+        import torch  # noqa: F401
 
     warnings.simplefilter("ignore")
     for name in LIBRARY_LOGGERS:
@@ -126,10 +127,11 @@ def terminate(signum, frame):
     raise Terminated()
 
 
-def run_command(prog: str, parser: argparse.ArgumentParser, run, argv) -> int:
+def run_command(prog: str, parser: argparse.ArgumentParser, run, argv, torch_first: bool = True) -> int:
+    """`torch_first`: see silence_libraries."""
     args = parser.parse_args(argv)  # argparse reports its own errors: usage + message, exit 2
     if not args.verbose:
-        silence_libraries()
+        silence_libraries(torch_first)
     claim_process()  # ONNX Runtime's shared thread pool (runtime/threads.py)
     on_main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, terminate) if on_main else None

@@ -113,7 +113,7 @@ def _run(args) -> int:
 
 
 def run_main(argv=None) -> int:
-    return run_command("star-run", run_parser(), _run, argv)
+    return run_command("star-run", run_parser(), _run, argv, torch_first=False)
 
 
 # ------------------------------------------------------------------ star-validate

@@ -123,4 +123,4 @@ def _serve(args) -> int:
 
 
 def serve_main(argv=None) -> int:
-    return run_command("star-serve", serve_parser(), _serve, argv)
+    return run_command("star-serve", serve_parser(), _serve, argv, torch_first=False)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -44,6 +46,20 @@ def _transformers_processor(path: Path, spec: ModelSpec):
     from transformers import AutoProcessor
 
     return normalize_processor(AutoProcessor.from_pretrained(path, local_files_only=True), spec)
+
+
+LOAD_WORKERS = 2
+
+
+def load_graphs(loaders: dict[str, Callable[[], Any]]) -> dict[str, Any]:
+    """Each graph loaded by its loader, two at a time: OpenVINO's compiler and ONNX Runtime's session setup run
+    outside Python's lock, so on 2 cores a real-width 4-layer int4 engine's six graphs load in 1.1-1.2 s instead of
+    1.4-1.7 s one by one (three at a time gained nothing more). The first loader's error is raised."""
+    if len(loaders) < 2:
+        return {name: load() for name, load in loaders.items()}
+    with ThreadPoolExecutor(LOAD_WORKERS, thread_name_prefix="star-load") as pool:
+        futures = {name: pool.submit(load) for name, load in loaders.items()}
+        return {name: future.result() for name, future in futures.items()}
 
 
 class OpenVinoError(EngineError):
@@ -124,10 +140,14 @@ class Engine:
         arena = options.cpu_arena
 
         def load(providers) -> dict:
-            return {
-                name: _load_graph(self.directory / files[name], providers, lazy, arena=arena, scheme=self.scheme)
-                for name in GRAPHS
-            }
+            return load_graphs(
+                {
+                    name: partial(
+                        _load_graph, self.directory / files[name], providers, lazy, arena=arena, scheme=self.scheme
+                    )
+                    for name in GRAPHS
+                }
+            )
 
         try:
             self.graphs = load(self.providers)
@@ -143,9 +163,15 @@ class Engine:
         # beside OpenVINO, whose graphs leave the caches in host memory too; a lazy engine, or one on a GPU provider,
         # decodes with the segment graphs.
         use = options.decode_graphs and not lazy and self.providers[0] in ("CPUExecutionProvider", OPENVINO)
-        for name in manifest.decode_graphs if use else ():
-            path = self.directory / m["graphs"][name]["file"]
-            self.graphs[name] = _load_graph(path, PROVIDER_ALIASES["cpu"], graph=DecodeGraph, arena=arena)
+        cpu = PROVIDER_ALIASES["cpu"]
+        self.graphs |= load_graphs(
+            {
+                name: partial(
+                    _load_graph, self.directory / m["graphs"][name]["file"], cpu, graph=DecodeGraph, arena=arena
+                )
+                for name in (manifest.decode_graphs if use else ())
+            }
+        )
         self.provider = self.graphs["segment0"].provider
         # What the graphs compute in: the engine's dtype, or OpenVINO's inference precision (bfloat16 on a CPU with
         # bfloat16 units); star-validate's eager twin runs in it.
