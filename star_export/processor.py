@@ -95,7 +95,12 @@ class Tokenizer:
             or config.get("clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output")
         ):
             raise Unsupported("clean_up_tokenization_spaces")
-        return cls(Backend.from_file(str(path)), config)
+        backend = Backend.from_file(str(path))
+        # A saved tokenizer.json may carry the padding or truncation of the last call before it was saved; transformers
+        # sets both at every call (none here: the processor pads itself, and nothing is truncated)
+        backend.no_padding()
+        backend.no_truncation()
+        return cls(backend, config)
 
     @property
     def pad_token_id(self) -> int | None:

@@ -44,7 +44,11 @@ def picture(size, seed):
 
 
 def saved(processor, directory):
-    processor.save_pretrained(directory)  # what star-export writes into an engine's processor/
+    """`processor` as star-export writes it into an engine's processor/, after a padded, truncated batch call (its
+    tokenizer.json then holds that call's padding and truncation, which no later call may inherit)."""
+    processor.tokenizer(["a b", "a b c d e f"], padding="max_length", max_length=9, truncation=True)
+    prepare_inputs(processor, [synthetic_image(0)] * 2, ["a b", "a b c d e f"])  # padding=True, through LlavaProcessor
+    processor.save_pretrained(directory)
     return directory
 
 

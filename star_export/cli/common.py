@@ -108,8 +108,9 @@ def command_parser(prog: str, description: str) -> argparse.ArgumentParser:
 
 def silence_libraries(torch_first: bool = True) -> None:
     """Library warnings and log lines (the ONNX exporter alone prints ~30 per export) stay out of the user's way.
-    Runs after parsing (so --help stays fast). torch sets its loggers' levels when imported, so a command that needs
-    it imports it first (`torch_first`); star-run and star-serve run a CPU engine without it (a second of their load)."""
+    Runs after parsing (so --help stays fast). torch sets its loggers' levels when imported, so a command that
+    needs it imports it first (`torch_first`); star-run and star-serve run a CPU engine without it (a second of
+    their load)."""
     import logging
     import warnings
 
