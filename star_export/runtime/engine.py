@@ -51,11 +51,12 @@ def _transformers_processor(path: Path, spec: ModelSpec):
 LOAD_WORKERS = 2
 
 
-def load_graphs(loaders: dict[str, Callable[[], Any]]) -> dict[str, Any]:
+def load_graphs(loaders: dict[str, Callable[[], Any]], one_at_a_time: bool = False) -> dict[str, Any]:
     """Each graph loaded by its loader, two at a time: OpenVINO's compiler and ONNX Runtime's session setup run
     outside Python's lock, so on 2 cores a real-width 4-layer int4 engine's six graphs load in 1.1-1.2 s instead of
-    1.4-1.7 s one by one (three at a time gained nothing more). The first loader's error is raised."""
-    if len(loaders) < 2:
+    1.4-1.7 s one by one (three at a time gained nothing more). The first loader's error is raised.
+    `one_at_a_time`: a lazy engine's (each check creates a whole session: two at once would double its peak)."""
+    if len(loaders) < 2 or one_at_a_time:
         return {name: load() for name, load in loaders.items()}
     with ThreadPoolExecutor(LOAD_WORKERS, thread_name_prefix="star-load") as pool:
         futures = {name: pool.submit(load) for name, load in loaders.items()}
@@ -146,7 +147,8 @@ class Engine:
                         _load_graph, self.directory / files[name], providers, lazy, arena=arena, scheme=self.scheme
                     )
                     for name in GRAPHS
-                }
+                },
+                one_at_a_time=lazy,
             )
 
         try:
