@@ -213,7 +213,7 @@ def device_flags(g: argparse.ArgumentParser | argparse._ArgumentGroup, provider:
         default=provider,
         choices=PROVIDERS,
         help=f"where the graphs run{what}: ONNX Runtime's cpu / cuda / tensorrt provider, or OpenVINO's CPU plugin "
-        "(auto: $STAR_PROVIDER if set; else CUDA when present; else openvino for an unquantized engine on a CPU with "
+        "(auto: $STAR_PROVIDER if set; else CUDA when present; else openvino for an int4 / int8 engine on a CPU with "
         "bfloat16 units; else cpu; docs/runtime.md)",
     )
     fallback_flag(g)
