@@ -285,6 +285,7 @@ class RuntimeOptions:
     thread_pool: str | None = None
     cpu_arena: str | None = None
     decode_graphs: bool = True  # decode with the engine's ONNX Runtime decode graphs where it has them (CPU provider)
+    prefill_graphs: bool = True  # its prefill graphs (fused attention) in place of the segment graphs (CPU provider)
 
     def __post_init__(self):
         for name, value, allowed in (

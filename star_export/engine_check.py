@@ -20,9 +20,10 @@ from typing import Any
 
 import numpy as np
 
-from .manifest import DECODE_GRAPHS, GRAPHS, MANIFEST, EngineError, graph_io_of
+from .manifest import DECODE_GRAPHS, GRAPHS, MANIFEST, PREFILL_GRAPHS, VARIANT_OF, EngineError, graph_io_of
 
 DECODE_OF = {decode: segment for segment, decode in DECODE_GRAPHS.items()}
+PREFILL_OF = {prefill: segment for segment, prefill in PREFILL_GRAPHS.items()}
 MAX_LIMIT = 2**31 - 1  # positions and lengths are int32 in some ONNX Runtime kernels
 REBUILD = "the engine was edited or assembled from different builds: rebuild it with star-export --force"
 
@@ -241,19 +242,23 @@ def _past_layers(graph: GraphIO, field: str, says: int, layers: list[int], kv_he
 
 def check_graphs(directory: Path, manifest: dict, spec, schedule, layout) -> None:
     """Each graph's own IO against star.json's table and the schedule; the TopK K of stage 1 and of the pivot."""
-    unknown = sorted(set(manifest["graphs"]) - set(GRAPHS) - set(DECODE_OF))
+    unknown = sorted(set(manifest["graphs"]) - set(GRAPHS) - set(VARIANT_OF))
     if unknown:
         raise _fail(
             "graphs",
             sorted(manifest["graphs"]),
-            f"this star-export knows the graphs {list(GRAPHS) + list(DECODE_OF)} only (not {unknown})",
+            f"this star-export knows the graphs {list(GRAPHS) + list(VARIANT_OF)} only (not {unknown})",
         )
     missing = [g for g in GRAPHS if g not in manifest["graphs"]]
     decode = [g for g in DECODE_OF if g in manifest["graphs"]]
-    if missing or len(decode) == 1:
+    prefill = [g for g in PREFILL_OF if g in manifest["graphs"]]
+    if missing or len(decode) == 1 or len(prefill) == 1:
         raise _fail(
-            "graphs", sorted(manifest["graphs"]), f"an engine has {list(GRAPHS)} and either both decode graphs or none"
+            "graphs",
+            sorted(manifest["graphs"]),
+            f"an engine has {list(GRAPHS)} and either both decode graphs or none, both prefill graphs or none",
         )
+    decode += prefill
     io = {g: read_graph(directory, manifest, g) for g in GRAPHS + tuple(decode)}
     S, H, P, L = schedule, spec.hidden_size, schedule.pivot_layer, schedule.num_layers
     vision, pivot = io["vision"], io["pivot"]
@@ -269,7 +274,7 @@ def check_graphs(directory: Path, manifest: dict, spec, schedule, layout) -> Non
             raise _fail(field, says, f"{graph.file}'s TopK keeps {sorted(set(graph.topk_ks)) or 'no constant K'}")
     layers = {"segment0": list(range(P + 1)), "segment1": list(range(P + 1, L))}
     for g in ("segment0", "segment1") + tuple(decode):
-        segment = DECODE_OF.get(g, g)
+        segment = VARIANT_OF.get(g, g)
         field, says = (
             ("schedule.pivot_layer", P) if segment == "segment0" else ("schedule.num_layers", L)
         )  # segment0 is checked first

@@ -28,6 +28,11 @@ DECODE_GRAPHS = {
     "segment0": "decode0",
     "segment1": "decode1",
 }  # segment graph -> its optional decode graph (export/decode_graphs.py)
+PREFILL_GRAPHS = {
+    "segment0": "prefill0",
+    "segment1": "prefill1",
+}  # segment graph -> its optional prefill graph: the same inputs and outputs, GQA in every layer but the pivot
+VARIANT_OF = {graph: segment for table in (DECODE_GRAPHS, PREFILL_GRAPHS) for segment, graph in table.items()}
 # What a reader needs, with its JSON type.
 REQUIRED = {
     "source": dict,
@@ -40,6 +45,11 @@ REQUIRED = {
     "graphs": dict,
     "files": dict,
 }
+
+
+def prefill_graph_names(graphs) -> list[str]:
+    """The prefill graphs among `graphs` (a manifest's "graphs" table): none, or both."""
+    return [name for name in PREFILL_GRAPHS.values() if name in graphs]
 
 
 def decode_graph_names(graphs) -> list[str]:
@@ -229,6 +239,11 @@ class EngineManifest:
     def decode_graphs(self) -> list[str]:
         """The engine's ONNX Runtime decode graphs: none, or both."""
         return decode_graph_names(self.graphs)
+
+    @property
+    def prefill_graphs(self) -> list[str]:
+        """The engine's ONNX Runtime prefill graphs: none, or both."""
+        return prefill_graph_names(self.graphs)
 
     @property
     def source_name(self) -> str | None:

@@ -58,6 +58,11 @@ def run_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="decode with the segment graphs even where the engine has ONNX Runtime decode graphs",
     )
+    g.add_argument(
+        "--no-prefill-graphs",
+        action="store_true",
+        help="prefill with the segment graphs even where the engine has ONNX Runtime prefill graphs (fused attention)",
+    )
     return p
 
 
@@ -71,7 +76,7 @@ def _summary(results: list[dict], info: dict) -> str:
         f"{t['vision_s'] * 1e3:.0f} ms, "
         f"prefill {t['prefill_s'] * 1e3:.0f} ms, decode {t.get('decode_s', 0.0) / steps * 1e3:.1f} ms/token | "
         f"{tokens} tokens in {total:.2f} s ({tokens / total:.1f} tokens/s) | {t['provider']}"
-        + (" (decode graphs)" if t.get("decode_graphs") else "")
+        + "".join(f" ({kind} graphs)" for kind in ("decode", "prefill") if t.get(f"{kind}_graphs"))
     )
     if info.get("random_weights"):
         line += f"\nnote: {info['model']} has random weights (a test model): its text is meaningless"
@@ -96,7 +101,9 @@ def _run(args) -> int:
         temperature=args.temperature,
         top_p=args.top_p,
         seed=args.seed,
-        options=runtime_options(args, decode_graphs=not args.no_decode_graphs),
+        options=runtime_options(
+            args, decode_graphs=not args.no_decode_graphs, prefill_graphs=not args.no_prefill_graphs
+        ),
         stream=stream,
         info=info,
     )

@@ -25,9 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..manifest import DECODE_GRAPHS  # segment graph -> its decode graph
+from ..manifest import DECODE_GRAPHS, PREFILL_GRAPHS  # segment graph -> its decode / prefill graph
 
 WEIGHT_OPS = ("MatMul", "MatMulNBits")
+BLOCK_INPUTS = ("q", "k", "v", "cos", "sin", "bias", "past_key", "past_value")  # a block's inputs (attention_blocks)
 
 
 class DecodeGraphError(ValueError):
@@ -121,12 +122,7 @@ def attention_blocks(graph, path: Path) -> tuple[list[tuple[dict[str, str], int,
             raise DecodeGraphError(
                 f"{path.name}: no attention mask before layer {absolute}'s Softmax: not a segment graph of this release"
             )
-        names = dict(
-            zip(
-                ("q", "k", "v", "cos", "sin", "bias", "past_key", "past_value"),
-                (q, k, v, cos, sin, bias, past_k, past_v),
-            )
-        )
+        names = dict(zip(BLOCK_INPUTS, (q, k, v, cos, sin, bias, past_k, past_v))) | {"q_rope": q_rope}
         blocks.append((names, absolute, out))
     return blocks, inv_freq
 
@@ -145,7 +141,7 @@ def attention_block(path: Path, layer: int):
     names, absolute, out = blocks[layer]
     graph_inputs = [i.name for i in model.graph.input if i.name not in (names["past_key"], names["past_value"])]
     outputs = [out, f"new_key_values.{absolute}.key", f"new_key_values.{absolute}.value"]
-    block = Extractor(model).extract_model(list(names.values()) + graph_inputs, outputs)
+    block = Extractor(model).extract_model([names[k] for k in BLOCK_INPUTS] + graph_inputs, outputs)
     return block, names, absolute, inv_freq
 
 
@@ -160,11 +156,73 @@ def rope_caches(inv_freq: np.ndarray, max_pos: int) -> tuple[np.ndarray, np.ndar
     return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
 
 
-def rewrite_segment(path: Path, out: Path, manifest: dict, layers: str = "all") -> list[int]:
+def _prefill_lengths(graph, helper, names: dict[str, str]) -> None:
+    """Nodes computing GQA's `gqa_seqlens_k` (B,) and `gqa_total` () in a prefill graph from the shapes of the call:
+    every row spans the whole `past + q` (a row's padding is masked by the bias the segment graph computes)."""
+    nodes = list(graph.node)
+    at = next(i for i, node in enumerate(nodes) if names["q"] in node.output) + 1
+    nodes[at:at] = [
+        helper.make_node("Shape", [names["q"]], ["gqa_q_shape"]),
+        helper.make_node("Shape", [names["past_key"]], ["gqa_past_shape"]),
+        helper.make_node("Gather", ["gqa_q_shape", "gqa_i1"], ["gqa_q_len"], axis=0),
+        helper.make_node("Gather", ["gqa_past_shape", "gqa_i2"], ["gqa_past_len"], axis=0),
+        helper.make_node("Add", ["gqa_q_len", "gqa_past_len"], ["gqa_total64"]),
+        helper.make_node("Cast", ["gqa_total64"], ["gqa_total"], to=6),  # int32
+        helper.make_node("Sub", ["gqa_total64", "gqa_one"], ["gqa_last64"]),
+        helper.make_node("Slice", ["gqa_q_shape", "gqa_i0_1", "gqa_i1_1"], ["gqa_batch"]),
+        helper.make_node("Expand", ["gqa_last64", "gqa_batch"], ["gqa_last_rows"]),
+        helper.make_node("Cast", ["gqa_last_rows"], ["gqa_seqlens_k"], to=6),
+        helper.make_node("Slice", ["gqa_past_shape", "gqa_i2_1", "gqa_i3_1"], ["gqa_past_len_1d"]),
+    ]
+    del graph.node[:]
+    graph.node.extend(nodes)
+
+
+def _packed(names: dict[str, str], layer: int, heads: int, helper) -> tuple[str, list]:
+    """The layer's rotated query as GQA reads it, (B, q, heads * head_dim): the grouped query the scores multiply,
+    (B, kv_heads, groups * q, head_dim) in head order, reshaped to (B, heads, q, head_dim) and transposed; with the
+    nodes that make it."""
+    per_head = f"gqa_{layer}_q_heads"
+    nodes = [
+        helper.make_node("Constant", [], [f"{per_head}_shape"], value_ints=[0, heads, -1, 0]),
+        helper.make_node("Reshape", [names["q_rope"], f"{per_head}_shape"], [per_head]),
+    ]
+    out, packing = _pack(per_head, f"gqa_{layer}_q_packed", helper)
+    return out, nodes + packing
+
+
+def _pack(tensor: str, out: str, helper) -> tuple[str, list]:
+    """(B, heads, q, head_dim) -> (B, q, heads * head_dim), with the nodes that make it."""
+    return out, [
+        helper.make_node("Transpose", [tensor], [f"{out}_t"], perm=[0, 2, 1, 3]),
+        helper.make_node("Constant", [], [f"{out}_shape"], value_ints=[0, 0, -1]),
+        helper.make_node("Reshape", [f"{out}_t", f"{out}_shape"], [out]),
+    ]
+
+
+def _prefill_constants(numpy_helper) -> list:
+    return [
+        numpy_helper.from_array(np.array(v, np.int64), name)
+        for name, v in (
+            ("gqa_i0_1", [0]),
+            ("gqa_i1_1", [1]),
+            ("gqa_i2_1", [2]),
+            ("gqa_i3_1", [3]),
+            ("gqa_end", [np.iinfo(np.int64).max]),
+            ("gqa_i1", 1),
+            ("gqa_i2", 2),
+            ("gqa_one", 1),
+        )
+    ]
+
+
+def rewrite_segment(path: Path, out: Path, manifest: dict, layers: str = "all", io: str = "decode") -> list[int]:
     """Write segment graph `path` with GQA in place of its attention blocks as `out` (whose weights stay in the files
     `path`'s refer to: `out` must lie in the same directory, or beside copies of them). `layers`: "all" (a decode
     graph: the stage-2 scores dropped too), or "not-pivot" (the pivot's attention probabilities kept for the scores).
-    Returns the absolute layer indices rewritten."""
+    `io`: "decode" (the caches bound as past and present, `gqa_*` fed by runtime/decode.py), or "segment" (a prefill
+    graph with the segment's inputs and outputs: past caches empty, each layer's present is its `new_key_values`, GQA's
+    lengths and mask computed in the graph). Returns the absolute layer indices rewritten."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -175,60 +233,77 @@ def rewrite_segment(path: Path, out: Path, manifest: dict, layers: str = "all") 
     blocks, inv_freq = attention_blocks(graph, path)  # all of them, before the graph changes
     if not blocks:
         raise DecodeGraphError(f"{path.name}: no decoder layers")
-    done = []
+    done, segment_io = [], io == "segment"
+    if segment_io:
+        _prefill_lengths(graph, helper, blocks[0][0])
     for names, absolute, output in blocks:
         if absolute == pivot and layers != "all":
             continue
+        present = [f"present.{absolute}.{kv}" for kv in ("key", "value")]
+        new = [f"new_key_values.{absolute}.{kv}" for kv in ("key", "value")]
+        if segment_io:  # GQA produces the layer's new keys and values now: the old block's copies become dead
+            for node in graph.node:
+                for slots in (node.input, node.output):
+                    for j, name in enumerate(slots):
+                        if name in new:
+                            slots[j] = f"{name}.replaced"
         index, node = next((i, n) for i, n in enumerate(graph.node) if output in n.output)
         graph.node.remove(node)
+        if segment_io:  # RoPE as the segment graph applies it (GQA's own ignores position_ids in a prompt, ORT 1.32)
+            q, packing = _packed(names, absolute, model["num_attention_heads"], helper)
+            k, key_packing = _pack(f"new_key_values.{absolute}.key.replaced", f"gqa_{absolute}_k_packed", helper)
+            for extra in packing + key_packing:
+                graph.node.insert(index, extra)
+                index += 1
+            inputs = [q, k, names["v"], names["past_key"], names["past_value"], "gqa_seqlens_k", "gqa_total"]
+            inputs += ["", "", "", names["bias"]]
+        else:
+            inputs = [names["q"], names["k"], names["v"], names["past_key"], names["past_value"], "gqa_seqlens_k"]
+            inputs += ["gqa_total", "gqa_cos_cache", "gqa_sin_cache", "position_ids", "gqa_bias"]
         graph.node.insert(
             index,
             helper.make_node(
                 "GroupQueryAttention",
-                [
-                    names["q"],
-                    names["k"],
-                    names["v"],
-                    names["past_key"],
-                    names["past_value"],
-                    "gqa_seqlens_k",
-                    "gqa_total",
-                    "gqa_cos_cache",
-                    "gqa_sin_cache",
-                    "position_ids",
-                    "gqa_bias",
-                ],
-                [output, f"present.{absolute}.key", f"present.{absolute}.value"],
+                inputs,
+                [output, *present],
                 domain="com.microsoft",
                 name=f"gqa_{absolute}",
                 num_heads=model["num_attention_heads"],
                 kv_num_heads=model["num_key_value_heads"],
-                do_rotary=1,
+                do_rotary=0 if segment_io else 1,
             ),
         )
-        for o in [
-            o for o in graph.output if o.name in (f"new_key_values.{absolute}.key", f"new_key_values.{absolute}.value")
-        ]:
-            graph.output.remove(o)
-        graph.output.extend(
-            helper.make_tensor_value_info(f"present.{absolute}.{kv}", TensorProto.FLOAT, None)
-            for kv in ("key", "value")
-        )
+        if segment_io:  # this call's keys and values: present = [past | new], the slots past the past's
+            for at, (whole, part) in enumerate(zip(present, new), start=index + 1):
+                graph.node.insert(
+                    at, helper.make_node("Slice", [whole, "gqa_past_len_1d", "gqa_end", "gqa_i2_1"], [part])
+                )
+        if not segment_io:
+            for o in [
+                o
+                for o in graph.output
+                if o.name in (f"new_key_values.{absolute}.key", f"new_key_values.{absolute}.value")
+            ]:
+                graph.output.remove(o)
+            graph.output.extend(helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in present)
         done.append(absolute)
-    if layers == "all":
+    if layers == "all" and not segment_io:
         for o in [o for o in graph.output if o.name.startswith("stage2")]:
             graph.output.remove(o)
     cos_cache, sin_cache = rope_caches(inv_freq, max_positions(manifest))
     graph.initializer.extend(
         [numpy_helper.from_array(cos_cache, "gqa_cos_cache"), numpy_helper.from_array(sin_cache, "gqa_sin_cache")]
     )
-    graph.input.extend(
-        [
-            helper.make_tensor_value_info("gqa_seqlens_k", TensorProto.INT32, ["batch"]),
-            helper.make_tensor_value_info("gqa_total", TensorProto.INT32, []),
-            helper.make_tensor_value_info("gqa_bias", TensorProto.FLOAT, ["batch", 1, "q", "total"]),
-        ]
-    )
+    if segment_io:
+        graph.initializer.extend(_prefill_constants(numpy_helper))
+    else:
+        graph.input.extend(
+            [
+                helper.make_tensor_value_info("gqa_seqlens_k", TensorProto.INT32, ["batch"]),
+                helper.make_tensor_value_info("gqa_total", TensorProto.INT32, []),
+                helper.make_tensor_value_info("gqa_bias", TensorProto.FLOAT, ["batch", 1, "q", "total"]),
+            ]
+        )
     needed, live = {o.name for o in graph.output}, []
     for node in reversed(list(graph.node)):  # dead nodes: the replaced blocks
         if any(o in needed for o in node.output):
@@ -272,17 +347,23 @@ def ort_fusions(source: Path, target: Path, external_data: str | None = "") -> d
 
 def write_decode_graphs(directory: Path, manifest: dict) -> dict[str, dict]:
     """`decode0.onnx`, `decode1.onnx` beside the segment graphs of the engine in `directory` (whose manifest body is
-    `manifest`): GQA in every layer, then ORT's fusions; the weights stay in the segments' data files. Returns, per
-    decode graph, its file, the layers rewritten and the ops the fusions introduced. Raises DecodeGraphError where a
-    segment's attention blocks are not found (the caller then leaves the engine without decode graphs)."""
+    `manifest`): GQA in every layer, then ORT's fusions; and `prefill0.onnx`, `prefill1.onnx`: each segment with the
+    same inputs and outputs, GQA in every layer but the pivot (whose probabilities the stage-2 scores read), fused
+    likewise. The weights stay in the segments' data files. Returns, per graph, its file, its role, the layers rewritten
+    and the ops the fusions introduced. Raises DecodeGraphError where a segment's attention blocks are not found (the
+    caller then leaves the engine without these graphs)."""
     written = {}
-    for segment, name in DECODE_GRAPHS.items():
+    jobs = [(segment, name, "decode", "all") for segment, name in DECODE_GRAPHS.items()]
+    jobs += [(segment, name, "prefill", "not-pivot") for segment, name in PREFILL_GRAPHS.items()]
+    for segment, name, role, layers in jobs:
         source = directory / manifest["graphs"][segment]["file"]
         unfused, target = directory / f"{name}.unfused.onnx", directory / f"{name}.onnx"
         try:
-            layers = rewrite_segment(source, unfused, manifest)
+            rewritten = rewrite_segment(
+                source, unfused, manifest, layers=layers, io="decode" if role == "decode" else "segment"
+            )
             fusions = ort_fusions(unfused, target, external_data=None)
-        except BaseException:  # both or none: a decode graph already written goes too
+        except BaseException:  # all or none: a graph already written goes too
             for done in [target, *(directory / entry["file"] for entry in written.values())]:
                 done.unlink(missing_ok=True)
             raise
@@ -293,8 +374,9 @@ def write_decode_graphs(directory: Path, manifest: dict) -> dict[str, dict]:
         written[name] = {
             "file": target.name,
             "segment": segment,
+            "role": role,
             "provider": "CPUExecutionProvider",
-            "gqa_layers": layers,
+            "gqa_layers": rewritten,
             "fusions": fusions,
         }
     return written

@@ -93,7 +93,7 @@ def write_engine(
             "graphs": {name: {"file": g.path.name, **graph_io(g.path)} for name, g in graphs.items()},
         }
     if decode_graphs:
-        with progress.stage("write ONNX Runtime decode graphs (GroupQueryAttention, fusions)"):
+        with progress.stage("write ONNX Runtime decode and prefill graphs (GroupQueryAttention, fusions)"):
             body["graphs"] |= decode_graph_entries(directory, body, progress)
     with progress.stage("write star.json (sha256 of every file)"):
         return write_manifest(directory, body)

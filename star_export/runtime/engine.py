@@ -14,7 +14,7 @@ import numpy as np
 from ..config import DecoderLayout, ModelSpec, RuntimeOptions, WeightScheme
 from ..engine_check import GRAPHS, check_fields, check_graphs, check_paths, check_processor, load_embeddings
 from ..errors import user_error_from
-from ..manifest import EngineError, EngineManifest, decode_graph_names
+from ..manifest import PREFILL_GRAPHS, EngineError, EngineManifest, decode_graph_names
 from ..memory import check_run_fits
 from ..processor import normalize_processor, read_processor
 from . import threads
@@ -108,13 +108,19 @@ class Engine:
         provider: str | None = None,
         allow_fallback: bool | None = None,
         decode_graphs: bool | None = None,
+        prefill_graphs: bool | None = None,
     ):
-        """`options`: how the sessions run (provider, thread pool, CPU arena, decode graphs); `provider`,
-        `allow_fallback`, `decode_graphs` given here override theirs. `lazy`: one graph resident at a time (each
-        session created per call: slow, for validating engines that do not fit in memory as a whole). Decode graphs
-        (export/decode_graphs.py) run on the CPU provider only; elsewhere, and when a lazy engine decodes, the
-        segment graphs do."""
-        given = {"provider": provider, "allow_fallback": allow_fallback, "decode_graphs": decode_graphs}
+        """`options`: how the sessions run (provider, thread pool, CPU arena, decode and prefill graphs); `provider`,
+        `allow_fallback`, `decode_graphs`, `prefill_graphs` given here override theirs. `lazy`: one graph resident at a
+        time (each session created per call: slow, for validating engines that do not fit in memory as a whole). Decode
+        and prefill graphs (export/decode_graphs.py) run on the CPU provider only; elsewhere, and when a lazy engine
+        runs, the segment graphs do."""
+        given = {
+            "provider": provider,
+            "allow_fallback": allow_fallback,
+            "decode_graphs": decode_graphs,
+            "prefill_graphs": prefill_graphs,
+        }
         self.options = options = replace(
             options or RuntimeOptions(), **{k: v for k, v in given.items() if v is not None}
         )
@@ -138,6 +144,17 @@ class Engine:
         self.processor = load_processor(self.directory / "processor", self.spec, self.layout)
         threads.thread_pool(mode=options.thread_pool)  # the process's pool, fixed by its first session
         files = {name: m["graphs"][name]["file"] for name in GRAPHS}
+        # The prefill graphs (GQA in every layer but the pivot; the same inputs and outputs) stand in for the segment
+        # graphs on ONNX Runtime's CPU provider; OpenVINO, a GPU provider and a lazy engine run the segment graphs.
+        self.variants = {
+            segment: variant
+            for segment, variant in PREFILL_GRAPHS.items()
+            if options.prefill_graphs
+            and not lazy
+            and self.providers[0] == "CPUExecutionProvider"
+            and variant in manifest.prefill_graphs
+        }
+        files |= {segment: m["graphs"][variant]["file"] for segment, variant in self.variants.items()}
         arena = options.cpu_arena
 
         def load(providers) -> dict:
@@ -263,6 +280,7 @@ def run_engine(
         "provider": engine.provider,
         "compute_dtype": engine.compute_dtype,
         "decode_graphs": bool(decode_graph_names(engine.graphs)),
+        "prefill_graphs": bool(engine.variants),
         "thread_pool": threads.current(),
         "cpu_arena": getattr(engine.graphs["segment0"], "cpu_arena", None),
     }

@@ -289,6 +289,17 @@ def validate_engine(
         report.reference_device = device = "cpu"
     loaded = loaded or load_model(model or manifest.source["name"])
     check_same_model(loaded, engine)
+    if engine.variants:
+        report.notes.append(
+            "the engine's ONNX Runtime prefill graphs ("
+            + ", ".join(f"{variant} for {segment}" for segment, variant in engine.variants.items())
+            + ") ran in place of the segment graphs, and were checked as them"
+        )
+    elif manifest.prefill_graphs:
+        report.notes.append(
+            f"the engine's ONNX Runtime prefill graphs were not checked (star-run uses them on the CPU provider only; "
+            f"this engine ran on {engine.provider}{', one graph at a time' if mode.lazy else ''})"
+        )
     if manifest.decode_graphs and not decode_graph_names(engine.graphs):
         why = (
             "the engine ran one graph at a time (memory), which decodes with the segment graphs"
