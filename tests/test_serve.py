@@ -207,6 +207,52 @@ def test_rows_joining_a_running_batch_equal_their_batch1_runs(engine):
         assert done[i] == want, f"row {i}"
 
 
+def test_requests_prefilled_together_equal_their_batch1_runs(engine):
+    """Four requests of different prompt lengths and token counts admitted at one step boundary: prefilled as one
+    left-padded batch (budget large enough), each row's tokens equal its batch-1 greedy run; a request that cannot be
+    prefilled (no image tokens) in the same group fails alone, the others still run."""
+    from star_export.serve.metrics import Metrics
+    from star_export.serve.scheduler import Job, Scheduler
+
+    sched = Scheduler(engine, max_queue=8, metrics=Metrics(), prefill_tokens=1 << 20)
+    cases = [(synthetic_image(i), q, n) for i, (q, n) in enumerate(zip(QUESTIONS + ["Is there a cat?"], (6, 20, 14, 18)))]
+    events: dict[int, list] = {}
+    jobs = []
+    for i, (image, q, n) in enumerate(cases):
+        inputs = engine.prepare([image], [q])
+        jobs.append(Job(inputs=inputs, sampling=Sampling(max_new_tokens=n, stop_at_eos=False), stop=(), timeout_s=600,
+                        emit=(lambda i: lambda ev: events.setdefault(i, []).append(ev))(i)))
+    sched._admit_all(jobs)
+    assert len(sched.rows) == 4 and {j.star["prefill_batch"] for j in jobs} == {4}
+    while sched.rows:
+        sched._step()
+    for i, (image, q, n) in enumerate(cases):
+        want = engine.generate([image], [q], Sampling(max_new_tokens=n, stop_at_eos=False)).token_ids[0]
+        assert events[i][-1].kind == "done" and events[i][-1].token_ids == want, f"row {i}"
+
+    good = engine.prepare([synthetic_image(0)], [QUESTIONS[0]])
+    bad = {k: v.copy() for k, v in good.items()}
+    bad["input_ids"][bad["input_ids"] == engine.layout.image_token_id] = engine.layout.pad_token_id
+    events.clear()
+    pair = [Job(inputs=x, sampling=Sampling(max_new_tokens=3, stop_at_eos=False), stop=(), timeout_s=600,
+                emit=(lambda i: lambda ev: events.setdefault(i, []).append(ev))(i)) for i, x in enumerate((bad, good))]
+    sched._admit_all(pair)
+    assert [e.kind for e in events[0]] == ["error"] and len(sched.rows) == 1
+    while sched.rows:
+        sched._step()
+    assert events[1][-1].kind == "done" and events[1][-1].star["prefill_batch"] == 1
+
+
+def test_prefill_groups_keep_to_the_token_budget():
+    from star_export.serve.scheduler import default_prefill_tokens, prefill_groups
+
+    assert prefill_groups([100, 120, 90, 300], 0) == [[0], [1], [2], [3]]
+    assert prefill_groups([100, 120, 90, 300], 360) == [[0, 1, 2], [3]]  # 3 x 120 = 360; then 4 x 300 > 360
+    assert prefill_groups([500], 100) == [[0]]  # alone whatever its size
+    assert prefill_groups([], 4096) == []
+    assert default_prefill_tokens("CPUExecutionProvider") == 0 and default_prefill_tokens("CUDAExecutionProvider") > 0
+
+
 def test_concurrent_clients_arriving_at_different_times(server, engine):
     port, app = server
     before = app.state.metrics.batch_size.collect()[0].samples

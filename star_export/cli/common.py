@@ -44,6 +44,13 @@ def whole(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
 
 
+def non_negative(text: str) -> int:
+    value = whole(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative: allowed 0 or more")
+    return value
+
+
 def positive(text: str) -> int:
     value = whole(text)
     if value < 1:

@@ -35,6 +35,9 @@ class ServeSettings:
     model_name: str
     api_key: str | None = None
     max_queue: int = 64
+    prefill_batch_tokens: int | None = (
+        None  # a batched prefill's budget in decoder tokens (None: the provider's default)
+    )
     request_timeout: float = 300.0
     max_image_bytes: int = 20 << 20
     allow_remote_images: bool = False
@@ -62,7 +65,7 @@ def max_text_chars(tokenizer, max_input_len: int) -> int:
 
 def create_app(engine, settings: ServeSettings) -> FastAPI:
     metrics = Metrics()
-    scheduler = Scheduler(engine, settings.max_queue, metrics)
+    scheduler = Scheduler(engine, settings.max_queue, metrics, settings.prefill_batch_tokens)
     limits = protocol.ServeLimits(
         settings.model_name,
         engine.limits.max_new_tokens,

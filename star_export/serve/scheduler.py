@@ -1,9 +1,10 @@
 """Continuous (in-flight) batching over the two-segment engine, on one worker thread.
 
-At every step boundary the worker admits waiting requests (each prefilled alone, as `star-run` would, then merged
-into the running batch: runtime/batch.py), samples one token for every row from its own logits with its own
-sampling settings and generator, sends each request its new text, lets finished rows leave at once, and runs one
-decode step for the rows that remain. The batch never exceeds the engine's max batch size.
+At every step boundary the worker admits waiting requests (prefilled together up to a budget of decoder tokens, as
+one left-padded batch: `prefill_groups`; then merged into the running batch: runtime/batch.py), samples one token for
+every row from its own logits with its own sampling settings and generator, sends each request its new text, lets
+finished rows leave at once, and runs one decode step for the rows that remain. The batch never exceeds the engine's
+max batch size.
 
 Requests talk to the worker through `Job`: the HTTP side fills it and reads `Event`s from `emit`; the worker never
 raises into a request's neighbours (a failing prefill fails its own job only).
@@ -62,6 +63,46 @@ class QueueFull(Exception):
     pass
 
 
+# Decoder tokens one batched prefill may hold (rows x the longest row's n, padding included) on a GPU provider, where a
+# prefill of one request leaves most of the device idle. On the CPU (ONNX Runtime or OpenVINO) a prompt's ~500 decoder
+# tokens already keep the GEMMs compute-bound: batching adds no throughput there and makes the first request wait for
+# the others' prefill, so each request is prefilled alone (budget 0). `star-serve --prefill-batch-tokens` overrides.
+GPU_PREFILL_TOKENS = 4096
+
+
+def default_prefill_tokens(provider: str) -> int:
+    return GPU_PREFILL_TOKENS if provider in ("CUDAExecutionProvider", "TensorrtExecutionProvider") else 0
+
+
+def prefill_groups(lengths: list[int], budget: int) -> list[list[int]]:
+    """Consecutive jobs (by their decoder lengths n) in groups whose padded size, rows x the longest n, stays within
+    `budget`; a job alone forms a group whatever its size (budget 0: every job alone)."""
+    groups: list[list[int]] = []
+    for i, n in enumerate(lengths):
+        group = groups[-1] if groups else None
+        if group and (len(group) + 1) * max(n, *(lengths[j] for j in group)) <= budget:
+            group.append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
+def left_padded(inputs: list[dict], pad_token_id: int) -> dict:
+    """Batch-1 inputs (pixel_values, input_ids, attention_mask) as one batch, the prompts left padded as the
+    processor pads a batch (the pipeline masks padding out and gives each row its own positions)."""
+    width = max(x["input_ids"].shape[1] for x in inputs)
+
+    def pad(key, value):
+        rows = [x[key] for x in inputs]
+        return np.concatenate([np.pad(r, ((0, 0), (width - r.shape[1], 0)), constant_values=value) for r in rows])
+
+    return {
+        "pixel_values": np.concatenate([x["pixel_values"] for x in inputs]),
+        "input_ids": pad("input_ids", pad_token_id),
+        "attention_mask": pad("attention_mask", 0),
+    }
+
+
 class _NoMetrics:
     """Stands in for serve/metrics.Metrics where the host server keeps its own (Triton)."""
 
@@ -73,9 +114,11 @@ class _NoMetrics:
 
 
 class Scheduler:
-    def __init__(self, engine, max_queue: int, metrics=None):
-        """`metrics`: a serve/metrics.Metrics, or None."""
+    def __init__(self, engine, max_queue: int, metrics=None, prefill_tokens: int | None = None):
+        """`metrics`: a serve/metrics.Metrics, or None. `prefill_tokens`: the budget of a batched prefill in decoder
+        tokens (None: `default_prefill_tokens` of the engine's provider; 0: each request alone)."""
         self.engine, self.pipeline, self.metrics = engine, engine.pipeline, metrics or _NoMetrics()
+        self.prefill_tokens = default_prefill_tokens(engine.provider) if prefill_tokens is None else prefill_tokens
         self.max_batch = engine.limits.max_batch_size
         self.max_queue = max_queue
         # A copy of its own: a fast tokenizer mutated by a request's encoding (padding settings) while this thread
@@ -126,8 +169,7 @@ class Scheduler:
                         self.waiting.popleft() for _ in range(min(len(self.waiting), self.max_batch - len(self.rows)))
                     ]
                     self.metrics.queue_depth.set(len(self.waiting))
-                for job in admitted:
-                    self._admit(job)
+                self._admit_all(admitted)
                 if self.rows:
                     try:
                         self._step()
@@ -156,33 +198,60 @@ class Scheduler:
         for job in jobs:
             job.emit(Event("error", error=error))
 
-    def _admit(self, job: Job) -> None:
+    def _admit_all(self, jobs: list[Job]) -> None:
+        """Prefill the admitted jobs, together in groups within the token budget, and add them to the running batch.
+        A group whose prefill fails is prefilled again one job at a time, so a failing request fails alone."""
         now = time.monotonic()
-        if job.cancelled:
-            return
-        if now > job.deadline:
-            job.emit(Event("error", error=timeout_error(job)))
-            return
-        try:
-            state, gen = self.pipeline.prefill(
-                job.inputs["pixel_values"],
-                job.inputs["input_ids"],
-                job.inputs["attention_mask"],
-                reserve=job.sampling.max_new_tokens - 1,
-            )
-        except Exception as e:
-            job.emit(Event("error", error=APIError(500, f"prefill failed ({type(e).__name__}: {str(e)[:200]})")))
-            return
+        live = []
+        for job in jobs:
+            if job.cancelled:
+                continue
+            if now > job.deadline:
+                job.emit(Event("error", error=timeout_error(job)))
+                continue
+            live.append(job)
         S = self.engine.schedule
-        job.star = {
-            "visual_tokens": {"input": S.num_vision_tokens, "stage1": S.stage1_keep, "kept": S.keep},
-            "timings": {"queue_s": now - job.arrived, **gen.timings, "decode_s": 0.0, "decode_steps": 0},
-        }
-        job.rng = np.random.default_rng(job.sampling.seed)
-        job.kept = (gen.stage1_indices[0], gen.stage2_indices[0])
-        self.metrics.visual_tokens(S.num_vision_tokens, S.stage1_keep, S.keep)
+        lengths = [int(j.inputs["input_ids"].shape[1]) - S.num_vision_tokens + S.stage1_keep for j in live]
+        for group in prefill_groups(lengths, self.prefill_tokens):
+            members = [live[i] for i in group]
+            if len(members) > 1:
+                try:
+                    self._prefill(members, now)
+                    continue
+                except Exception:
+                    pass  # one of them may be at fault: each alone, below
+            for job in members:
+                try:
+                    self._prefill([job], now)
+                except Exception as e:
+                    job.emit(
+                        Event("error", error=APIError(500, f"prefill failed ({type(e).__name__}: {str(e)[:200]})"))
+                    )
+
+    def _admit(self, job: Job) -> None:
+        """One job, prefilled alone."""
+        self._admit_all([job])
+
+    def _prefill(self, jobs: list[Job], now: float) -> None:
+        inputs = left_padded([j.inputs for j in jobs], self.engine.layout.pad_token_id)
+        state, gen = self.pipeline.prefill(
+            inputs["pixel_values"],
+            inputs["input_ids"],
+            inputs["attention_mask"],
+            reserve=max(j.sampling.max_new_tokens for j in jobs) - 1,
+        )
+        S = self.engine.schedule
+        for row, job in enumerate(jobs):
+            job.star = {
+                "visual_tokens": {"input": S.num_vision_tokens, "stage1": S.stage1_keep, "kept": S.keep},
+                "timings": {"queue_s": now - job.arrived, **gen.timings, "decode_s": 0.0, "decode_steps": 0},
+                "prefill_batch": len(jobs),
+            }
+            job.rng = np.random.default_rng(job.sampling.seed)
+            job.kept = (gen.stage1_indices[row], gen.stage2_indices[row])
+            self.metrics.visual_tokens(S.num_vision_tokens, S.stage1_keep, S.keep)
         self.state = state if self.state is None else rows_of.concat([self.state, state])
-        self.rows.append(job)
+        self.rows.extend(jobs)
 
     def _step(self) -> None:
         """Sample every row's next token, send it, drop finished rows, decode the rest one step."""
