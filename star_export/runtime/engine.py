@@ -19,6 +19,7 @@ from ..memory import check_run_fits
 from ..processor import normalize_processor, read_processor
 from . import threads
 from .decode import DecodeGraph
+from .device_ops import DeviceOps
 from .generate import Generation, InputError, Sampling, StarPipeline
 from .images import rule_from_engine_dir
 from .inputs import load_requests, prepare_inputs
@@ -195,7 +196,14 @@ class Engine:
         # What the graphs compute in: the engine's dtype, or OpenVINO's inference precision (bfloat16 on a CPU with
         # bfloat16 units); star-validate's eager twin runs in it.
         self.compute_dtype = getattr(self.graphs["segment0"], "compute_dtype", manifest.dtype)
-        self.pipeline = StarPipeline(self.graphs, self.embed_tokens, self.schedule, self.layout)
+        # The embedding lookup and image merge run where ONNX Runtime runs the graphs; beside OpenVINO (host arrays in
+        # and out) and in a lazy engine, NumPy does them.
+        self.ops = (
+            DeviceOps(self.embed_tokens, self.providers, arena=arena)
+            if type(self.graphs["segment0"]) is OrtGraph
+            else None
+        )
+        self.pipeline = StarPipeline(self.graphs, self.embed_tokens, self.schedule, self.layout, self.ops)
 
     @classmethod
     def from_dir(cls, directory: str | Path, options: RuntimeOptions | None = None, **kwargs) -> "Engine":

@@ -19,6 +19,7 @@ import numpy as np
 from ..config import DecoderLayout, StarSchedule
 from ..errors import UserError
 from ..manifest import decode_graph_names
+from .device_ops import HostOps
 from .kvcache import NEW, KVCache
 
 CACHE_LENGTH = (
@@ -85,6 +86,12 @@ class DecodeState:
     logits: np.ndarray
 
 
+def _cache_read(graph):
+    """How the KV cache reads a graph's new keys and values into its buffers: where the graph computed them (an ONNX
+    Runtime graph on the CPU provider: host memory, not a transfer; on a GPU they are torch tensors on the device)."""
+    return getattr(graph, "cache_read", graph.to_numpy)
+
+
 def sample_next(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator) -> np.ndarray:
     """(B, vocab) -> (B,) token ids."""
     if sampling.temperature == 0:
@@ -116,9 +123,18 @@ def held_as(dtype: str) -> np.dtype:
 class StarPipeline:
     """vision -> merge -> segment 0 -> pivot -> segment 1, then decode steps through both segments."""
 
-    def __init__(self, graphs: dict[str, Any], embed_tokens: np.ndarray, schedule: StarSchedule, layout: DecoderLayout):
+    def __init__(
+        self,
+        graphs: dict[str, Any],
+        embed_tokens: np.ndarray,
+        schedule: StarSchedule,
+        layout: DecoderLayout,
+        ops: Any = None,
+    ):
+        """`ops`: where the embedding lookup and the image merge run (runtime/device_ops.py; None: NumPy)."""
         self.graphs, self.embed_tokens, self.schedule, self.layout = graphs, embed_tokens, schedule, layout
         self.np_dtype = held_as(layout.dtype)
+        self.ops = ops or HostOps(embed_tokens, self.np_dtype)
         self.logits_dtype = np.promote_types(self.np_dtype, np.float32)  # float64 stays float64 (the validator's truth)
 
     # ------------------------------------------------------------ helpers
@@ -133,10 +149,11 @@ class StarPipeline:
 
     def _cache(self, graph, outputs: dict[str, Any], mask: np.ndarray, reserve: int) -> KVCache:
         device = getattr(graph.device, "type", graph.device)  # torch.device or "cpu" / "cuda"
-        return KVCache.from_prefill(self._new(outputs), mask, reserve, self.np_dtype, device, graph.to_numpy)
+        return KVCache.from_prefill(self._new(outputs), mask, reserve, self.np_dtype, device, _cache_read(graph))
 
-    def merge(self, input_ids: np.ndarray, attention_mask: np.ndarray, image_features: np.ndarray):
-        """Replace each row's span of `num_vision_tokens` image tokens by its k1 stage-1 features.
+    def merge(self, input_ids: np.ndarray, attention_mask: np.ndarray, image_features: Any):
+        """Replace each row's span of `num_vision_tokens` image tokens by its k1 stage-1 features: the ids and mask on
+        the host, the embeddings where `ops` computes them (the features are not read on the host there).
 
         Returns inputs_embeds (B, n, d), attention_mask (B, n), image_start (B,).
         """
@@ -158,10 +175,8 @@ class StarPipeline:
             rows_mask.append(
                 np.concatenate([attention_mask[b, :s], np.ones(k1, attention_mask.dtype), attention_mask[b, e:]])
             )
-        ids, mask = np.stack(rows_ids), np.stack(rows_mask).astype(np.int64)
-        embeds = self.embed_tokens[ids].astype(self.np_dtype)  # (B, n, d)
-        for b, s in enumerate(starts):
-            embeds[b, s : s + k1] = image_features[b]
+        ids, mask, starts = np.stack(rows_ids).astype(np.int64), np.stack(rows_mask).astype(np.int64), starts
+        embeds = self.ops.merge(ids, image_features, starts.astype(np.int64), self.graphs["vision"].to_numpy)
         return embeds, mask, starts.astype(np.int64)
 
     # ------------------------------------------------------------ the loop
@@ -182,7 +197,7 @@ class StarPipeline:
         vision = g["vision"].run(
             {"pixel_values": pixel_values.astype(self.np_dtype), "stage1_indices": force and force.stage1_indices}
         )
-        image_features = g["vision"].to_numpy(vision["image_features"])
+        image_features = vision["image_features"]  # where the vision graph left it
         stage1_indices = g["vision"].to_numpy(vision["stage1_indices"])
         timings["vision_s"] = time.perf_counter() - t0
 
@@ -239,7 +254,7 @@ class StarPipeline:
         both caches in place."""
         g = self.graphs
         batch = len(tokens)
-        embeds = self.embed_tokens[np.asarray(tokens)[:, None]].astype(self.np_dtype)  # (B, 1, d)
+        embeds = self.ops.embed(np.asarray(tokens, np.int64)[:, None])  # (B, 1, d)
         ones = np.ones((batch, 1), np.int64)
         c0, c1 = state.cache0, state.cache1
         in_place = bool(
@@ -272,8 +287,8 @@ class StarPipeline:
             c0.advance(ones)
             c1.advance(ones)
         else:
-            c0.append(self._new(seg0), ones, first.to_numpy)
-            c1.append(self._new(seg1), ones, second.to_numpy)
+            c0.append(self._new(seg0), ones, _cache_read(first))
+            c1.append(self._new(seg1), ones, _cache_read(second))
         return DecodeState(
             cache0=c0,
             cache1=c1,

@@ -20,6 +20,7 @@ from ..config import PROVIDERS
 from ..errors import UserError
 from . import openvino
 from .kvcache import NEW as NEW_KV
+from .kvcache import PAST as PAST_KV
 from .threads import thread_pool
 
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")  # onnxruntime otherwise writes state under ~/.cache
@@ -231,25 +232,37 @@ class OrtGraph:
     are bound where they lie (numpy arrays without a copy on the CPU, torch tensors on the GPU), so KV cache buffers
     are read in place."""
 
+    # Host transfers, where a list: ("to_device", input name, dtype, shape) for each host array bound as an input (the
+    # KV cache buffers excepted: they live on the provider's device, kvcache.zeros), ("to_host", None, dtype, shape) for
+    # each value read with `to_numpy`. On the CPU provider nothing is copied; what is counted is what would cross on a
+    # GPU, through the same binding code (tests/test_transfers.py).
+    transfers: list | None = None
+
     def __init__(
         self,
-        path: str | Path,
+        path: str | Path | bytes,
         providers: Sequence[str] = ("CPUExecutionProvider",),
         threads: int | None = None,
         arena: str | None = None,
     ):
-        """`arena`: the CPU arena (`cpu_arena`'s value; None: the environment's, else shared)."""
+        """`path`: a graph file, or a serialized model. `arena`: the CPU arena (`cpu_arena`'s value; None: the
+        environment's, else shared)."""
         import onnxruntime as ort
 
         self._ort = ort
         self.session = ort.InferenceSession(
-            str(path), sess_options=session_options(threads, arena=arena), providers=with_options(providers)
+            path if isinstance(path, bytes) else str(path),
+            sess_options=session_options(threads, arena=arena),
+            providers=with_options(providers),
         )
         self.cpu_arena = cpu_arena(value=arena)  # what session_options just set
         self.provider = self.session.get_providers()[0]
         if self.provider != providers[0]:
             warnings.warn(
-                f"{Path(path).name}: asked for {providers[0]}, running on {self.provider}", RuntimeWarning, stacklevel=2
+                f"{'a graph' if isinstance(path, bytes) else Path(path).name}: asked for {providers[0]}, running on "
+                f"{self.provider}",
+                RuntimeWarning,
+                stacklevel=2,
             )
         self.device = "cuda" if self.provider in ("CUDAExecutionProvider", "TensorrtExecutionProvider") else "cpu"
         self.input_names = [i.name for i in self.session.get_inputs()]
@@ -275,7 +288,10 @@ class OrtGraph:
                 )
                 written_by_torch.add(value.device)
             else:
-                binding.bind_cpu_input(name, np.ascontiguousarray(value))
+                value = np.ascontiguousarray(value)
+                if self.transfers is not None and not name.startswith(PAST_KV):
+                    self.transfers.append(("to_device", name, value.dtype, value.shape))
+                binding.bind_cpu_input(name, value)
         for (
             device
         ) in written_by_torch:  # torch wrote these buffers on its own stream; ONNX Runtime reads them on another
@@ -310,6 +326,14 @@ class OrtGraph:
         return tensor
 
     def to_numpy(self, value) -> np.ndarray:
+        array = self.cache_read(value)
+        if self.transfers is not None and isinstance(value, self._ort.OrtValue):
+            self.transfers.append(("to_host", None, array.dtype, array.shape))
+        return array
+
+    def cache_read(self, value) -> np.ndarray:
+        """A graph output as a host array, for the KV cache's host buffers (CPU provider: the value is in host memory
+        already; on a GPU the caches take torch tensors on the device and never call this)."""
         return value.numpy() if isinstance(value, self._ort.OrtValue) else host_numpy(value)
 
     def nbytes(self, value) -> int:
