@@ -3,11 +3,18 @@
 provider, on one random model at real LLaVA-1.5-7B widths with reduced depth, interleaved as scripts/bench.py does
 (A B C ... per round after a warm-up round; medians with min-max; every ratio taken within a round).
 
-    python scripts/gpu_bench.py --model DIR [--dtype float16] [--keeps 576 58] [--rounds 5] [--tokens 32] [--out DIR]
+    python scripts/gpu_bench.py [--model DIR] [--dtype float16] [--keeps 576 58] [--batches 1 4 8] [--out DIR]
+
+One command for a short GPU lease (issue 36): builds a random checkpoint at real 7B widths and full depth (32 decoder, 24
+CLIP layers; `--text-layers` / `--vision-layers` lower it where the lease is too short: say so with the figures), exports
+float16 engines at keep 576 and 58, runs HF `generate` (sdpa, unpruned) and the engines interleaved at batch 1, 4 and 8
+(TTFT, prefill, decode ms/token, each decode step against the weight-read bound: the decoder's weight bytes over a
+measured device-to-device copy bandwidth), then a star-serve load test of the keep-58 engine (16 streaming clients, 60 s;
+`--no-serve` skips it). Phase times go to stderr. Full-depth export time on a GPU box was never measured here.
 
 Needs torch with CUDA and onnxruntime-gpu (in place of onnxruntime). `--model`: a local HF LLaVA directory
-(`python -m star_export.checkpoints`, or testing.save_random_llava); without one, a 4-layer real-width model is written to the
-work directory. `--kv-via-host` also runs each engine with its new keys and values copied through the host, as before
+(`python -m star_export.checkpoints`, or testing.save_random_llava); without one, a real-width model of `--text-layers`
+is written to the work directory. `--kv-via-host` also runs each engine with its new keys and values copied through the host, as before
 they were written into torch tensors on the GPU, and reports the device-side copy's gain per round. Writes
 `<out>/gpu_bench.md` and `gpu_bench.json`.
 """
@@ -53,14 +60,15 @@ def build(a, work: Path):
     if model_dir is None:
         from star_export.testing import real_width_spec, save_random_llava
 
-        model_dir = str(save_random_llava(real_width_spec(vision_layers=3, text_layers=a.text_layers), work / "model"))
+        spec = real_width_spec(vision_layers=a.vision_layers, text_layers=a.text_layers)
+        model_dir = str(save_random_llava(spec, work / "model"))
     t = time.perf_counter()
     engines, host_kv = {}, {}
     for keep in a.keeps:
         out = work / f"{a.dtype}-keep{keep}"
         if not out.exists():
             export_engine(model=model_dir, keep=keep, out=out, dtype=a.dtype, validate=False, show_progress=False,
-                          max_batch_size=max(a.batches), max_new_tokens=max(a.tokens, 8))
+                          max_batch_size=max(*a.batches, a.serve_clients), max_new_tokens=max(a.tokens, 64))
         engines[keep] = Engine.from_dir(out, provider="cuda")
         assert engines[keep].provider == "CUDAExecutionProvider", engines[keep].provider
         if a.kv_via_host:
@@ -70,7 +78,27 @@ def build(a, work: Path):
     return model_dir, engines, host_kv, hf, AutoProcessor.from_pretrained(model_dir)
 
 
-def rows_of(configs: list[Config], engines: dict, text_tokens: int) -> list[dict]:
+def copy_bandwidth(nbytes: int = 1 << 30, repeats: int = 20) -> float:
+    """Device memory bandwidth in bytes/s, from a device-to-device copy (each byte read once and written once)."""
+    x = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    y.copy_(x)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        y.copy_(x)
+    end.record()
+    torch.cuda.synchronize()
+    return 2 * nbytes * repeats / (start.elapsed_time(end) / 1e3)
+
+
+def decoder_weight_bytes(engine) -> int:
+    """Bytes a decode step reads at least: the segment graphs' weight files (decoder layers, final norm, lm_head)."""
+    d = engine.directory
+    return sum(p.stat().st_size for seg in ("segment0", "segment1") for p in d.glob(f"{seg}.onnx*"))
+
+
+def rows_of(configs: list[Config], engines: dict, text_tokens: int, bound_ms: dict | None = None) -> list[dict]:
     hf = {c.batch: c for c in configs if c.kind == "hf"}
     base = {c.batch: c for c in configs if c.kind == "engine" and c.keep == 576}
     rows = []
@@ -86,6 +114,9 @@ def rows_of(configs: list[Config], engines: dict, text_tokens: int) -> list[dict
             row["prefill_vs_576"] = per_round(c, base[c.batch], "prefill_ms")
             row["flops_ideal_vs_576"] = p.flops["baseline"] / p.flops["star"]
             row["decode_vs_576"] = per_round(c, base[c.batch], "decode_ms")
+        if c.kind == "engine" and bound_ms:
+            row["decode_bound_ms"] = bound_ms[c.keep]
+            row["decode_vs_bound"] = row["decode_ms"]["median"] / bound_ms[c.keep]
         rows.append(row)
     return rows
 
@@ -111,16 +142,36 @@ def markdown(meta: dict, rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def serve_load(engine_dir: Path, a, out: Path) -> str:
+    """scripts/loadtest.py against star-serve on the CUDA provider: `--serve-clients` streaming clients for
+    `--serve-seconds`; its table, as Markdown."""
+    import os
+    import subprocess
+
+    script = Path(__file__).with_name("loadtest.py")
+    cmd = [sys.executable, str(script), "--engine", str(engine_dir), "--clients", str(a.serve_clients), "--seconds",
+           str(a.serve_seconds), "--compare", str(a.serve_clients), "--rounds", "1", "--compare-seconds", "10",
+           "--json", str(out / "gpu_serve.json")]
+    done = subprocess.run(cmd, env=os.environ | {"STAR_PROVIDER": "cuda"}, capture_output=True, text=True)
+    if done.returncode != 0:
+        return f"\nstar-serve load test failed (exit {done.returncode}):\n\n```\n{done.stderr[-3000:]}\n```\n"
+    return f"\n## star-serve on the GPU (keep {min(a.keeps)}, scripts/loadtest.py)\n\n{done.stdout}"
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="local HF LLaVA directory (default: a random real-width one, --text-layers deep)")
-    p.add_argument("--text-layers", type=int, default=4)
+    p.add_argument("--text-layers", type=int, default=32)
+    p.add_argument("--vision-layers", type=int, default=24)
+    p.add_argument("--serve-clients", type=int, default=16)
+    p.add_argument("--serve-seconds", type=float, default=60)
+    p.add_argument("--no-serve", action="store_true", help="skip the star-serve load test")
     p.add_argument("--dtype", default="float16", choices=["float16", "float32"])
     p.add_argument("--keeps", type=int, nargs="+", default=[576, 58])
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--tokens", type=int, default=32, help="new tokens per call")
     p.add_argument("--text-tokens", type=int, default=40)
-    p.add_argument("--batches", type=int, nargs="+", default=[1, 4])
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 4, 8])
     p.add_argument("--out", default="docs/benchmarks/gpu")
     p.add_argument("--work-dir", default=None)
     p.add_argument("--kv-via-host", action="store_true",
@@ -133,6 +184,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     work = Path(a.work_dir or tempfile.mkdtemp(prefix="star-gpu-bench-"))
     work.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
     model_dir, engines, host_kv, hf, processor = build(a, work)
     prompt = prompt_of(processor.tokenizer, a.text_tokens)
     cached = {b: inputs_for(processor, b, prompt) for b in a.batches}
@@ -149,8 +201,19 @@ def main(argv=None) -> int:
         "machine": f"{platform.processor() or platform.machine()}, {platform.platform()}", "versions": tool_versions() | {"numpy": np.__version__},
         "model": model_dir, "text_tokens": text_tokens, "new_tokens": a.tokens, "rounds": a.rounds,
     }
-    rows = rows_of(configs, engines, text_tokens)
-    (out / "gpu_bench.md").write_text(markdown(meta, rows))
+    bandwidth = copy_bandwidth()
+    bound_ms = {k: decoder_weight_bytes(e) / bandwidth * 1e3 for k, e in engines.items()}
+    meta["copy_bandwidth_gb_s"] = bandwidth / 1e9
+    rows = rows_of(configs, engines, text_tokens, bound_ms)
+    md = markdown(meta, rows)
+    md += f"\nDecode against the weight-read bound (device copy bandwidth {bandwidth / 1e9:.0f} GB/s):\n\n"
+    md += "| config | batch | decode ms/token | bound ms | x bound |\n|---|---|---|---|---|\n"
+    md += "".join(f"| {r['config']} | {r['batch']} | {r['decode_ms']['median']:.2f} | {r['decode_bound_ms']:.2f} | "
+                  f"{r['decode_vs_bound']:.2f} |\n" for r in rows if r.get("decode_vs_bound"))
+    print(f"benchmark done at {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+    if not a.no_serve:
+        md += serve_load(engines[min(engines)].directory, a, out)
+    (out / "gpu_bench.md").write_text(md)
     print((out / "gpu_bench.md").read_text(), file=sys.stderr)
     return emit({"meta": meta, "rows": rows, "runs": {c.name + f" batch {c.batch}": c.results for c in configs}}, str(out / "gpu_bench.json"))
 
