@@ -37,3 +37,28 @@ def script(name: str):
     spec.loader.exec_module(module)
     return module
 
+
+
+def planted_defect_fails(engine_dir: Path, graph_file: str, plant, loaded, check_prefix: str, tmp_path: Path) -> None:
+    """Copy the engine, change graph `graph_file` with `plant(model)` (an onnx.ModelProto, changed in place), re-sign
+    star.json, and assert that star-validate fails a check named `check_prefix...`."""
+    import json
+    import shutil
+
+    import onnx
+
+    from star_export.manifest import MANIFEST, file_table
+    from star_export.validate import validate_engine
+
+    broken = tmp_path / "broken"
+    shutil.copytree(engine_dir, broken)
+    model = onnx.load(str(broken / graph_file), load_external_data=False)
+    plant(model)
+    onnx.save(model, str(broken / graph_file))
+    manifest = json.loads((broken / MANIFEST).read_text())
+    manifest["files"] = file_table(broken)
+    (broken / MANIFEST).write_text(json.dumps(manifest))
+    report = validate_engine(broken, loaded=loaded, max_new_tokens=4)
+    assert not report.ok
+    failed = {c.name for c in report.checks if not c.ok}
+    assert any(name.startswith(check_prefix) for name in failed), report.table()

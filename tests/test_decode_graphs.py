@@ -15,6 +15,7 @@ import onnx
 import pytest
 
 from conftest import QUESTIONS
+from helpers import planted_defect_fails
 from star_export.runtime.engine import Engine
 
 # Both paths compute in float32 on the same weights: their logits differ by rounding (~1e-6 of their scale: 2e-6 on this
@@ -77,7 +78,6 @@ def test_the_validator_checks_the_decode_graphs_and_fails_a_wrong_one(decode_eng
     reference's decode feed, their outputs and the cache slot GQA wrote against the float64 reference. Planted defect:
     RoPE's cos/sin tables of decode graph 0 shifted by one position (so the keys it writes and its queries rotate by the
     wrong angle): the validator must fail it."""
-    from star_export.manifest import MANIFEST, file_table
     from star_export.validate import validate_engine
 
     report = validate_engine(decode_engine, loaded=tiny, max_new_tokens=4)
@@ -85,20 +85,12 @@ def test_the_validator_checks_the_decode_graphs_and_fails_a_wrong_one(decode_eng
     checked = {c.name.split(" ")[0] for c in report.checks if c.name.startswith("decode")}
     assert checked == {"decode0[decode]", "decode1[decode]"}, checked
 
-    broken = tmp_path / "broken"
-    shutil.copytree(decode_engine, broken)
-    model = onnx.load(str(broken / "decode0.onnx"), load_external_data=False)
-    for t in model.graph.initializer:
-        if t.name in ("gqa_cos_cache", "gqa_sin_cache"):
-            t.CopyFrom(onnx.numpy_helper.from_array(np.roll(onnx.numpy_helper.to_array(t), -1, axis=0), t.name))
-    onnx.save(model, str(broken / "decode0.onnx"))
-    manifest = json.loads((broken / MANIFEST).read_text())
-    manifest["files"] = file_table(broken)
-    (broken / MANIFEST).write_text(json.dumps(manifest))
-    report = validate_engine(broken, loaded=tiny, max_new_tokens=4)
-    assert not report.ok
-    failed = {c.name for c in report.checks if not c.ok}
-    assert any(name.startswith("decode0[decode]") for name in failed), report.table()
+    def shift_rope(model):
+        for t in model.graph.initializer:
+            if t.name in ("gqa_cos_cache", "gqa_sin_cache"):
+                t.CopyFrom(onnx.numpy_helper.from_array(np.roll(onnx.numpy_helper.to_array(t), -1, axis=0), t.name))
+
+    planted_defect_fails(decode_engine, "decode0.onnx", shift_rope, tiny, "decode0[decode]", tmp_path)
 
 
 def test_an_engine_whose_blocks_are_not_found_is_written_without_decode_graphs(tiny_engine, tmp_path, capsys, monkeypatch):

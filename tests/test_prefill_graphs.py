@@ -9,13 +9,13 @@ reference and fails a wrong one.
 """
 
 import json
-import shutil
 
 import numpy as np
 import onnx
 import pytest
 
 from conftest import QUESTIONS
+from helpers import planted_defect_fails
 from star_export.runtime.engine import Engine
 from star_export.runtime.generate import Sampling
 
@@ -70,24 +70,16 @@ def test_the_engine_prefills_with_them_and_gets_what_the_segment_graphs_get(pref
 
 def test_the_validator_checks_them_and_fails_a_wrong_one(prefill_engine, other, tmp_path):
     """Planted defect: GQA's softmax scale doubled in one layer of prefill graph 1."""
-    from star_export.manifest import MANIFEST, file_table
     from star_export.validate import validate_engine
 
     report = validate_engine(prefill_engine, loaded=other, max_new_tokens=4)
     assert report.ok, report.table()
     assert any("prefill graphs" in note and "checked as them" in note for note in report.notes), report.notes
 
-    broken = tmp_path / "broken"
-    shutil.copytree(prefill_engine, broken)
-    model = onnx.load(str(broken / "prefill1.onnx"), load_external_data=False)
-    node = next(n for n in model.graph.node if n.op_type == "GroupQueryAttention")
-    head_dim = json.loads((broken / MANIFEST).read_text())["model"]["head_dim"]
-    node.attribute.append(onnx.helper.make_attribute("scale", 2.0 / head_dim**0.5))
-    onnx.save(model, str(broken / "prefill1.onnx"))
-    manifest = json.loads((broken / MANIFEST).read_text())
-    manifest["files"] = file_table(broken)
-    (broken / MANIFEST).write_text(json.dumps(manifest))
-    report = validate_engine(broken, loaded=other, max_new_tokens=4)
-    assert not report.ok
-    failed = {c.name for c in report.checks if not c.ok}
-    assert any(name.startswith("segment1[prefill]") for name in failed), report.table()
+    head_dim = json.loads((prefill_engine / "star.json").read_text())["model"]["head_dim"]
+
+    def double_the_scale(model):
+        node = next(n for n in model.graph.node if n.op_type == "GroupQueryAttention")
+        node.attribute.append(onnx.helper.make_attribute("scale", 2.0 / head_dim**0.5))
+
+    planted_defect_fails(prefill_engine, "prefill1.onnx", double_the_scale, other, "segment1[prefill]", tmp_path)
