@@ -49,6 +49,7 @@ def export_engine(
     out: str | Path,
     stage1_keep: int | None = None,
     pivot_layer: int | None = None,
+    method: str = "star",
     dtype: str = "float32",
     backend: str = "onnx",
     max_batch_size: int = 8,
@@ -72,7 +73,7 @@ def export_engine(
     check_out_dir(out, force)
     spec, defaults = spec_from_name(model)  # config only, no weights
     schedule = StarSchedule.from_spec(
-        spec, keep=keep, stage1_keep=stage1_keep, pivot_layer=pivot_layer, defaults=defaults
+        spec, keep=keep, stage1_keep=stage1_keep, pivot_layer=pivot_layer, defaults=defaults, method=method
     )
     check_limits(spec, max_batch_size, max_input_len, max_new_tokens)
     if weights.quantized and backend != "onnx":
@@ -98,6 +99,7 @@ def export_engine(
             keep=keep,
             stage1_keep=stage1_keep,
             pivot_layer=pivot_layer,
+            method=method,
             dtype=dtype,
             backend=backend,
             limits=limits,
@@ -122,6 +124,7 @@ def _build(
     keep: int,
     stage1_keep: int | None,
     pivot_layer: int | None,
+    method: str,
     dtype: str,
     backend: str,
     limits: dict,
@@ -140,12 +143,18 @@ def _build(
     with progress.stage(f"load {model}"):
         loaded = load_model(model)
         schedule = StarSchedule.from_spec(
-            loaded.spec, keep=keep, stage1_keep=stage1_keep, pivot_layer=pivot_layer, defaults=loaded.defaults
+            loaded.spec,
+            keep=keep,
+            stage1_keep=stage1_keep,
+            pivot_layer=pivot_layer,
+            defaults=loaded.defaults,
+            method=method,
         )
         check_prompt_room(loaded, limits["max_input_len"])
         progress.note(
             f"schedule: keep={schedule.keep} stage1_keep={schedule.stage1_keep} pivot_layer={schedule.pivot_layer} of "
-            f"{schedule.num_layers} layers"
+            f"{schedule.num_layers} layers, method {method} (scorers: stage 1 {schedule.stage1_scorer}, stage 2 "
+            f"{schedule.stage2_scorer})"
         )
 
     tmp = make_build_dir(out)

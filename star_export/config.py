@@ -111,6 +111,31 @@ def default_stage1_keep(num_tokens: int) -> int:
     return round(0.85 * num_tokens)
 
 
+STAGE1_SCORERS = ("star", "cls", "none")
+STAGE2_SCORERS = ("star", "last", "none")
+
+
+@dataclass(frozen=True)
+class Method:
+    """A pruning method as a schedule of this engine: its scorers and the budgets it fixes (None: from the user or the
+    recipe). Explicit flags override these."""
+
+    stage1_scorer: str
+    stage2_scorer: str
+    stage1_keep: str | None = None  # "all": every visual token; "keep": the final keep
+    pivot_layer: int | None = None
+
+
+METHODS = {
+    "star": Method("star", "star"),
+    # FastV (Chen et al. 2024): no pruning in the vision tower; after decoder layer K = 2, the last prompt token's
+    # attention ranks the image tokens: layers 0-1 see all of them, pivot P = 1.
+    "fastv": Method("none", "last", stage1_keep="all", pivot_layer=1),
+    # FasterVLM (Zhang et al. 2024): [CLS] attention in the vision tower keeps `keep` tokens; nothing in the decoder.
+    "fastervlm": Method("cls", "none", stage1_keep="keep"),
+}
+
+
 @dataclass(frozen=True, kw_only=True)
 class StarSchedule:
     """One STAR schedule: `keep <= stage1_keep <= num_vision_tokens`, `0 <= pivot_layer < num_layers - 1`.
@@ -124,9 +149,29 @@ class StarSchedule:
     vision_feature_layer: int
     num_vision_tokens: int
     num_layers: int
+    # What each stage ranks by (graphs/select.py): stage 1 "star" (the column mean of the vision layer's attention) or
+    # "cls" (FasterVLM: the [CLS] row) or "none" (nothing pruned: stage1_keep = every visual token); stage 2 "star"
+    # (the suffix-text rows at the pivot) or "last" (FastV: the last prompt token's row) or "none" (keep = stage1_keep).
+    stage1_scorer: str = "star"
+    stage2_scorer: str = "star"
 
     def __post_init__(self) -> None:
         n, L = self.num_vision_tokens, self.num_layers
+        for stage, scorer, allowed in (
+            (1, self.stage1_scorer, STAGE1_SCORERS),
+            (2, self.stage2_scorer, STAGE2_SCORERS),
+        ):
+            if scorer not in allowed:
+                raise ScheduleError(f"stage-{stage} scorer {scorer!r}: allowed {', '.join(allowed)}")
+        if self.stage1_scorer == "none" and self.stage1_keep != n:
+            raise ScheduleError(
+                f"stage 1 prunes nothing (scorer none) but stage1_keep={self.stage1_keep}: it must be {n}"
+            )
+        if self.stage2_scorer == "none" and self.keep != self.stage1_keep:
+            raise ScheduleError(
+                f"stage 2 prunes nothing (scorer none) but keep={self.keep} < stage1_keep={self.stage1_keep}: "
+                "they must be equal"
+            )
         if not 1 <= self.keep <= n:
             raise ScheduleError(
                 f"keep={self.keep} is out of range: allowed 1 <= keep <= {n} (visual tokens of this model)"
@@ -157,12 +202,21 @@ class StarSchedule:
         stage1_keep: int | None = None,
         pivot_layer: int | None = None,
         defaults: Mapping[str, int] | None = None,
+        method: str = "star",
     ) -> "StarSchedule":
-        """Recipe defaults (or the generic ones) overridden by the user's values, then validated.
+        """Recipe defaults (or the generic ones) overridden by the method's budgets, then by the user's values, then
+        validated.
 
         A default stage-1 budget below `keep` is raised to `keep` (stage 1 must be the milder one);
         an explicit `stage1_keep` is never changed.
         """
+        if method not in METHODS:
+            raise ScheduleError(f"--method {method!r}: allowed {', '.join(METHODS)}")
+        m = METHODS[method]
+        if stage1_keep is None and m.stage1_keep is not None:
+            stage1_keep = spec.num_vision_tokens if m.stage1_keep == "all" else keep
+        if pivot_layer is None and m.pivot_layer is not None:
+            pivot_layer = min(m.pivot_layer, spec.text_layers - 2)
         defaults = dict(defaults or {})
         if stage1_keep is None:
             stage1_keep = defaults.get("stage1_keep", default_stage1_keep(spec.num_vision_tokens))
@@ -176,7 +230,15 @@ class StarSchedule:
             vision_feature_layer=spec.vision_feature_layer,
             num_vision_tokens=spec.num_vision_tokens,
             num_layers=spec.text_layers,
+            stage1_scorer=m.stage1_scorer,
+            stage2_scorer=m.stage2_scorer,
         )
+
+    @property
+    def method(self) -> str | None:
+        """The method whose scorers this schedule uses (None: a combination of none of them)."""
+        scorers = (self.stage1_scorer, self.stage2_scorer)
+        return next((name for name, m in METHODS.items() if (m.stage1_scorer, m.stage2_scorer) == scorers), None)
 
     def asdict(self) -> dict[str, int]:
         return dataclasses.asdict(self)

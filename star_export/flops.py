@@ -102,12 +102,13 @@ def dry_run(
     pivot_layer: int | None = None,
     text_tokens: int = 52,
     full: bool = False,
+    method: str = "star",
 ):
     """The plan for `model` (alias or local directory) from its architecture numbers alone: no weights.
     `full`: also return the spec and schedule (for the memory plan)."""
     spec, defaults = spec_from_name(model)
     schedule = StarSchedule.from_spec(
-        spec, keep=keep, stage1_keep=stage1_keep, pivot_layer=pivot_layer, defaults=defaults
+        spec, keep=keep, stage1_keep=stage1_keep, pivot_layer=pivot_layer, defaults=defaults, method=method
     )
     result = plan(spec, schedule, text_tokens)
     return (result, spec, schedule) if full else result

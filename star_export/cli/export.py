@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from ..config import METHODS
 from ..errors import EXIT_MISMATCH
 from .common import (
     BACKENDS,
@@ -51,6 +52,14 @@ def export_parser() -> argparse.ArgumentParser:
         default=None,
         help="decoder layer P that scores and prunes, 0 <= P <= L-2 (default: the recipe's, 15 for 32 layers, else the "
         "middle)",
+    )
+    g.add_argument(
+        "--method",
+        default="star",
+        choices=list(METHODS),
+        help="star: both stages (STAR); fastv: no vision pruning, the last prompt token's attention after decoder "
+        "layer 2 (pivot 1); fastervlm: [CLS] attention in the vision tower, nothing in the decoder (stage-1 keep = "
+        "--keep). --stage1-keep / --pivot-layer override the method's",
     )
     g = p.add_argument_group("build")
     g.add_argument("--backend", default="onnx", choices=BACKENDS, help="what to build (tensorrt: not in this release)")
@@ -155,6 +164,7 @@ def _export(args) -> int:
             keep=args.keep,
             stage1_keep=args.stage1_keep,
             pivot_layer=args.pivot_layer,
+            method=args.method,
             text_tokens=args.text_tokens,
             full=True,
         )
@@ -187,6 +197,7 @@ def _export(args) -> int:
             out=args.out,
             stage1_keep=args.stage1_keep,
             pivot_layer=args.pivot_layer,
+            method=args.method,
             dtype=args.dtype,
             backend=args.backend,
             max_batch_size=args.max_batch_size,

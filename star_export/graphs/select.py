@@ -20,6 +20,19 @@ def stage1_scores(attn_probs: torch.Tensor, num_prefix: int) -> torch.Tensor:
     return received[:, num_prefix:]
 
 
+def cls_scores(attn_probs: torch.Tensor, num_prefix: int) -> torch.Tensor:
+    """FasterVLM's stage 1: s1[j] = mean_h A[h, CLS, j], the [CLS] query's attention over the patch columns.
+
+    attn_probs as `stage1_scores`; the [CLS] token is query row 0. Returns (B, T - num_prefix).
+    """
+    return attn_probs.mean(dim=1)[:, 0, num_prefix:]
+
+
+# What stage 1 ranks by (config.StarSchedule.stage1_scorer). "none" keeps every visual token: its TopK keeps them all,
+# whatever it ranks.
+STAGE1 = {"star": stage1_scores, "cls": cls_scores, "none": stage1_scores}
+
+
 def keep_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the `k` largest scores, re-sorted ascending so the kept tokens stay in order.
 

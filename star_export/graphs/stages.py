@@ -41,7 +41,7 @@ def graph_modules(loaded: LoadedModel, schedule: StarSchedule) -> dict[str, tupl
     """name -> (nn.Module, input names, output names): exactly what the exporter writes."""
     model, P = loaded.model, schedule.pivot_layer
     return {
-        "vision": (VisionStage1(model, loaded.spec, schedule.stage1_keep), *VISION_IO),
+        "vision": (VisionStage1(model, loaded.spec, schedule.stage1_keep, schedule.stage1_scorer), *VISION_IO),
         "segment0": (Segment0(model, P), *segment0_io(schedule)),
         "pivot": (Pivot(schedule.stage1_keep, schedule.keep), *PIVOT_IO),
         "segment1": (Segment1(model, P), *segment1_io(schedule)),

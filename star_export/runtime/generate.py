@@ -86,6 +86,16 @@ class DecodeState:
     logits: np.ndarray
 
 
+# The query rows whose attention at the pivot ranks the visual tokens (graphs/select.py stage2_scores), by the
+# schedule's stage-2 scorer: STAR's suffix text after the image, or FastV's last prompt token (rows are left padded, so
+# the last column is each row's last token). "none" keeps every token: its TopK keeps them all, whatever it ranks.
+STAGE2_ROWS = {
+    "star": lambda index, image_end, mask: ((index >= image_end[:, None]) & (mask > 0)).astype(np.int64),
+    "last": lambda index, image_end, mask: np.broadcast_to(index == index.shape[1] - 1, mask.shape).astype(np.int64),
+}
+STAGE2_ROWS["none"] = STAGE2_ROWS["star"]
+
+
 def _cache_read(graph):
     """How the KV cache reads a graph's new keys and values into its buffers: where the graph computed them (an ONNX
     Runtime graph on the CPU provider: host memory, not a transfer; on a GPU they are torch tensors on the device)."""
@@ -206,7 +216,7 @@ class StarPipeline:
         batch, n = mask0.shape
         positions = np.where(mask0 > 0, np.cumsum(mask0, -1) - 1, 1).astype(np.int64)  # HF generate's rule
         index = np.arange(n)[None, :]
-        suffix_rows = ((index >= (image_start + S.stage1_keep)[:, None]) & (mask0 > 0)).astype(np.int64)
+        suffix_rows = STAGE2_ROWS[S.stage2_scorer](index, image_start + S.stage1_keep, mask0)
 
         seg0 = g["segment0"].run(
             {"inputs_embeds": embeds, "attention_mask": mask0, "position_ids": positions, "suffix_rows": suffix_rows}
