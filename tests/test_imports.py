@@ -16,7 +16,7 @@ LAYERS = {
     "graphs": 1,
     "export": 2, "runtime": 2,
     "validate": 3,
-    "build": 4,
+    "build": 4, "calibrate": 4,
     "serve": 5,
     "cli": 6,
 }

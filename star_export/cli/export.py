@@ -29,16 +29,17 @@ def export_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("model")
     g.add_argument(
         "--model",
-        default="tiny-llava",
+        default=None,
         help="recipe alias (tiny-llava, llava-1.5-7b, llava-1.5-13b), a local Hugging Face directory, or a model id in "
-        "the local HF cache",
+        "the local HF cache (default: tiny-llava, or the --recipe's)",
     )
     g = p.add_argument_group("schedule (STAR.md)")
     g.add_argument(
         "--keep",
         type=int,
-        default=58,
-        help="visual tokens that survive both stages (paper: 288 / 115 / 58 / 29 of 576)",
+        default=None,
+        help="visual tokens that survive both stages (paper: 288 / 115 / 58 / 29 of 576; default 58, or the "
+        "--recipe's)",
     )
     g.add_argument(
         "--stage1-keep",
@@ -55,11 +56,18 @@ def export_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--method",
-        default="star",
+        default=None,
         choices=list(METHODS),
         help="star: both stages (STAR); fastv: no vision pruning, the last prompt token's attention after decoder "
         "layer 2 (pivot 1); fastervlm: [CLS] attention in the vision tower, nothing in the decoder (stage-1 keep = "
-        "--keep). --stage1-keep / --pivot-layer override the method's",
+        "--keep). --stage1-keep / --pivot-layer override the method's (default: star, or the --recipe's)",
+    )
+    g.add_argument(
+        "--recipe",
+        default=None,
+        metavar="RECIPE_JSON",
+        help="a star-calibrate recipe.json: its model, keep, stage-1 keep, pivot layer and method (flags given too "
+        "must agree with it)",
     )
     g = p.add_argument_group("build")
     g.add_argument("--backend", default="onnx", choices=BACKENDS, help="what to build (tensorrt: not in this release)")
@@ -151,9 +159,33 @@ def _scheme(args):
     return WeightScheme(args.weights, block_size=args.block_size, symmetric=not args.asymmetric, **level)
 
 
+DEFAULTS = {"model": "tiny-llava", "keep": 58, "method": "star"}  # what --model / --keep / --method default to
+
+
+def _schedule_args(args) -> None:
+    """Fill --model, --keep, --stage1-keep, --pivot-layer, --method from --recipe (a flag given as well must agree) or
+    from their defaults."""
+    recipe = {}
+    if args.recipe:
+        from ..calibrate import CalibrationError, read_recipe
+
+        recipe = read_recipe(args.recipe)
+        for field in ("model", "keep", "stage1_keep", "pivot_layer", "method"):
+            given = getattr(args, field)
+            if given is not None and given != recipe[field]:
+                flag = "--" + field.replace("_", "-")
+                raise CalibrationError(
+                    f"{flag} {given} disagrees with --recipe {args.recipe} ({recipe[field]}): drop one of the two"
+                )
+    for field in ("model", "keep", "stage1_keep", "pivot_layer", "method"):
+        if getattr(args, field) is None:
+            setattr(args, field, recipe.get(field, DEFAULTS.get(field)))
+
+
 def _export(args) -> int:
     if args.add_decode_graphs:
         return _add_decode_graphs(args)
+    _schedule_args(args)
     if args.dry_run:
         from ..export.write import wants_decode_graphs
         from ..flops import dry_run, format_plan
