@@ -34,7 +34,9 @@ from .config import METHODS, ScheduleError, StarSchedule
 from .errors import UserError
 from .flops import plan
 from .models import LoadedModel
+from .runtime.generate import Sampling
 from .runtime.inputs import prepare_inputs, synthetic_image
+from .validate import BUILTIN_QUESTIONS
 from .validate.reference import reference_pipeline
 
 RECIPE_VERSION = 1
@@ -55,8 +57,6 @@ class Case:
 
 def default_cases(count: int = 6) -> list[Case]:
     """The synthetic default set: generated pictures and the validator's questions."""
-    from .validate import BUILTIN_QUESTIONS
-
     return [
         Case(synthetic_image(i), BUILTIN_QUESTIONS[i % len(BUILTIN_QUESTIONS)], f"built-in {i}") for i in range(count)
     ]
@@ -275,9 +275,7 @@ def calibrate(
     return recipe
 
 
-def _greedy(tokens: int):
-    from .runtime.generate import Sampling
-
+def _greedy(tokens: int) -> Sampling:
     return Sampling(max_new_tokens=tokens, stop_at_eos=False)
 
 
