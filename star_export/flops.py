@@ -75,8 +75,10 @@ def plan(spec: ModelSpec, schedule: StarSchedule, text_tokens: int) -> Plan:
 def format_plan(p: Plan, model: str) -> str:
     s, f = p.schedule, p.flops
     lines = [
-        f"model {model}: STAR schedule keep={s['keep']} stage1_keep={s['stage1_keep']} pivot_layer={s['pivot_layer']} "
-        f"(decoder layers 0..{s['pivot_layer']} | {s['pivot_layer'] + 1}..{s['num_layers'] - 1})",
+        f"model {model}: {StarSchedule(**s).method or 'custom'} schedule keep={s['keep']} stage1_keep="
+        f"{s['stage1_keep']} pivot_layer={s['pivot_layer']} (decoder layers 0..{s['pivot_layer']} | "
+        f"{s['pivot_layer'] + 1}..{s['num_layers'] - 1}; scorers: stage 1 {s['stage1_scorer']}, stage 2 "
+        f"{s['stage2_scorer']})",
         f"visual tokens: {p.visual_tokens['vision_tower']} -> stage 1 -> {p.visual_tokens['after_stage1']} -> stage 2 "
         f"-> {p.visual_tokens['after_stage2']}",
         f"decoder tokens ({p.text_tokens} text): baseline {p.sequence_lengths['baseline']}, "
