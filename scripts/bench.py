@@ -494,7 +494,11 @@ def write_outputs(out: Path, meta: dict, rows: list[dict], configs, keep: int) -
         kv = f"{r['kv_mib']:.1f} ({'yes' if r['kv_equals_plan'] else 'no' if r['kv_equals_plan'] is not None else 'n/a'})"
         lines.append(f"| {r['config']} | {r['batch']} | {fmt(r['ttft_ms'], 0)} | {fmt(r['vision_ms'], 0)} | {fmt(r['prefill_ms'], 0)} | {fmt(r['decode_ms'])} | "
                      f"{fmt(r['tokens_per_s'])} | {fmt(r['peak_rss_gib'], 2)} | {gflop(r['flops_g'])} | {kv} | {vs('ttft_vs_hf')} | {vs('decode_vs_hf')} | {ideal} | {vs('decode_vs_576')} |")
-    lines += ["", "Peak RSS is the process's (every model of the run resident) during that call. Plots: " + ", ".join(f"`{p.name}`" for p in plot(out, rows, keep))]
+    try:
+        plots = ", ".join(f"`{p.name}`" for p in plot(out, rows, keep))
+    except ImportError:  # the tables are written either way
+        plots = "none (matplotlib missing: pip install 'star-export[bench]')"
+    lines += ["", "Peak RSS is the process's (every model of the run resident) during that call. Plots: " + plots]
     (out / "bench.md").write_text("\n".join(lines) + "\n")
 
 
