@@ -300,7 +300,10 @@ def test_console_scripts_are_installed():
     out = subprocess.run([sys.executable, "-m", "pip", "show", "-f", "star-export"], capture_output=True, text=True).stdout
     assert "star-export" in out
     help_text = subprocess.run([str(__import__("pathlib").Path(sys.executable).parent / "star-export"), "--help"], capture_output=True, text=True)
-    assert help_text.returncode == 0 and "--stage1-keep" in help_text.stdout and "(default: 58)" in help_text.stdout
+    words = " ".join(help_text.stdout.split())
+    assert help_text.returncode == 0 and "--stage1-keep" in words and "default 58, or the --recipe's" in words
+    calibrate = subprocess.run([str(__import__("pathlib").Path(sys.executable).parent / "star-calibrate"), "--help"], capture_output=True, text=True)
+    assert calibrate.returncode == 0 and "--flops-budget" in calibrate.stdout
 
 
 def test_force_replaces_and_failed_self_check_writes_nothing(tmp_path, monkeypatch, capsys):

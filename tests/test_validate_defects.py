@@ -49,8 +49,8 @@ def _pivot_off_by_one(m):
 
 def _cls_scored(m):
     """CLS not dropped before stage-1 scoring: the scores are read one column early."""
-    scores = vision.stage1_scores
-    m.setattr(vision, "stage1_scores", lambda probs, num_prefix: scores(probs, 0)[:, : probs.shape[-1] - num_prefix])
+    scores = vision.STAGE1["star"]
+    m.setitem(vision.STAGE1, "star", lambda probs, num_prefix: scores(probs, 0)[:, : probs.shape[-1] - num_prefix])
 
 
 def _not_resorted(m):
