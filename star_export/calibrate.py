@@ -34,7 +34,7 @@ from .config import METHODS, ScheduleError, StarSchedule
 from .errors import UserError
 from .flops import plan
 from .models import LoadedModel
-from .runtime.generate import Sampling
+from .runtime.generate import Sampling, softmax64
 from .runtime.inputs import prepare_inputs, synthetic_image
 from .validate import BUILTIN_QUESTIONS
 from .validate.reference import reference_pipeline
@@ -111,7 +111,7 @@ def schedule_grid(
     for k1 in stage1_keeps or ():
         if k1 < keep:
             raise CalibrationError(f"--stage1-keeps {k1}: smaller than --keep {keep} (stage 1 keeps at least keep)")
-    schedules: dict[tuple, StarSchedule] = {}
+    schedules: dict[str, StarSchedule] = {}
     for method in methods:
         if method not in METHODS:
             raise CalibrationError(f"--methods {method!r}: allowed {', '.join(METHODS)}")
@@ -134,13 +134,6 @@ def schedule_key(s: StarSchedule) -> str:
     return f"{s.method or 'custom'}-k1_{s.stage1_keep}-P{s.pivot_layer}-keep{s.keep}"
 
 
-def _softmax64(logits: np.ndarray) -> np.ndarray:
-    z = logits.astype(np.float64)
-    z = z - z.max(-1, keepdims=True)
-    p = np.exp(z)
-    return p / p.sum(-1, keepdims=True)
-
-
 def forced_logits(pipe, inputs: dict, tokens: list[int]) -> list[np.ndarray]:
     """The schedule's next-token logits (vocab,) at each of `tokens`' steps, fed `tokens` (teacher forcing)."""
     state, _ = pipe.prefill(
@@ -157,7 +150,7 @@ def fidelity(teacher: list[np.ndarray], student: list[np.ndarray], tokens: list[
     """KL(teacher || student) per step (mean), top-1 agreement with the teacher's tokens, exact match of the answer."""
     kls, agree = [], []
     for t, s, token in zip(teacher, student, tokens):
-        p, q = _softmax64(t), _softmax64(s)
+        p, q = softmax64(t), softmax64(s)
         kls.append(float(np.sum(p * (np.log(np.maximum(p, 1e-300)) - np.log(np.maximum(q, 1e-300))))))
         agree.append(int(np.argmax(s)) == token)
     return {"kl": float(np.mean(kls)), "top1": float(np.mean(agree)), "exact": float(all(agree))}
@@ -191,6 +184,7 @@ def calibrate(
 ) -> dict:
     """Measure every schedule (resuming from `out/results.jsonl`), write the table, plot and recipe. Returns the
     recipe."""
+    within_budget([{"key": schedule_key(s), **cost(loaded, s)} for s in schedules], flops_budget)  # before measuring
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     run = {
@@ -217,17 +211,18 @@ def calibrate(
         tmp = results_file.with_suffix(".tmp")  # the whole lines only, so new ones start on a line of their own
         tmp.write_text("".join(json.dumps(row) + "\n" for row in done.values()))
         tmp.replace(results_file)
-    inputs = [prepare_inputs(loaded.processor, [c.image], [c.prompt]) for c in cases]
-    unpruned = StarSchedule.from_spec(
-        loaded.spec, keep=loaded.spec.num_vision_tokens, stage1_keep=loaded.spec.num_vision_tokens, pivot_layer=0
-    )
-    progress(f"unpruned model: greedy answers of {tokens} tokens on {len(cases)} cases")
-    teacher_pipe = reference_pipeline(loaded, unpruned, device)
-    answers, teacher = [], []
-    for x in inputs:
-        gen = teacher_pipe.generate(x["pixel_values"], x["input_ids"], x["attention_mask"], _greedy(tokens))
-        answers.append(gen.token_ids[0])
-        teacher.append([logits[0] for logits in gen.logits])
+    if any(schedule_key(s) not in done for s in schedules):  # the unpruned model's answers, for what is left
+        inputs = [prepare_inputs(loaded.processor, [c.image], [c.prompt]) for c in cases]
+        unpruned = StarSchedule.from_spec(
+            loaded.spec, keep=loaded.spec.num_vision_tokens, stage1_keep=loaded.spec.num_vision_tokens, pivot_layer=0
+        )
+        progress(f"unpruned model: greedy answers of {tokens} tokens on {len(cases)} cases")
+        teacher_pipe = reference_pipeline(loaded, unpruned, device)
+        answers, teacher = [], []
+        for x in inputs:
+            gen = teacher_pipe.generate(x["pixel_values"], x["input_ids"], x["attention_mask"], _greedy(tokens))
+            answers.append(gen.token_ids[0])
+            teacher.append([logits[0] for logits in gen.logits])
     for i, s in enumerate(schedules, 1):
         key = schedule_key(s)
         if key in done:
@@ -293,7 +288,8 @@ def pareto(rows: list[dict]) -> list[str]:
     return front
 
 
-def choose(rows: list[dict], flops_budget: float | None) -> dict:
+def within_budget(rows: list[dict], flops_budget: float | None) -> list[dict]:
+    """The rows whose FLOPs ratio is at most `flops_budget` (all where None); none is a CalibrationError."""
     within = [r for r in rows if flops_budget is None or r["flops_ratio"] <= flops_budget]
     if not within:
         cheapest = min(r["flops_ratio"] for r in rows)
@@ -301,7 +297,11 @@ def choose(rows: list[dict], flops_budget: float | None) -> dict:
             f"--flops-budget {flops_budget}: no schedule of the grid is that cheap (the cheapest: {cheapest:.3f}); "
             "raise the budget or lower --keep"
         )
-    return min(within, key=lambda r: (r["kl"], -r["top1"], r["flops_ratio"]))
+    return within
+
+
+def choose(rows: list[dict], flops_budget: float | None) -> dict:
+    return min(within_budget(rows, flops_budget), key=lambda r: (r["kl"], -r["top1"], r["flops_ratio"]))
 
 
 COLUMNS = ("key", "method", "stage1_keep", "pivot_layer", "keep", "kl", "top1", "exact", "flops_ratio", "kv_ratio")

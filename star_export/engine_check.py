@@ -258,8 +258,8 @@ def check_graphs(directory: Path, manifest: dict, spec, schedule, layout) -> Non
             sorted(manifest["graphs"]),
             f"an engine has {list(GRAPHS)} and either both decode graphs or none, both prefill graphs or none",
         )
-    decode += prefill
-    io = {g: read_graph(directory, manifest, g) for g in GRAPHS + tuple(decode)}
+    variants = decode + prefill
+    io = {g: read_graph(directory, manifest, g) for g in GRAPHS + tuple(variants)}
     S, H, P, L = schedule, spec.hidden_size, schedule.pivot_layer, schedule.num_layers
     vision, pivot = io["vision"], io["pivot"]
     _expect("model.image_size", spec.image_size, vision, "pixel_values", 2, "inputs")
@@ -273,7 +273,7 @@ def check_graphs(directory: Path, manifest: dict, spec, schedule, layout) -> Non
         if not graph.topk_ks or any(k != says for k in graph.topk_ks):
             raise _fail(field, says, f"{graph.file}'s TopK keeps {sorted(set(graph.topk_ks)) or 'no constant K'}")
     layers = {"segment0": list(range(P + 1)), "segment1": list(range(P + 1, L))}
-    for g in ("segment0", "segment1") + tuple(decode):
+    for g in ("segment0", "segment1") + tuple(variants):
         segment = VARIANT_OF.get(g, g)
         field, says = (
             ("schedule.pivot_layer", P) if segment == "segment0" else ("schedule.num_layers", L)

@@ -278,7 +278,7 @@ def rewrite_segment(path: Path, out: Path, manifest: dict, layers: str = "all", 
                 graph.node.insert(
                     at, helper.make_node("Slice", [whole, "gqa_past_len_1d", "gqa_end", "gqa_i2_1"], [part])
                 )
-        if not segment_io:
+        else:
             for o in [
                 o
                 for o in graph.output
@@ -290,13 +290,13 @@ def rewrite_segment(path: Path, out: Path, manifest: dict, layers: str = "all", 
     if layers == "all" and not segment_io:
         for o in [o for o in graph.output if o.name.startswith("stage2")]:
             graph.output.remove(o)
-    cos_cache, sin_cache = rope_caches(inv_freq, max_positions(manifest))
-    graph.initializer.extend(
-        [numpy_helper.from_array(cos_cache, "gqa_cos_cache"), numpy_helper.from_array(sin_cache, "gqa_sin_cache")]
-    )
     if segment_io:
         graph.initializer.extend(_prefill_constants(numpy_helper))
-    else:
+    else:  # GQA applies RoPE itself from these tables
+        cos_cache, sin_cache = rope_caches(inv_freq, max_positions(manifest))
+        graph.initializer.extend(
+            [numpy_helper.from_array(cos_cache, "gqa_cos_cache"), numpy_helper.from_array(sin_cache, "gqa_sin_cache")]
+        )
         graph.input.extend(
             [
                 helper.make_tensor_value_info("gqa_seqlens_k", TensorProto.INT32, ["batch"]),
@@ -353,15 +353,13 @@ def write_decode_graphs(directory: Path, manifest: dict) -> dict[str, dict]:
     and the ops the fusions introduced. Raises DecodeGraphError where a segment's attention blocks are not found (the
     caller then leaves the engine without these graphs)."""
     written = {}
-    jobs = [(segment, name, "decode", "all") for segment, name in DECODE_GRAPHS.items()]
-    jobs += [(segment, name, "prefill", "not-pivot") for segment, name in PREFILL_GRAPHS.items()]
-    for segment, name, role, layers in jobs:
+    jobs = [(segment, name, "decode", "all", "decode") for segment, name in DECODE_GRAPHS.items()]
+    jobs += [(segment, name, "prefill", "not-pivot", "segment") for segment, name in PREFILL_GRAPHS.items()]
+    for segment, name, role, layers, io in jobs:
         source = directory / manifest["graphs"][segment]["file"]
         unfused, target = directory / f"{name}.unfused.onnx", directory / f"{name}.onnx"
         try:
-            rewritten = rewrite_segment(
-                source, unfused, manifest, layers=layers, io="decode" if role == "decode" else "segment"
-            )
+            rewritten = rewrite_segment(source, unfused, manifest, layers=layers, io=io)
             fusions = ort_fusions(unfused, target, external_data=None)
         except BaseException:  # all or none: a graph already written goes too
             for done in [target, *(directory / entry["file"] for entry in written.values())]:

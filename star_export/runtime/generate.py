@@ -102,13 +102,18 @@ def _cache_read(graph):
     return getattr(graph, "cache_read", graph.to_numpy)
 
 
+def softmax64(logits: np.ndarray) -> np.ndarray:
+    """Softmax over the last axis in float64."""
+    z = logits.astype(np.float64)
+    p = np.exp(z - z.max(-1, keepdims=True))
+    return p / p.sum(-1, keepdims=True)
+
+
 def sample_next(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator) -> np.ndarray:
     """(B, vocab) -> (B,) token ids."""
     if sampling.temperature == 0:
         return logits.argmax(-1)
-    z = logits.astype(np.float64) / sampling.temperature
-    p = np.exp(z - z.max(-1, keepdims=True))
-    p /= p.sum(-1, keepdims=True)
+    p = softmax64(logits.astype(np.float64) / sampling.temperature)
     out = np.empty(len(p), dtype=np.int64)
     for b, row in enumerate(p):
         order = np.argsort(-row, kind="stable")
@@ -185,9 +190,13 @@ class StarPipeline:
             rows_mask.append(
                 np.concatenate([attention_mask[b, :s], np.ones(k1, attention_mask.dtype), attention_mask[b, e:]])
             )
-        ids, mask, starts = np.stack(rows_ids).astype(np.int64), np.stack(rows_mask).astype(np.int64), starts
-        embeds = self.ops.merge(ids, image_features, starts.astype(np.int64), self.graphs["vision"].to_numpy)
-        return embeds, mask, starts.astype(np.int64)
+        ids, mask, starts = (
+            np.stack(rows_ids).astype(np.int64),
+            np.stack(rows_mask).astype(np.int64),
+            starts.astype(np.int64),
+        )
+        embeds = self.ops.merge(ids, image_features, starts, self.graphs["vision"].to_numpy)
+        return embeds, mask, starts
 
     # ------------------------------------------------------------ the loop
     def prefill(

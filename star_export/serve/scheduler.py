@@ -78,12 +78,14 @@ def prefill_groups(lengths: list[int], budget: int) -> list[list[int]]:
     """Consecutive jobs (by their decoder lengths n) in groups whose padded size, rows x the longest n, stays within
     `budget`; a job alone forms a group whatever its size (budget 0: every job alone)."""
     groups: list[list[int]] = []
+    longest = 0  # of the last group
     for i, n in enumerate(lengths):
-        group = groups[-1] if groups else None
-        if group and (len(group) + 1) * max(n, *(lengths[j] for j in group)) <= budget:
-            group.append(i)
+        if groups and (len(groups[-1]) + 1) * max(longest, n) <= budget:
+            groups[-1].append(i)
+            longest = max(longest, n)
         else:
             groups.append([i])
+            longest = n
     return groups
 
 
