@@ -1,14 +1,14 @@
 #!/usr/bin/env python
 """star-export against what a CPU user would run instead, on one checkpoint, one image, one prompt: HF transformers
-`generate` (bfloat16, float32), OpenVINO GenAI `VLMPipeline` (`optimum-cli export openvino`, int4 / int8), and
-star-export engines (int4 and float32, on the `auto` provider and on the other CPU one).
+`generate` (bfloat16, float32), OpenVINO GenAI `VLMPipeline` (`optimum-cli export openvino`, int4 / int8), llama.cpp
+through llama-cpp-python (Q4_0 / Q8_0 GGUF, float16 CLIP; in .llama-venv), and star-export engines (int4 and float32, on the `auto` provider and on the other CPU one).
 
 Every measurement is a fresh process (`--one NAME`): it loads the runtime (timed), makes one warm-up call on the
 mirrored image, then one timed call, and reports its time to the first token (image preprocessing included), decode ms/token, prompt tokens
 and the process's peak RSS. Rounds interleave the configurations (A B C ... A B C ...); each figure is the median with
 min-max over rounds. The prompt token counts are printed so that a runtime that skipped the image shows.
 
-    bash scripts/setup_peers.sh MODEL WORK        # once: the OpenVINO GenAI exports (a venv of their own)
+    bash scripts/setup_peers.sh MODEL WORK        # once: OpenVINO GenAI exports, llama.cpp build + GGUF files
     python scripts/peers.py --model MODEL --work WORK [--rounds 3] [--tokens 32] [--threads 2] [--out docs/benchmarks/peers]
 
 Engines are exported into WORK on first use (star-export --no-validate; validate them with star-validate).
@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 QUESTION = "Describe the objects, their colours and positions, and anything unusual in this picture."
+LLAMA_VENV = Path(__file__).resolve().parents[1] / ".llama-venv"
 ISAS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
 
 
@@ -123,6 +124,46 @@ def ov_genai_runner(ov_dir: str, threads: int):
     return run
 
 
+def llama_cpp_runner(gguf: str, mmproj: str, threads: int):
+    """llama-cpp-python as its users run LLaVA-1.5: `Llama` + `Llava15ChatHandler` (mtmd), streamed chat completion,
+    greedy. The handler's default system message is dropped so that the prompt is llava-hf's template."""
+    import base64
+    import io
+
+    import llama_cpp
+    from llama_cpp.llama_chat_format import Llava15ChatHandler
+
+    class Handler(Llava15ChatHandler):
+        DEFAULT_SYSTEM_MESSAGE = None
+
+    handler = Handler(clip_model_path=mmproj, verbose=False)
+    llm = llama_cpp.Llama(model_path=gguf, chat_handler=handler, n_ctx=2048, n_threads=threads,
+                          n_threads_batch=threads, verbose=False)
+    handler._init_mtmd_context(llm)  # otherwise done by the first call: count it as loading
+    eos = llm.token_eos()
+
+    def run(image, tokens):
+        t0 = time.perf_counter()
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+        messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                                 {"type": "text", "text": QUESTION}]}]
+        stamps, prompt = [], 0
+        for chunk in llm.create_chat_completion(messages, max_tokens=tokens, temperature=0.0, repeat_penalty=1.0,
+                                                logit_bias={str(eos): -100.0}, stream=True):
+            if chunk["choices"] and chunk["choices"][0]["delta"].get("content") is not None:
+                stamps.append(time.perf_counter())
+                prompt = prompt or llm.n_tokens
+        # chunks are text pieces (a piece can hold more than one token); spread the tokens over the stream like the
+        # OpenVINO GenAI runner does
+        end, first = stamps[-1], stamps[0]
+        ticks = [first] + [first + (end - first) * (i + 1) / max(tokens - 1, 1) for i in range(tokens - 1)]
+        return t0, ticks, int(prompt), {"chunks": len(stamps), "provider": f"llama-cpp-python {llama_cpp.__version__}"}
+
+    return run
+
+
 def measure_one(spec: dict, image_path: str, tokens: int, threads: int) -> dict:
     from PIL import Image, ImageOps
 
@@ -134,6 +175,8 @@ def measure_one(spec: dict, image_path: str, tokens: int, threads: int) -> dict:
         run = star_runner(spec["path"], spec["provider"], threads, spec.get("decode_graphs", True))
     elif kind == "hf":
         run = hf_runner(spec["path"], spec["dtype"], threads)
+    elif kind == "llama-cpp":
+        run = llama_cpp_runner(spec["path"], spec["mmproj"], threads)
     else:
         run = ov_genai_runner(spec["path"], threads)
     load_s = time.perf_counter() - t
@@ -171,6 +214,10 @@ def configurations(a) -> dict[str, dict]:
     out[f"star-int4-k{a.keep}-openvino-segments"] = out[f"star-int4-k{a.keep}"] | {"provider": "openvino", "decode_graphs": False}
     out |= {f"hf-{d}": {"kind": "hf", "path": a.model, "dtype": d} for d in ("bfloat16", "float32")}
     out |= {f"openvino-genai-{w}": {"kind": "ov", "path": str(work / f"ov-{w}")} for w in ("int4", "int8")}
+    # llama.cpp runs in a venv of its own (setup_peers.sh: llama.cpp's converters pin transformers 4)
+    llama = work / "llama-cpp"
+    out |= {f"llama-cpp-{q}": {"kind": "llama-cpp", "path": str(llama / f"text-{q}.gguf"), "mmproj": str(llama / "mmproj-f16.gguf"),
+                               "python": str(LLAMA_VENV / "bin/python")} for q in ("q4_0", "q8_0")}
     return {k: v for k, v in out.items() if not a.only or k in a.only}
 
 
@@ -247,7 +294,7 @@ def main(argv=None) -> int:
     results: dict[str, list] = {name: [] for name in configs}
     for r in range(a.rounds):
         for name in configs:
-            cmd = [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:]), "--one", name]
+            cmd = [configs[name].get("python", sys.executable), __file__, *(argv if argv is not None else sys.argv[1:]), "--one", name]
             done = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if done.returncode:
                 results[name].append({"error": (done.stderr.strip().splitlines() or ["?"])[-1]})
