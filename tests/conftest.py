@@ -12,6 +12,14 @@ os.environ.setdefault("STAR_ORT_THREAD_POOL", "per-session")
 # Runtime's CPU provider so that it tests the same thing on every CPU; OpenVINO is tested where asked for
 # (tests/test_openvino.py).
 os.environ.setdefault("STAR_PROVIDER", "cpu")
+# OpenVINO's compiled graphs go to a cache of this run's own, not the user's ~/.cache (runtime/openvino.py).
+if "STAR_OPENVINO_CACHE" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["STAR_OPENVINO_CACHE"] = tempfile.mkdtemp(prefix="star-openvino-cache-")
+    atexit.register(shutil.rmtree, os.environ["STAR_OPENVINO_CACHE"], True)
 
 import pytest
 import torch

@@ -39,7 +39,7 @@ def modules() -> dict[str, Path]:
 def imports(name: str, path: Path, known: dict[str, Path]):
     """(imported package module, inside a function?) for every import statement of module `name`."""
     package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
-    tree = ast.parse(path.read_text())
+    tree = ast.parse(path.read_text(encoding="utf-8"))
     inner = {id(n) for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef)) for n in ast.walk(f)}
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom):
@@ -140,5 +140,5 @@ def test_the_checker_sees_a_cycle_and_a_wrong_direction():
 
 def test_no_line_of_the_package_is_over_120_characters():
     long = [f"{p.relative_to(PACKAGE.parent)}:{n}" for p in PACKAGE.rglob("*.py")
-            for n, line in enumerate(p.read_text().splitlines(), 1) if len(line) > 120]
+            for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1) if len(line) > 120]
     assert long == []

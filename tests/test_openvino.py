@@ -3,6 +3,7 @@ it computes in (bfloat16 on a CPU with bfloat16 units, float32 elsewhere), and `
 
 import json
 
+import numpy as np
 import pytest
 from test_validate_defects import DEFECTS
 
@@ -11,6 +12,7 @@ from star_export.config import StarSchedule, WeightScheme
 from star_export.export.write import write_engine
 from star_export.runtime import openvino, sessions
 from star_export.runtime.engine import Engine
+from star_export.runtime.generate import Sampling
 from star_export.runtime.inputs import synthetic_image
 from star_export.validate import validate_engine
 
@@ -178,3 +180,45 @@ def test_engine_validated_one_graph_at_a_time_compiles_each_openvino_graph_per_c
     assert report.dtype == expected_dtype()
     engine = Engine(engine_dir, provider="openvino", lazy=True)
     assert all(isinstance(g, openvino.LazyOvGraph) for g in engine.graphs.values())
+
+
+def test_compiled_graphs_are_cached_and_imported_to_the_same_results(int4_dir, tmp_path, monkeypatch):
+    """The compile cache: a first load writes OpenVINO's blobs and our markers, a second load imports them (its blobs
+    memory-mapped) and generates exactly what a load without the cache generates (tokens, kept indices, every step's
+    logits bit for bit); a cache directory that cannot be written is left out, not an error."""
+    image = synthetic_image(3)
+    sampling = Sampling(max_new_tokens=4)
+
+    def generate(cache: str):
+        monkeypatch.setenv(openvino.CACHE_ENV, cache)
+        engine = Engine(int4_dir, provider="openvino")
+        assert engine.provider.startswith("OpenVINO")
+        return engine.generate([image], ["What is in the picture?"], sampling)
+
+    def same(a, b):
+        assert a.token_ids == b.token_ids
+        np.testing.assert_array_equal(a.stage1_indices, b.stage1_indices)
+        np.testing.assert_array_equal(a.stage2_indices, b.stage2_indices)
+        for x, y in zip(a.logits, b.logits, strict=True):
+            np.testing.assert_array_equal(x, y)
+
+    reference = generate("off")
+    cache = tmp_path / "cache"
+    calls = []
+    compile_model = openvino.core().compile_model
+    monkeypatch.setattr(openvino.core(), "compile_model", lambda *a: calls.append(a[2]) or compile_model(*a))
+    same(generate(str(cache)), reference)  # cold: compiles, writes the cache
+    blobs, markers = sorted(cache.glob("*.blob")), list(cache.glob("star-*.compiled"))
+    assert calls and len(markers) == len(calls) and len(blobs) >= len(calls)  # one marker per OpenVINO graph
+    assert all(c["CACHE_DIR"] == str(cache) and c["ENABLE_MMAP"] is False for c in calls)
+    cold = len(calls)
+    calls.clear()
+    same(generate(str(cache)), reference)  # warm: imports, mapped
+    assert len(calls) == cold and all(c["ENABLE_MMAP"] is True for c in calls)
+    assert sorted(cache.glob("*.blob")) == blobs  # nothing compiled again
+    locked = tmp_path / "locked"
+    locked.write_text("a file where the cache directory would be")
+    assert openvino.cache_dir() is not None
+    monkeypatch.setenv(openvino.CACHE_ENV, str(locked / "sub"))
+    assert openvino.cache_dir() is None
+    same(generate(str(locked / "sub")), reference)

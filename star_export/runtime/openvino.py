@@ -15,6 +15,9 @@ for quantized engines only (sessions.auto_provider). OpenVINO in float32 was no 
 from __future__ import annotations
 
 import functools
+import hashlib
+import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +26,7 @@ import numpy as np
 from ..config import WeightScheme
 from ..errors import UserError
 
+CACHE_ENV = "STAR_OPENVINO_CACHE"
 OPENVINO = "OpenVINO"  # the provider name star-export records for graphs OpenVINO runs (not an ONNX Runtime provider)
 PRECISIONS = {"bf16": "bfloat16", "f16": "float16", "f32": "float32"}  # OpenVINO's element types -> numpy names
 
@@ -70,6 +74,58 @@ def run_once(model: bytes, feed: dict[str, np.ndarray], config: dict[str, Any]) 
     return [np.asarray(v) for v in compiled.create_infer_request().infer(feed).to_tuple()]
 
 
+def cache_dir() -> Path | None:
+    """Where OpenVINO keeps the graphs it compiled (its CACHE_DIR), so that the next load of the same graph imports the
+    compiled blob instead of compiling: $STAR_OPENVINO_CACHE, `off` for none; default
+    `$XDG_CACHE_HOME/star-export/openvino` (`~/.cache/...`). None where the directory cannot be written. Measured on a
+    real-width 4-layer int4 engine (2 cores, fresh processes; docs/performance.md): load 0.60-0.74 s from the cache
+    against 1.1-1.3 s compiling, the same peak RSS; the cache holds about the engine's weights again (658 MB there)."""
+    value = os.environ.get(CACHE_ENV)
+    if value is not None and value.strip().lower() in ("", "off", "none", "0"):
+        return None
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "star-export" / "openvino"
+    path = Path(value) if value else base
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()
+    except OSError:
+        return None
+    return path
+
+
+def _compiled_marker(cache: Path, path: Path, config: dict[str, Any]) -> Path:
+    """A file saying this graph file (path, size, modification time, its weights file), compiled with `config` by this
+    OpenVINO on this CPU, is in the cache. Only chooses how the cache is read: OpenVINO's own key decides a hit."""
+    files = [path, path.with_name(path.name + ".data")]
+    stamp = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file()]
+    import openvino as ov
+
+    who = (ov.get_version(), core().get_property("CPU", "FULL_DEVICE_NAME"), sorted(map(str, config.items())))
+    return cache / f"star-{hashlib.sha256(repr((stamp, who)).encode()).hexdigest()[:32]}.compiled"
+
+
+def compile_graph(path: str | Path, config: dict[str, Any]):
+    """`path` compiled for the CPU, through the cache where there is one. A graph already in the cache is imported with
+    its blob memory-mapped (load 0.60-0.66 s against 0.75-1.04 s read, same peak RSS); one compiled for the first time
+    reads the ONNX file into memory (mapped, that first load peaked at 2.92 GiB against 2.48 read)."""
+    props = {"PERFORMANCE_HINT": "LATENCY", **config}
+    cache = cache_dir()
+    if cache is None:
+        return core().compile_model(str(path), "CPU", props)
+    marker = _compiled_marker(cache, Path(path), config)
+    cached = marker.is_file()
+    try:
+        compiled = core().compile_model(str(path), "CPU", props | {"CACHE_DIR": str(cache), "ENABLE_MMAP": cached})
+    except RuntimeError:  # the cache and not the graph, if compiling without it succeeds
+        return core().compile_model(str(path), "CPU", props)
+    if not cached:
+        try:
+            marker.touch()
+        except OSError:
+            pass
+    return compiled
+
+
 class OvGraph:
     """One exported ONNX graph compiled by OpenVINO for the CPU, with the `run(feed) -> dict` API of sessions.py: numpy
     in, numpy out (copies: the request's buffers are reused by the next call)."""
@@ -81,7 +137,7 @@ class OvGraph:
         reason = missing()
         if reason:
             raise UserError(f"--provider openvino: {reason}")
-        compiled = core().compile_model(str(path), "CPU", {"PERFORMANCE_HINT": "LATENCY", **(config or {})})
+        compiled = compile_graph(path, config or {})
         self.precision = compiled.get_property("INFERENCE_PRECISION_HINT").to_string()
         self.compute_dtype = PRECISIONS.get(self.precision, "float32")
         self.provider = f"{OPENVINO}-CPU-{self.precision}"
