@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """llama.cpp's files for one LLaVA-1.5 checkpoint (published llava-hf layout), for scripts/peers.py:
-WORK/llama-cpp/text-q4_0.gguf and text-q8_0.gguf (the language model) and mmproj-f16.gguf (CLIP + projector).
+WORK/llama-cpp/text-q4_0.gguf and text-q8_0.gguf (the language model; `--quants`) and mmproj-f16.gguf (CLIP + projector).
 
     python scripts/gguf_peer.py --model MODEL --work WORK --llama-cpp DIR   # DIR: llama.cpp's source tree
 
@@ -100,17 +100,18 @@ def main(argv=None) -> int:
     p.add_argument("--model", required=True, type=Path)
     p.add_argument("--work", required=True, type=Path)
     p.add_argument("--llama-cpp", required=True, type=Path, help="llama.cpp's source tree (its Python converters)")
+    p.add_argument("--quants", nargs="+", default=["Q4_0", "Q8_0"], choices=["Q4_0", "Q8_0"])
     a = p.parse_args(argv)
     out = a.work / "llama-cpp"
     out.mkdir(parents=True, exist_ok=True)
     log = out / "convert.log"
     env = os.environ | {"PYTHONPATH": str(a.llama_cpp / "gguf-py")}
     f16 = out / "text-f16.gguf"
-    if not all((out / f"text-{q}.gguf").is_file() for q in ("q4_0", "q8_0")):
+    if not all((out / f"text-{q.lower()}.gguf").is_file() for q in a.quants):
         if not f16.is_file():
             run([sys.executable, str(a.llama_cpp / "convert_hf_to_gguf.py"), str(a.model), "--outtype", "f16",
                  "--outfile", str(f16)], log, env)
-        for q in ("Q4_0", "Q8_0"):
+        for q in a.quants:
             if not (out / f"text-{q.lower()}.gguf").is_file():
                 quantize(f16, out / f"text-{q.lower()}.gguf", q)
         f16.unlink()

@@ -211,7 +211,8 @@ def configurations(a) -> dict[str, dict]:
         for name, (w, k, p) in star.items()
     }
     # the int4 engine on OpenVINO without its ONNX Runtime decode graphs (less memory and load, slower steps)
-    out[f"star-int4-k{a.keep}-openvino-segments"] = out[f"star-int4-k{a.keep}"] | {"provider": "openvino", "decode_graphs": False}
+    for w in ("int4", "int8"):
+        out[f"star-{w}-k{a.keep}-openvino-segments"] = out[f"star-{w}-k{a.keep}"] | {"provider": "openvino", "decode_graphs": False}
     out |= {f"hf-{d}": {"kind": "hf", "path": a.model, "dtype": d} for d in ("bfloat16", "float32")}
     out |= {f"openvino-genai-{w}": {"kind": "ov", "path": str(work / f"ov-{w}")} for w in ("int4", "int8")}
     # llama.cpp runs in a venv of its own (setup_peers.sh: llama.cpp's converters pin transformers 4)

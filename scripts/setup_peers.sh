@@ -5,7 +5,8 @@
 # torchvision, which pulls a torch of its own with CUDA packages; ../shared/FIELD_NOTES.md). HF transformers runs in
 # .venv. llama.cpp: llama-cpp-python built from source (~15 min on 2 cores) in .llama-venv with the transformers 4
 # its converters pin, and MODEL converted into WORK/llama-cpp (Q4_0 and Q8_0 text, float16 CLIP + projector) by
-# scripts/gguf_peer.py with the converters of the same llama.cpp release. SKIP_LLAMA_CPP=1 leaves llama.cpp out.
+# scripts/gguf_peer.py with the converters of the same llama.cpp release. SKIP_LLAMA_CPP=1 leaves llama.cpp out;
+# OV_WEIGHTS="int4" and GGUF_QUANTS="Q4_0" make only those (a full-depth 7B: disk and time).
 #   bash scripts/setup_peers.sh MODEL WORK
 set -euo pipefail
 MODEL=$1
@@ -19,7 +20,7 @@ if [ ! -x .peers-venv/bin/optimum-cli ]; then
   .peers-venv/bin/python -m pip install -q torchvision "optimum-intel[openvino]" nncf "openvino==$OV"
 fi
 mkdir -p "$WORK"
-for w in int4 int8; do
+for w in ${OV_WEIGHTS:-int4 int8}; do
   if [ ! -f "$WORK/ov-$w/openvino_language_model.xml" ]; then
     echo "+ optimum-cli export openvino --model $MODEL --task image-text-to-text --weight-format $w $WORK/ov-$w" >&2
     .peers-venv/bin/optimum-cli export openvino --model "$MODEL" --task image-text-to-text --weight-format "$w" \
@@ -51,7 +52,7 @@ if [ "${SKIP_LLAMA_CPP:-0}" != 1 ]; then
     CMAKE_ARGS="$CMAKE" CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) .llama-venv/bin/python -m pip install -q \
       --no-binary llama-cpp-python "llama-cpp-python==$LLAMA_CPP_PYTHON"
   fi
-  if [ ! -f "$WORK/llama-cpp/mmproj-f16.gguf" ] || [ ! -f "$WORK/llama-cpp/text-q8_0.gguf" ]; then
+  if [ ! -f "$WORK/llama-cpp/mmproj-f16.gguf" ] || [ ! -f "$WORK/llama-cpp/text-q4_0.gguf" ]; then
     # the converters of the same release: its source distribution carries llama.cpp's tree
     SRC="$WORK/llama-cpp-src"
     if [ ! -d "$SRC/vendor/llama.cpp" ]; then
@@ -59,7 +60,8 @@ if [ "${SKIP_LLAMA_CPP:-0}" != 1 ]; then
       .llama-venv/bin/python -m pip download -q --no-deps --no-binary :all: "llama-cpp-python==$LLAMA_CPP_PYTHON" -d "$SRC"
       tar xzf "$SRC"/llama_cpp_python-*.tar.gz -C "$SRC" --strip-components 1
     fi
-    .llama-venv/bin/python scripts/gguf_peer.py --model "$MODEL" --work "$WORK" --llama-cpp "$SRC/vendor/llama.cpp"
+    .llama-venv/bin/python scripts/gguf_peer.py --model "$MODEL" --work "$WORK" --llama-cpp "$SRC/vendor/llama.cpp" \
+      --quants ${GGUF_QUANTS:-Q4_0 Q8_0}
   fi
 fi
 echo "peers ready in $WORK: python scripts/peers.py --model $MODEL --work $WORK" >&2
