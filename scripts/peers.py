@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """star-export against what a CPU user would run instead, on one checkpoint, one image, one prompt: HF transformers
 `generate` (bfloat16, float32), OpenVINO GenAI `VLMPipeline` (`optimum-cli export openvino`, int4 / int8), llama.cpp
-through llama-cpp-python (Q4_0 / Q8_0 GGUF, float16 CLIP; in .llama-venv), and star-export engines (int4 and float32, on the `auto` provider and on the other CPU one).
+through llama-cpp-python (Q4_0 / Q8_0 GGUF, float16 CLIP; in .llama-venv), and star-export engines (int4, int8 and
+float32, on the `auto` provider and on the other CPU one).
 
 Every measurement is a fresh process (`--one NAME`): it loads the runtime (timed), makes one warm-up call on the
 mirrored image, then one timed call, and reports its time to the first token (image preprocessing included), decode ms/token, prompt tokens
