@@ -2,6 +2,7 @@
 it computes in (bfloat16 on a CPU with bfloat16 units, float32 elsewhere), and `auto`'s choice."""
 
 import json
+import locale
 
 import numpy as np
 import pytest
@@ -202,6 +203,7 @@ def test_compiled_graphs_are_cached_and_imported_to_the_same_results(int4_dir, t
         for x, y in zip(a.logits, b.logits, strict=True):
             np.testing.assert_array_equal(x, y)
 
+    encoding = locale.getpreferredencoding(False)
     reference = generate("off")
     cache = tmp_path / "cache"
     calls = []
@@ -216,6 +218,8 @@ def test_compiled_graphs_are_cached_and_imported_to_the_same_results(int4_dir, t
     same(generate(str(cache)), reference)  # warm: imports, mapped
     assert len(calls) == cold and all(c["ENABLE_MMAP"] is True for c in calls)
     assert sorted(cache.glob("*.blob")) == blobs  # nothing compiled again
+    # OpenVINO's cache switches the C locale and back: concurrent compiles once left the process at "C" (ASCII)
+    assert locale.getpreferredencoding(False) == encoding
     locked = tmp_path / "locked"
     locked.write_text("a file where the cache directory would be")
     assert openvino.cache_dir() is not None

@@ -18,6 +18,7 @@ import functools
 import hashlib
 import os
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,10 @@ from ..config import WeightScheme
 from ..errors import UserError
 
 CACHE_ENV = "STAR_OPENVINO_CACHE"
+# OpenVINO's cache reading and writing switch the process's C locale and back; two at once in different threads left
+# it at "C" (seen: 1 cold load in 3 with two graphs compiling at once; Python's open() then defaulted to ASCII), so
+# compiles that use the cache take turns.
+_CACHE_LOCK = threading.Lock()
 OPENVINO = "OpenVINO"  # the provider name star-export records for graphs OpenVINO runs (not an ONNX Runtime provider)
 PRECISIONS = {"bf16": "bfloat16", "f16": "float16", "f32": "float32"}  # OpenVINO's element types -> numpy names
 
@@ -115,7 +120,8 @@ def compile_graph(path: str | Path, config: dict[str, Any]):
     marker = _compiled_marker(cache, Path(path), config)
     cached = marker.is_file()
     try:
-        compiled = core().compile_model(str(path), "CPU", props | {"CACHE_DIR": str(cache), "ENABLE_MMAP": cached})
+        with _CACHE_LOCK:
+            compiled = core().compile_model(str(path), "CPU", props | {"CACHE_DIR": str(cache), "ENABLE_MMAP": cached})
     except RuntimeError:  # the cache and not the graph, if compiling without it succeeds
         return core().compile_model(str(path), "CPU", props)
     if not cached:
