@@ -103,10 +103,16 @@ def _compiled_marker(cache: Path, path: Path, config: dict[str, Any]) -> Path:
     OpenVINO on this CPU, is in the cache. Only chooses how the cache is read: OpenVINO's own key decides a hit."""
     files = [path, path.with_name(path.name + ".data")]
     stamp = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file()]
+    who = (*_compiler_identity(), sorted(map(str, config.items())))
+    return cache / f"star-{hashlib.sha256(repr((stamp, who)).encode()).hexdigest()[:32]}.compiled"
+
+
+@functools.cache
+def _compiler_identity() -> tuple[str, str]:
+    """This OpenVINO's version and this CPU's name, as OpenVINO reports them: the same for every graph of a process."""
     import openvino as ov
 
-    who = (ov.get_version(), core().get_property("CPU", "FULL_DEVICE_NAME"), sorted(map(str, config.items())))
-    return cache / f"star-{hashlib.sha256(repr((stamp, who)).encode()).hexdigest()[:32]}.compiled"
+    return ov.get_version(), core().get_property("CPU", "FULL_DEVICE_NAME")
 
 
 def compile_graph(path: str | Path, config: dict[str, Any]):
