@@ -267,6 +267,8 @@ def lscpu() -> dict:
     flags = set(fields.get("Flags", "").split())
     return {
         "model": fields.get("Model name", "").strip(),
+        "family": fields.get("CPU family", "").strip(),
+        "model_number": fields.get("Model", "").strip(),
         "cpus": fields.get("CPU(s)", "").strip(),
         "isa": [f for f in ISAS if f in flags],
     }
@@ -284,7 +286,8 @@ def report(meta: dict, results: dict) -> str:
     lines = [
         f"# Weight products of the engine's runtimes ({meta['date']})",
         "",
-        f"`lscpu`: {meta['cpu']['model']}, {meta['cpu']['cpus']} CPUs, {' '.join(meta['cpu']['isa'])}; "
+        f"`lscpu`: {meta['cpu']['model']} (family {meta['cpu'].get('family', '?')}, "
+        f"model {meta['cpu'].get('model_number', '?')}), {meta['cpu']['cpus']} CPUs, {' '.join(meta['cpu']['isa'])}; "
         f"{meta['threads']} threads; {meta['rounds']} rounds, a fresh process per runtime and round.",
         "",
         "Versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()) + ".",
