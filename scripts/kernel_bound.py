@@ -35,7 +35,8 @@ import tempfile
 import time
 from pathlib import Path
 
-ISAS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
+from peers import lscpu  # the same CPU record as the peers run
+
 RUNTIMES = ("onnxruntime", "openvino", "openvino-bf16")
 FULL_DEPTH = 32  # LLaVA-1.5-7B's decoder layers
 VOCAB = 32064  # llava-hf/llava-1.5-7b-hf's lm_head rows
@@ -237,8 +238,9 @@ def engine_report(engine_dir: str, results: dict) -> list[str]:
     graphs = sorted({g for n in names for r in results[n] if "error" not in r for g in r["graphs"]})
     lines = [
         "",
-        f"Engine `{engine_dir}`, per graph, ms: the first call (the prefill) / the mean of the later calls (decode steps; a decode graph's every call), "
-        "medians over rounds; step: the decode graphs' or segment graphs' later calls summed.",
+        f"Engine `{engine_dir}`, per graph, ms: the first call (the prefill) / the mean of the later calls "
+        "(decode steps; a decode graph's every call), medians over rounds; "
+        "step: the decode graphs' or segment graphs' later calls summed.",
         "",
         f"| way | {' | '.join(graphs)} | step ms | runs on |",
         "|---|" + "---|" * (len(graphs) + 2),
@@ -261,19 +263,6 @@ def engine_report(engine_dir: str, results: dict) -> list[str]:
 
 
 # ------------------------------------------------------------------ the run
-def lscpu() -> dict:
-    text = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
-    flags = set(fields.get("Flags", "").split())
-    return {
-        "model": fields.get("Model name", "").strip(),
-        "family": fields.get("CPU family", "").strip(),
-        "model_number": fields.get("Model", "").strip(),
-        "cpus": fields.get("CPU(s)", "").strip(),
-        "isa": [f for f in ISAS if f in flags],
-    }
-
-
 def med(values: list[float], scale: float = 1.0) -> str:
     values = [v * scale for v in values]
     return f"{statistics.median(values):.1f} ({min(values):.1f}-{max(values):.1f})"
@@ -286,8 +275,8 @@ def report(meta: dict, results: dict) -> str:
     lines = [
         f"# Weight products of the engine's runtimes ({meta['date']})",
         "",
-        f"`lscpu`: {meta['cpu']['model']} (family {meta['cpu'].get('family', '?')}, "
-        f"model {meta['cpu'].get('model_number', '?')}), {meta['cpu']['cpus']} CPUs, {' '.join(meta['cpu']['isa'])}; "
+        f"`lscpu`: {meta['cpu']['model']} (family {meta['cpu']['family']}, model {meta['cpu']['model_number']}), "
+        f"{meta['cpu']['cpus']} CPUs, {' '.join(meta['cpu']['isa'])}; "
         f"{meta['threads']} threads; {meta['rounds']} rounds, a fresh process per runtime and round.",
         "",
         "Versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()) + ".",

@@ -238,7 +238,8 @@ def lscpu() -> dict:
     text = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
     fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
     flags = set(fields.get("Flags", "").split())
-    return {"model": fields.get("Model name", "").strip(), "cpus": fields.get("CPU(s)", "").strip(),
+    return {"model": fields.get("Model name", "").strip(), "family": fields.get("CPU family", "").strip(),
+            "model_number": fields.get("Model", "").strip(), "cpus": fields.get("CPU(s)", "").strip(),
             "isa": [f for f in ISAS if f in flags]}
 
 
